@@ -1,0 +1,52 @@
+"""Server settings, read from the environment (prefix ``MSO_``) and an optional ``.env`` file.
+
+Nothing is built at import time: :func:`fhir_server.app.create_app` takes a :class:`Settings`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob of the server. Each field maps to an ``MSO_<NAME>`` environment variable."""
+
+    model_config = SettingsConfigDict(env_prefix="MSO_", env_file=".env", extra="ignore")
+
+    database_url: str = Field(
+        "sqlite:///./data/mso.db",
+        description="SQLAlchemy URL: sqlite:///path or postgresql+psycopg://user@host/db",
+    )
+    host: str = Field("127.0.0.1", description="Address `mso serve` binds to")
+    port: int = Field(8080, description="Port `mso serve` listens on")
+    workers: int = Field(1, description="Worker processes for `mso serve`")
+    base_url: str | None = Field(
+        None,
+        description="Public base URL of the FHIR endpoint (for Location and Bundle links); "
+        "derived from the request when unset",
+    )
+    data_dir: Path = Field(Path("./data"), description="Folder for the SQLite file and blobs")
+    blob_dir: Path | None = Field(
+        None, description="Content-addressed blob store folder (default: <data_dir>/blobs)"
+    )
+    blob_inline_max_bytes: int = Field(
+        64 * 1024, description="Binary content up to this size is stored inline in the database"
+    )
+    max_resource_bytes: int = Field(
+        16 * 1024 * 1024, description="Largest FHIR JSON request body accepted (413 above)"
+    )
+    max_binary_bytes: int = Field(
+        512 * 1024 * 1024, description="Largest raw Binary upload accepted (413 above)"
+    )
+    default_page_size: int = Field(20, description="Search page size when _count is absent")
+    max_page_size: int = Field(1000, description="Largest _count honoured")
+    db_pool_size: int = Field(16, description="Database connection pool size per process")
+    seed_demo: bool = Field(False, description="Load demo data at start-up when the DB is empty")
+
+    @property
+    def blob_path(self) -> Path:
+        """Folder of the content-addressed blob store."""
+        return self.blob_dir or (self.data_dir / "blobs")

@@ -1,0 +1,1 @@
+"""Pure FHIR helpers: JSON, definitions, OperationOutcome, validation, patching, Bundles."""

@@ -1,0 +1,100 @@
+"""Request, response and context types shared by every interaction handler."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fhir_server.config import Settings
+    from fhir_server.storage.repository import Repository, Tx
+
+
+@dataclass(slots=True)
+class Prefer:
+    """The parsed ``Prefer`` header (http://hl7.org/fhir/R4/http.html#ops)."""
+
+    return_: str | None = None  # minimal | representation | OperationOutcome
+    handling: str | None = None  # strict | lenient
+    respond_async: bool = False
+
+    @classmethod
+    def parse(cls, header: str | None) -> Prefer:
+        """Parse a ``Prefer`` header value such as ``return=minimal, handling=strict``."""
+        prefer = cls()
+        if not header:
+            return prefer
+        for part in header.replace(";", ",").split(","):
+            key, _, value = part.strip().partition("=")
+            key, value = key.strip().lower(), value.strip().strip('"')
+            if key == "return":
+                prefer.return_ = value
+            elif key == "handling":
+                prefer.handling = value.lower()
+            elif key == "respond-async":
+                prefer.respond_async = True
+        return prefer
+
+
+@dataclass(slots=True)
+class FhirRequest:
+    """One FHIR interaction, independent of HTTP.
+
+    ``params`` keeps repeated query parameters in order; ``headers`` has lower-case names;
+    ``body`` is the parsed JSON resource (``None`` when there is none); ``raw_body`` carries
+    non-JSON payloads (Binary) as a file-like stream.
+    """
+
+    method: str
+    resource_type: str | None = None
+    resource_id: str | None = None
+    version_id: str | None = None
+    operation: str | None = None
+    params: list[tuple[str, str]] = field(default_factory=list)
+    headers: dict[str, str] = field(default_factory=dict)
+    body: dict[str, Any] | None = None
+    raw_body: Any = None
+    prefer: Prefer = field(default_factory=Prefer)
+
+    def header(self, name: str) -> str | None:
+        """A request header by lower-case name."""
+        return self.headers.get(name)
+
+    def param(self, name: str) -> str | None:
+        """The first value of a query parameter."""
+        for key, value in self.params:
+            if key == name:
+                return value
+        return None
+
+
+@dataclass(slots=True)
+class FhirResponse:
+    """The result of an interaction.
+
+    Exactly one of ``resource`` (a dict to serialize), ``body`` (already serialized FHIR JSON
+    bytes, e.g. a stored resource returned as-is) or ``stream`` (an iterator of bytes with
+    ``media_type``) is set, or none for an empty body.
+    """
+
+    status: int = 200
+    resource: dict[str, Any] | None = None
+    body: bytes | None = None
+    stream: Any = None
+    media_type: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class InteractionContext:
+    """What a handler needs: the repository, settings, the base URL and (later) the caller.
+
+    ``tx`` is set when the handler runs inside a transaction Bundle: handlers then use it instead
+    of opening their own unit of work.
+    """
+
+    repo: Repository
+    settings: Settings
+    base_url: str
+    tx: Tx | None = None
+    caller: Any = None

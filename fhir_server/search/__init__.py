@@ -1,0 +1,1 @@
+"""FHIR search: SearchParameter registry, index extraction, query parsing and SQL compilation."""

@@ -1,0 +1,1 @@
+"""Persistence: tables, engines, the repository (the only place transactions open), blobs."""

@@ -1,0 +1,567 @@
+"""The repository: the one place that opens database transactions and writes resources.
+
+Versioning follows http://hl7.org/fhir/R4/http.html#versioning: every write makes a new
+``meta.versionId`` (1, 2, …) and ``meta.lastUpdated``; every version is kept in
+``resource_history``. Concurrent writers of one resource are serialized by a row lock
+(``SELECT … FOR UPDATE`` on PostgreSQL, the database write lock on SQLite) and each write is
+conditioned on the version it read, so no update is ever lost silently.
+
+Work happens in a :class:`Tx` (one database transaction) obtained from :meth:`Repository.unit`;
+transaction Bundles run every entry in a single ``Tx``.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from sqlalchemy import Connection, Engine, and_, func, insert, or_, select, text, update
+from sqlalchemy.exc import OperationalError
+
+from fhir_server.fhir.outcome import FhirError, gone, not_found
+from fhir_server.hooks import HookEvent, HookPoint, Hooks
+from fhir_server.storage import indexer, search_exec
+from fhir_server.storage.engine import WRITE_OPTION
+from fhir_server.storage.schema import binary_content, resource, resource_history
+
+if TYPE_CHECKING:
+    from fhir_server.search.registry import SearchRegistry
+
+ID_PATTERN = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+
+
+def utc_now() -> datetime:
+    """Now in UTC, truncated to milliseconds (what ``meta.lastUpdated`` shows is what is stored)."""
+    now = datetime.now(UTC)
+    return now.replace(microsecond=now.microsecond - now.microsecond % 1000)
+
+
+def as_utc(value: datetime) -> datetime:
+    """Attach UTC to a naive datetime read back from SQLite."""
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def format_instant(value: datetime) -> str:
+    """Render a datetime as a FHIR instant with milliseconds, e.g. ``2026-01-02T03:04:05.678Z``."""
+    value = as_utc(value).astimezone(UTC)
+    return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+
+
+def new_id() -> str:
+    """A server-assigned logical id."""
+    return str(uuid.uuid4())
+
+
+def check_id(resource_id: str) -> None:
+    """Refuse ids that are not valid FHIR ids (``[A-Za-z0-9\\-.]{1,64}``)."""
+    if not ID_PATTERN.match(resource_id):
+        raise FhirError(
+            400, "value", f"'{resource_id}' is not a valid FHIR id", code="MSO-REST-002", expression=["id"]
+        )
+
+
+@dataclass(slots=True)
+class StoredResource:
+    """One stored version of a resource. ``content`` is the serialized JSON (``None`` if deleted)."""
+
+    pid: int
+    res_type: str
+    res_id: str
+    version: int
+    last_updated: datetime
+    deleted: bool
+    content: bytes | None
+    method: str | None = None
+    _parsed: dict[str, Any] | None = field(default=None, repr=False)
+
+    @property
+    def resource(self) -> dict[str, Any]:
+        """The resource as a dict (parsed once, on first use)."""
+        if self._parsed is None:
+            if self.content is None:
+                raise gone(self.res_type, self.res_id, self.version)
+            self._parsed = orjson.loads(self.content)
+        return self._parsed
+
+    @property
+    def etag(self) -> str:
+        """The weak ETag of this version."""
+        return f'W/"{self.version}"'
+
+    @property
+    def reference(self) -> str:
+        """``Type/id``."""
+        return f"{self.res_type}/{self.res_id}"
+
+
+_CURRENT_COLUMNS = (
+    resource.c.pid,
+    resource.c.res_type,
+    resource.c.res_id,
+    resource.c.version,
+    resource.c.last_updated,
+    resource.c.deleted,
+    resource.c.content,
+)
+_HISTORY_COLUMNS = (
+    resource_history.c.pid,
+    resource_history.c.res_type,
+    resource_history.c.res_id,
+    resource_history.c.version,
+    resource_history.c.last_updated,
+    resource_history.c.deleted,
+    resource_history.c.content,
+    resource_history.c.method,
+)
+
+
+def _stored(row: Any) -> StoredResource:
+    return StoredResource(
+        pid=row.pid,
+        res_type=row.res_type,
+        res_id=row.res_id,
+        version=row.version,
+        last_updated=as_utc(row.last_updated),
+        deleted=row.deleted,
+        content=bytes(row.content) if row.content is not None else None,
+        method=getattr(row, "method", None),
+    )
+
+
+Validator = Callable[[dict[str, Any]], None]
+
+
+class Repository:
+    """Entry point to the store: hands out units of work and carries what they share."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        registry: SearchRegistry,
+        hooks: Hooks | None = None,
+        validator: Validator | None = None,
+    ) -> None:
+        self.engine = engine
+        self.registry = registry
+        self.hooks = hooks or Hooks()
+        self.validator = validator
+        self.postgres = engine.dialect.name == "postgresql"
+
+    @contextmanager
+    def unit(self, *, write: bool = False, caller: Any = None) -> Iterator[Tx]:
+        """Open one database transaction; commit when the block ends, roll back on error.
+
+        ``after_commit`` hooks queued by the work run once the commit succeeded.
+        """
+        with self.engine.connect() as conn:
+            if write:
+                conn.execution_options(**{WRITE_OPTION: True})
+            tx = Tx(self, conn, caller=caller)
+            with conn.begin():
+                yield tx
+        for event in tx.committed_events:
+            self.hooks.fire(event)
+
+    def write(self, work: Callable[[Tx], Any], *, caller: Any = None, retries: int = 3) -> Any:
+        """Run ``work`` in a write transaction, retrying on serialization failures and deadlocks."""
+        for attempt in range(retries + 1):
+            try:
+                with self.unit(write=True, caller=caller) as tx:
+                    return work(tx)
+            except OperationalError as exc:
+                if attempt == retries or not _is_retryable(exc):
+                    raise
+        raise AssertionError("unreachable")
+
+    def read_only(self, work: Callable[[Tx], Any], *, caller: Any = None) -> Any:
+        """Run ``work`` in a read transaction."""
+        with self.unit(write=False, caller=caller) as tx:
+            return work(tx)
+
+
+def _is_retryable(exc: OperationalError) -> bool:
+    sqlstate = getattr(getattr(exc, "orig", None), "sqlstate", None)
+    return sqlstate in {"40001", "40P01"} or "database is locked" in str(exc)
+
+
+class Tx:
+    """A unit of work in one database transaction. Not thread-safe; used by one request."""
+
+    def __init__(self, repo: Repository, conn: Connection, *, caller: Any = None) -> None:
+        self.repo = repo
+        self.conn = conn
+        self.caller = caller
+        self.committed_events: list[HookEvent] = []
+
+    # -- reads ------------------------------------------------------------------------------
+
+    def current(self, res_type: str, res_id: str, *, for_update: bool = False) -> StoredResource | None:
+        """The current row of a resource (deleted or not), or ``None`` if it never existed."""
+        stmt = select(*_CURRENT_COLUMNS).where(resource.c.res_type == res_type, resource.c.res_id == res_id)
+        if for_update and self.repo.postgres:
+            stmt = stmt.with_for_update()
+        row = self.conn.execute(stmt).first()
+        return _stored(row) if row else None
+
+    def read(self, res_type: str, res_id: str) -> StoredResource:
+        """The current version; 404 if unknown, 410 if deleted."""
+        self._fire_read(res_type, res_id)
+        found = self.current(res_type, res_id)
+        if found is None:
+            raise not_found(res_type, res_id)
+        if found.deleted:
+            raise gone(res_type, res_id, found.version)
+        return found
+
+    def vread(self, res_type: str, res_id: str, version: int) -> StoredResource:
+        """One version; 404 if that version does not exist, 410 if it is a deletion."""
+        self._fire_read(res_type, res_id)
+        stmt = (
+            select(*_HISTORY_COLUMNS)
+            .select_from(resource_history.join(resource, resource.c.pid == resource_history.c.pid))
+            .where(
+                resource.c.res_type == res_type,
+                resource.c.res_id == res_id,
+                resource_history.c.version == version,
+            )
+        )
+        row = self.conn.execute(stmt).first()
+        if row is None:
+            raise FhirError(
+                404,
+                "not-found",
+                f"Version {version} of {res_type}/{res_id} is not known",
+                code="MSO-REST-405",
+            )
+        found = _stored(row)
+        if found.deleted:
+            raise gone(res_type, res_id, version)
+        return found
+
+    def load(self, pids: list[int]) -> list[StoredResource]:
+        """Current, non-deleted resources by pid, in the order of ``pids``."""
+        if not pids:
+            return []
+        rows = self.conn.execute(
+            select(*_CURRENT_COLUMNS).where(resource.c.pid.in_(pids), resource.c.deleted.is_(False))
+        ).all()
+        by_pid = {row.pid: _stored(row) for row in rows}
+        return [by_pid[p] for p in pids if p in by_pid]
+
+    def find(self, res_type: str, params: list[tuple[str, str]], *, limit: int | None = None) -> list[StoredResource]:
+        """Current resources matching search criteria (for conditional interactions).
+
+        Criteria are applied strictly: an unknown parameter is a 400, never silently ignored,
+        since ignoring one would widen a conditional update or delete.
+        """
+        if not params:
+            raise FhirError(
+                412, "invalid", "Conditional interaction without search criteria", code="MSO-REST-412"
+            )
+        self._fire_search(res_type, params)
+        pids = search_exec.find_pids(self.conn, self.repo.registry, res_type, params, limit=limit)
+        return self.load(pids)
+
+    def lock_criteria(self, res_type: str, params: list[tuple[str, str]]) -> None:
+        """Serialize conditional creates/updates on the same criteria (PostgreSQL advisory lock).
+
+        Without it two concurrent ``If-None-Exist`` creates could both see no match and both
+        create. SQLite needs nothing: its write transactions are already serialized.
+        """
+        if self.repo.postgres:
+            key = res_type + "?" + "&".join(f"{k}={v}" for k, v in sorted(params))
+            self.conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": key})
+
+    # -- writes -----------------------------------------------------------------------------
+
+    def create(
+        self, body: dict[str, Any], *, res_id: str | None = None, method: str = "POST"
+    ) -> StoredResource:
+        """Store a new resource with a server id (or ``res_id`` for create-on-update)."""
+        res_type = body["resourceType"]
+        self._validate(body)
+        self._fire(HookPoint.BEFORE_CREATE, res_type, res_id, body)
+        res_id = res_id or new_id()
+        now = utc_now()
+        content = _stamp(body, res_id, 1, now)
+        values = {
+            "res_type": res_type, "res_id": res_id, "version": 1,
+            "last_updated": now, "deleted": False, "content": content,
+        }
+        if method == "PUT":
+            # A concurrent create-on-update of the same id must not fail with a 500: whoever
+            # loses the race sees no row returned and the caller retries as an update.
+            stmt = _insert_unless_exists(self.conn, values)
+        else:
+            stmt = insert(resource).values(**values)
+        row = self.conn.execute(stmt.returning(resource.c.pid)).first()
+        if row is None:
+            raise _IdTaken()
+        stored = StoredResource(row.pid, res_type, res_id, 1, now, False, content, method, body)
+        self._after_write(stored, method, HookPoint.AFTER_CREATE, previous=None)
+        return stored
+
+    def update(
+        self,
+        res_type: str,
+        res_id: str,
+        body: dict[str, Any],
+        *,
+        if_match: int | None = None,
+        method: str = "PUT",
+    ) -> tuple[StoredResource, bool]:
+        """Replace a resource (or create it with this id). Returns ``(stored, created)``."""
+        check_id(res_id)
+        for _ in range(3):
+            current = self.current(res_type, res_id, for_update=True)
+            if current is None:
+                if if_match is not None:
+                    raise not_found(res_type, res_id)
+                try:
+                    return self.create(body, res_id=res_id, method="PUT"), True
+                except _IdTaken:
+                    continue
+            return self._update_existing(current, body, if_match=if_match, method=method)
+        raise FhirError(409, "conflict", f"{res_type}/{res_id} is being created concurrently", code="MSO-REST-409")
+
+    def _update_existing(
+        self, current: StoredResource, body: dict[str, Any], *, if_match: int | None, method: str
+    ) -> tuple[StoredResource, bool]:
+        _check_version(current, if_match)
+        previous = None if current.deleted else current.resource
+        self._validate(body)
+        point = HookPoint.BEFORE_UPDATE if previous is not None else HookPoint.BEFORE_CREATE
+        self._fire(point, current.res_type, current.res_id, body, previous=previous)
+        version = current.version + 1
+        now = max(utc_now(), current.last_updated)
+        content = _stamp(body, current.res_id, version, now)
+        result = self.conn.execute(
+            update(resource)
+            .where(resource.c.pid == current.pid, resource.c.version == current.version)
+            .values(version=version, last_updated=now, deleted=False, content=content)
+        )
+        if result.rowcount != 1:
+            raise FhirError(
+                409,
+                "conflict",
+                f"{current.reference} was changed by another request; retry with its new version",
+                code="MSO-REST-409",
+            )
+        stored = StoredResource(current.pid, current.res_type, current.res_id, version, now, False, content, method, body)
+        after = HookPoint.AFTER_UPDATE if previous is not None else HookPoint.AFTER_CREATE
+        self._after_write(stored, method, after, previous=previous)
+        return stored, previous is None
+
+    def delete(self, res_type: str, res_id: str, *, if_match: int | None = None) -> StoredResource | None:
+        """Soft-delete: a new version marked deleted, index rows dropped.
+
+        Returns the deletion version, or ``None`` when there was nothing to delete (unknown or
+        already deleted: delete is idempotent).
+        """
+        current = self.current(res_type, res_id, for_update=True)
+        if current is None:
+            if if_match is not None:
+                raise not_found(res_type, res_id)
+            return None
+        if current.deleted:
+            _check_version(current, if_match)
+            return None
+        _check_version(current, if_match)
+        previous = current.resource
+        self._fire(HookPoint.BEFORE_DELETE, res_type, res_id, None, previous=previous)
+        version = current.version + 1
+        now = max(utc_now(), current.last_updated)
+        result = self.conn.execute(
+            update(resource)
+            .where(resource.c.pid == current.pid, resource.c.version == current.version)
+            .values(version=version, last_updated=now, deleted=True, content=None)
+        )
+        if result.rowcount != 1:
+            raise FhirError(409, "conflict", f"{current.reference} was changed concurrently", code="MSO-REST-409")
+        stored = StoredResource(current.pid, res_type, res_id, version, now, True, None, "DELETE")
+        self.conn.execute(
+            insert(resource_history).values(
+                pid=stored.pid, version=version, res_type=res_type, res_id=res_id,
+                last_updated=now, deleted=True, method="DELETE", content=None,
+            )
+        )
+        indexer.write_index(self.conn, self.repo.registry, stored.pid, res_type, None)
+        self._fire(HookPoint.AFTER_DELETE, res_type, res_id, None, previous=previous)
+        self._queue_commit_event(res_type, res_id, None, previous)
+        return stored
+
+    def attach_blob(self, stored: StoredResource, *, sha256: str, size: int, content_type: str) -> None:
+        """Record that a Binary version's content lives in the blob store."""
+        self.conn.execute(
+            insert(binary_content).values(
+                pid=stored.pid, version=stored.version, sha256=sha256, size=size, content_type=content_type
+            )
+        )
+
+    def blob_of(self, stored: StoredResource) -> Any:
+        """The blob row (sha256, size, content_type) of a Binary version, or ``None`` if inline."""
+        return self.conn.execute(
+            select(binary_content.c.sha256, binary_content.c.size, binary_content.c.content_type).where(
+                binary_content.c.pid == stored.pid, binary_content.c.version == stored.version
+            )
+        ).first()
+
+    # -- history ----------------------------------------------------------------------------
+
+    def history(
+        self,
+        *,
+        res_type: str | None = None,
+        res_id: str | None = None,
+        since: datetime | None = None,
+        at: datetime | None = None,
+        before: tuple[datetime, int, int] | None = None,
+        snapshot: datetime | None = None,
+        limit: int,
+    ) -> list[StoredResource]:
+        """Versions newest first, paged by keyset.
+
+        ``before`` is the (last_updated, pid, version) of the last entry of the previous page;
+        ``snapshot`` caps the listing at the instant the first page was made, so that versions
+        written while a client pages do not shift or duplicate entries.
+        """
+        h = resource_history.c
+        conditions = []
+        if res_type is not None:
+            conditions.append(h.res_type == res_type)
+        if res_id is not None:
+            conditions.append(h.res_id == res_id)
+        if since is not None:
+            conditions.append(h.last_updated >= since)
+        if snapshot is not None:
+            conditions.append(h.last_updated <= snapshot)
+        if at is not None:
+            # _at: the version current at that instant, i.e. the newest one not after it.
+            conditions.append(h.last_updated <= at)
+        if before is not None:
+            lu, pid, version = before
+            conditions.append(
+                or_(
+                    h.last_updated < lu,
+                    and_(h.last_updated == lu, h.pid < pid),
+                    and_(h.last_updated == lu, h.pid == pid, h.version < version),
+                )
+            )
+        stmt = (
+            select(*_HISTORY_COLUMNS)
+            .where(*conditions)
+            .order_by(h.last_updated.desc(), h.pid.desc(), h.version.desc())
+            .limit(limit)
+        )
+        return [_stored(row) for row in self.conn.execute(stmt)]
+
+    def history_count(
+        self, *, res_type: str | None = None, res_id: str | None = None,
+        since: datetime | None = None, snapshot: datetime | None = None,
+    ) -> int:
+        """How many versions :meth:`history` would list over all pages."""
+        h = resource_history.c
+        stmt = select(func.count()).select_from(resource_history)
+        if res_type is not None:
+            stmt = stmt.where(h.res_type == res_type)
+        if res_id is not None:
+            stmt = stmt.where(h.res_id == res_id)
+        if since is not None:
+            stmt = stmt.where(h.last_updated >= since)
+        if snapshot is not None:
+            stmt = stmt.where(h.last_updated <= snapshot)
+        return int(self.conn.execute(stmt).scalar_one())
+
+    def exists_any(self, res_type: str, res_id: str) -> bool:
+        """True if the resource ever existed (deleted or not)."""
+        return self.current(res_type, res_id) is not None
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _validate(self, body: dict[str, Any]) -> None:
+        if self.repo.validator is not None:
+            self.repo.validator(body)
+
+    def _after_write(
+        self, stored: StoredResource, method: str, point: HookPoint, *, previous: dict[str, Any] | None
+    ) -> None:
+        self.conn.execute(
+            insert(resource_history).values(
+                pid=stored.pid, version=stored.version, res_type=stored.res_type, res_id=stored.res_id,
+                last_updated=stored.last_updated, deleted=False, method=method, content=stored.content,
+            )
+        )
+        indexer.write_index(self.conn, self.repo.registry, stored.pid, stored.res_type, stored.resource)
+        self._fire(point, stored.res_type, stored.res_id, stored.resource, previous=previous)
+        self._queue_commit_event(stored.res_type, stored.res_id, stored.resource, previous)
+
+    def _fire(
+        self,
+        point: HookPoint,
+        res_type: str,
+        res_id: str | None,
+        body: dict[str, Any] | None,
+        *,
+        previous: dict[str, Any] | None = None,
+    ) -> None:
+        hooks = self.repo.hooks
+        if hooks.has(point):
+            hooks.fire(HookEvent(point, res_type, res_id, body, previous, self, self.caller))
+
+    def _fire_read(self, res_type: str, res_id: str) -> None:
+        self._fire(HookPoint.BEFORE_READ, res_type, res_id, None)
+
+    def _fire_search(self, res_type: str, params: list[tuple[str, str]]) -> None:
+        hooks = self.repo.hooks
+        if hooks.has(HookPoint.BEFORE_SEARCH):
+            hooks.fire(HookEvent(HookPoint.BEFORE_SEARCH, res_type, tx=self, caller=self.caller, params=params))
+
+    def _queue_commit_event(
+        self, res_type: str, res_id: str, body: dict[str, Any] | None, previous: dict[str, Any] | None
+    ) -> None:
+        if self.repo.hooks.has(HookPoint.AFTER_COMMIT):
+            self.committed_events.append(
+                HookEvent(HookPoint.AFTER_COMMIT, res_type, res_id, body, previous, None, self.caller)
+            )
+
+
+class _IdTaken(Exception):
+    """A create-on-update lost the race for its id."""
+
+
+def _check_version(current: StoredResource, if_match: int | None) -> None:
+    if if_match is not None and if_match != current.version:
+        raise FhirError(
+            412,
+            "conflict",
+            f"{current.reference} is at version {current.version}, not {if_match}",
+            code="MSO-REST-412",
+            headers={"ETag": current.etag},
+        )
+
+
+def _stamp(body: dict[str, Any], res_id: str, version: int, now: datetime) -> bytes:
+    """Set id and meta.versionId/lastUpdated on ``body`` and serialize it."""
+    body["id"] = res_id
+    meta = dict(body.get("meta") or {})
+    meta["versionId"] = str(version)
+    meta["lastUpdated"] = format_instant(now)
+    body["meta"] = meta
+    return orjson.dumps(body)
+
+
+def _insert_unless_exists(conn: Connection, values: dict[str, Any]) -> Any:
+    """``INSERT … ON CONFLICT DO NOTHING`` into ``resource`` for the connection's dialect."""
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    return dialect_insert(resource).values(**values).on_conflict_do_nothing()
