@@ -50,6 +50,7 @@ class FhirRequest:
     resource_id: str | None = None
     version_id: str | None = None
     operation: str | None = None
+    compartment_type: str | None = None
     params: list[tuple[str, str]] = field(default_factory=list)
     headers: dict[str, str] = field(default_factory=dict)
     body: dict[str, Any] | None = None

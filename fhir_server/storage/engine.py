@@ -13,20 +13,24 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
 WRITE_OPTION = "mso_write"
+_engines: list[Engine] = []
 
 
 def build_engine(url: str, *, pool_size: int = 16) -> Engine:
     """Create the engine for ``url``; for SQLite, create the file's folder and set the pragmas."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
-        return _sqlite_engine(url, parsed.database)
-    return create_engine(
-        url,
-        pool_size=pool_size,
-        max_overflow=pool_size,
-        pool_pre_ping=False,
-        pool_recycle=3600,
-    )
+        engine = _sqlite_engine(url, parsed.database)
+    else:
+        engine = create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_recycle=3600)
+    _engines.append(engine)
+    return engine
+
+
+def dispose_all() -> None:
+    """Close every pooled connection of the engines this process built (tests, shutdown)."""
+    while _engines:
+        _engines.pop().dispose()
 
 
 def _sqlite_engine(url: str, database: str | None) -> Engine:

@@ -335,7 +335,7 @@ class Tx:
     def _update_existing(
         self, current: StoredResource, body: dict[str, Any], *, if_match: int | None, method: str
     ) -> tuple[StoredResource, bool]:
-        _check_version(current, if_match)
+        check_version(current, if_match)
         previous = None if current.deleted else current.resource
         self._validate(body)
         point = HookPoint.BEFORE_UPDATE if previous is not None else HookPoint.BEFORE_CREATE
@@ -372,9 +372,9 @@ class Tx:
                 raise not_found(res_type, res_id)
             return None
         if current.deleted:
-            _check_version(current, if_match)
+            check_version(current, if_match)
             return None
-        _check_version(current, if_match)
+        check_version(current, if_match)
         previous = current.resource
         self._fire(HookPoint.BEFORE_DELETE, res_type, res_id, None, previous=previous)
         version = current.version + 1
@@ -444,8 +444,14 @@ class Tx:
         if snapshot is not None:
             conditions.append(h.last_updated <= snapshot)
         if at is not None:
-            # _at: the version current at that instant, i.e. the newest one not after it.
+            # _at: per resource, the version current at that instant (the newest not after it).
+            newer = resource_history.alias("newer")
             conditions.append(h.last_updated <= at)
+            conditions.append(
+                ~select(newer.c.pid)
+                .where(newer.c.pid == h.pid, newer.c.version > h.version, newer.c.last_updated <= at)
+                .exists()
+            )
         if before is not None:
             lu, pid, version = before
             conditions.append(
@@ -537,7 +543,8 @@ class _IdTaken(Exception):
     """A create-on-update lost the race for its id."""
 
 
-def _check_version(current: StoredResource, if_match: int | None) -> None:
+def check_version(current: StoredResource, if_match: int | None) -> None:
+    """412 when an ``If-Match`` version is given and is not the current one."""
     if if_match is not None and if_match != current.version:
         raise FhirError(
             412,

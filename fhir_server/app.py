@@ -1,0 +1,57 @@
+"""Application factory: ``create_app(settings)`` builds the engine, registries and routers.
+
+Nothing is built at import time; ``app_from_env`` is the factory uvicorn workers call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from fhir_server import __version__
+from fhir_server.config import Settings
+from fhir_server.fhir.validation import validate_resource
+from fhir_server.hooks import Hooks
+from fhir_server.rest.fhir import FhirEndpoint, fhir_router
+from fhir_server.search.registry import SearchRegistry
+from fhir_server.storage.blobs import BlobStore
+from fhir_server.storage.engine import build_engine
+from fhir_server.storage.repository import Repository
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the FHIR server application for ``settings`` (default: from the environment)."""
+    settings = settings or Settings()
+    engine = build_engine(settings.database_url, pool_size=settings.db_pool_size)
+    hooks = Hooks()
+    repo = Repository(
+        engine, registry=SearchRegistry.load(), hooks=hooks, validator=validate_resource
+    )
+    blobs = BlobStore(settings.blob_path)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        engine.dispose()
+
+    app = FastAPI(
+        title="MSO FHIR Server",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.state.settings = settings
+    app.state.repo = repo
+    app.state.hooks = hooks
+    app.state.blobs = blobs
+    app.include_router(fhir_router(FhirEndpoint(repo, settings, blobs)))
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """The factory ``mso serve`` hands to uvicorn (settings from the environment)."""
+    return create_app(Settings())

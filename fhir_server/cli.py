@@ -1,0 +1,81 @@
+"""The ``mso`` command: ``serve``, ``migrate``, ``reindex``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from fhir_server.config import Settings
+
+
+def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    import uvicorn
+
+    from fhir_server.storage.migrate import upgrade
+
+    upgrade(settings.database_url)
+    # Workers re-read settings from the environment: pass the command-line choices down.
+    os.environ["MSO_DATABASE_URL"] = settings.database_url
+    uvicorn.run(
+        "fhir_server.app:app_from_env",
+        factory=True,
+        host=args.host or settings.host,
+        port=args.port or settings.port,
+        workers=args.workers or settings.workers,
+        log_level=args.log_level,
+        access_log=args.access_log,
+    )
+    return 0
+
+
+def _migrate(args: argparse.Namespace, settings: Settings) -> int:
+    from fhir_server.storage.migrate import upgrade
+
+    upgrade(settings.database_url, args.revision)
+    print(f"Database at {settings.database_url} is at revision {args.revision}")
+    return 0
+
+
+def _reindex(args: argparse.Namespace, settings: Settings) -> int:
+    from fhir_server.cli_reindex import reindex
+
+    count = reindex(settings, args.type)
+    print(f"Reindexed {count} resources")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``mso``."""
+    parser = argparse.ArgumentParser(prog="mso", description="MSO FHIR server")
+    parser.add_argument("--database-url", help="overrides MSO_DATABASE_URL")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="migrate the database and serve the FHIR API")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--workers", type=int)
+    serve.add_argument("--log-level", default="info")
+    serve.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=False)
+    serve.set_defaults(func=_serve)
+
+    migrate = sub.add_parser("migrate", help="apply database migrations")
+    migrate.add_argument("--revision", default="head")
+    migrate.set_defaults(func=_migrate)
+
+    reindex = sub.add_parser("reindex", help="rebuild search indexes")
+    reindex.add_argument("--type", help="only this resource type")
+    reindex.set_defaults(func=_reindex)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``mso`` console script."""
+    args = build_parser().parse_args(argv)
+    overrides = {"database_url": args.database_url} if args.database_url else {}
+    settings = Settings(**overrides)
+    return args.func(args, settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

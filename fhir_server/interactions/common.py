@@ -1,0 +1,110 @@
+"""Helpers every interaction handler shares: running work in a unit, checking bodies, replies."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from email.utils import format_datetime, parsedate_to_datetime
+from datetime import datetime
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl
+
+from fhir_server.fhir.definitions import is_resource_type
+from fhir_server.fhir.outcome import FhirError, information
+from fhir_server.interactions.base import FhirRequest, FhirResponse, InteractionContext
+from fhir_server.storage.repository import StoredResource, Tx, as_utc
+
+T = TypeVar("T")
+
+
+def run_write(ctx: InteractionContext, work: Callable[[Tx], T]) -> T:
+    """Run ``work`` in the enclosing transaction Bundle's unit, or in a new write unit."""
+    if ctx.tx is not None:
+        return work(ctx.tx)
+    return ctx.repo.write(work, caller=ctx.caller)
+
+
+def run_read(ctx: InteractionContext, work: Callable[[Tx], T]) -> T:
+    """Run ``work`` in the enclosing unit, or in a new read unit."""
+    if ctx.tx is not None:
+        return work(ctx.tx)
+    return ctx.repo.read_only(work, caller=ctx.caller)
+
+
+def check_type(resource_type: str | None) -> str:
+    """404 for a URL that names no R4 resource type."""
+    if not resource_type or not is_resource_type(resource_type):
+        raise FhirError(
+            404, "not-supported", f"Unknown resource type '{resource_type}'", code="MSO-REST-001"
+        )
+    return resource_type
+
+
+def require_body(req: FhirRequest) -> dict[str, Any]:
+    """The request's resource, whose resourceType must match the URL's type."""
+    body = req.body
+    if body is None:
+        raise FhirError(400, "required", "This interaction needs a resource in the body", code="MSO-REST-003")
+    if body.get("resourceType") != req.resource_type:
+        raise FhirError(
+            400,
+            "invalid",
+            f"Resource type '{body.get('resourceType')}' does not match the URL's type "
+            f"'{req.resource_type}'",
+            code="MSO-REST-004",
+            expression=["resourceType"],
+        )
+    return body
+
+
+def parse_etag(value: str | None, header: str = "If-Match") -> int | None:
+    """The version number in an ETag such as ``W/"3"`` (or ``"3"``, or ``3``)."""
+    if value is None:
+        return None
+    raw = value.strip()
+    if raw.startswith("W/"):
+        raw = raw[2:]
+    raw = raw.strip('"')
+    if not raw.isdigit():
+        raise FhirError(400, "invalid", f"{header} value '{value}' is not a version ETag", code="MSO-REST-005")
+    return int(raw)
+
+
+def http_date(value: datetime) -> str:
+    """An RFC 9110 HTTP date (``Last-Modified``)."""
+    return format_datetime(as_utc(value), usegmt=True)
+
+
+def parse_http_date(value: str) -> datetime | None:
+    """Parse an HTTP date; ``None`` when it is malformed (the header is then ignored)."""
+    try:
+        return as_utc(parsedate_to_datetime(value))
+    except (TypeError, ValueError):
+        return None
+
+
+def criteria(query: str) -> list[tuple[str, str]]:
+    """Search criteria from a query string (``If-None-Exist`` or a conditional URL)."""
+    return parse_qsl(query.lstrip("?"), keep_blank_values=True)
+
+
+def version_headers(ctx: InteractionContext, stored: StoredResource, *, location: bool) -> dict[str, str]:
+    """ETag, Last-Modified and (for writes) Location of a stored version."""
+    headers = {"ETag": stored.etag, "Last-Modified": http_date(stored.last_updated)}
+    if location:
+        headers["Location"] = (
+            f"{ctx.base_url}/{stored.res_type}/{stored.res_id}/_history/{stored.version}"
+        )
+    return headers
+
+
+def write_response(
+    ctx: InteractionContext, req: FhirRequest, stored: StoredResource, *, status: int, message: str
+) -> FhirResponse:
+    """The reply to create/update/patch, shaped by ``Prefer: return=…``."""
+    headers = version_headers(ctx, stored, location=True)
+    preference = req.prefer.return_
+    if preference == "minimal":
+        return FhirResponse(status=status, headers=headers)
+    if preference == "OperationOutcome":
+        return FhirResponse(status=status, resource=information(message), headers=headers)
+    return FhirResponse(status=status, body=stored.content, headers=headers)

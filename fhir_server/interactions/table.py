@@ -1,0 +1,129 @@
+"""The one table of FHIR REST routes: HTTP routing, transaction entries and the
+CapabilityStatement are all derived from it, so they cannot drift apart.
+
+Paths are relative to the FHIR base and matched segment by segment. Placeholders: ``{type}`` a
+resource type, ``{id}`` a logical id, ``{vid}`` a version, ``{op}`` an ``$operation`` name,
+``{ctype}`` the resource type searched in a compartment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from fhir_server.fhir.outcome import FhirError
+from fhir_server.interactions import (
+    capabilities,
+    create,
+    delete,
+    history,
+    operations,
+    patch,
+    read,
+    search,
+    transaction,
+    update,
+)
+from fhir_server.interactions.base import FhirRequest, FhirResponse, InteractionContext
+
+Handler = Callable[[InteractionContext, FhirRequest], FhirResponse]
+
+
+def _compartment_search(ctx: InteractionContext, req: FhirRequest) -> FhirResponse:
+    """GET [base]/[Compartment]/[id]/[type]: search ``type`` within a compartment."""
+    return search.search_compartment(
+        ctx, req, req.resource_type or "", req.resource_id or "", req.compartment_type or ""
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One interaction: HTTP method, path pattern, handler and its CapabilityStatement code.
+
+    ``level`` is ``system``, ``type`` or ``instance``; ``interaction`` the code listed under
+    ``rest.interaction`` or ``rest.resource.interaction`` (``None`` for routes that are not
+    interactions of their own, like ``metadata`` or operations).
+    """
+
+    method: str
+    pattern: tuple[str, ...]
+    handler: Handler
+    level: str
+    interaction: str | None
+    conditional: bool = False
+
+
+ROUTES: tuple[Route, ...] = (
+    Route("GET", ("metadata",), capabilities.capabilities, "system", None),
+    Route("GET", (), search.search_system, "system", "search-system"),
+    Route("POST", (), transaction.transaction_or_batch, "system", "transaction"),
+    Route("GET", ("_history",), history.history, "system", "history-system"),
+    Route("GET", ("{op}",), operations.invoke, "system", None),
+    Route("POST", ("{op}",), operations.invoke, "system", None),
+    Route("GET", ("{type}",), search.search_type, "type", "search-type"),
+    Route("POST", ("{type}",), create.create, "type", "create"),
+    Route("PUT", ("{type}",), update.conditional_update, "type", "update", conditional=True),
+    Route("PATCH", ("{type}",), patch.conditional_patch, "type", "patch", conditional=True),
+    Route("DELETE", ("{type}",), delete.conditional_delete, "type", "delete", conditional=True),
+    Route("POST", ("{type}", "_search"), search.search_type, "type", None),
+    Route("GET", ("{type}", "_history"), history.history, "type", "history-type"),
+    Route("GET", ("{type}", "{op}"), operations.invoke, "type", None),
+    Route("POST", ("{type}", "{op}"), operations.invoke, "type", None),
+    Route("GET", ("{type}", "{id}"), read.read, "instance", "read"),
+    Route("PUT", ("{type}", "{id}"), update.update, "instance", "update"),
+    Route("PATCH", ("{type}", "{id}"), patch.patch, "instance", "patch"),
+    Route("DELETE", ("{type}", "{id}"), delete.delete, "instance", "delete"),
+    Route("GET", ("{type}", "{id}", "_history"), history.history, "instance", "history-instance"),
+    Route("GET", ("{type}", "{id}", "{op}"), operations.invoke, "instance", None),
+    Route("POST", ("{type}", "{id}", "{op}"), operations.invoke, "instance", None),
+    Route("GET", ("{type}", "{id}", "_history", "{vid}"), read.vread, "instance", "vread"),
+    Route("GET", ("{type}", "{id}", "{ctype}"), _compartment_search, "instance", None),
+)
+
+SYSTEM_INTERACTIONS = ("transaction", "batch", "search-system", "history-system")
+
+
+def _segment_matches(pattern: str, segment: str) -> bool:
+    if pattern == "{op}":
+        return segment.startswith("$") and len(segment) > 1
+    if pattern.startswith("{"):
+        return bool(segment) and not segment.startswith(("$", "_"))
+    return pattern == segment
+
+
+def resolve(method: str, path: str, req: FhirRequest) -> Handler:
+    """Find the handler for ``method`` and ``path`` and fill ``req``'s path fields.
+
+    404 for a path no route has; 405 for a known path with another method.
+    """
+    segments = tuple(s for s in path.strip("/").split("/") if s) if path.strip("/") else ()
+    allowed: list[str] = []
+    for route in ROUTES:
+        if len(route.pattern) != len(segments):
+            continue
+        if not all(_segment_matches(p, s) for p, s in zip(route.pattern, segments, strict=True)):
+            continue
+        if route.method != method:
+            allowed.append(route.method)
+            continue
+        for pattern, segment in zip(route.pattern, segments, strict=True):
+            if pattern == "{type}":
+                req.resource_type = segment
+            elif pattern == "{id}":
+                req.resource_id = segment
+            elif pattern == "{vid}":
+                req.version_id = segment
+            elif pattern == "{op}":
+                req.operation = segment[1:]
+            elif pattern == "{ctype}":
+                req.compartment_type = segment
+        return route.handler
+    if allowed:
+        raise FhirError(
+            405,
+            "not-supported",
+            f"{method} is not supported on '{path or '/'}'",
+            code="MSO-REST-405M",
+            headers={"Allow": ", ".join(sorted(set(allowed)))},
+        )
+    raise FhirError(404, "not-found", f"No FHIR interaction at '{path or '/'}'", code="MSO-REST-404P")

@@ -1,0 +1,216 @@
+"""The FHIR REST endpoint: HTTP in, :class:`FhirRequest` to a handler, HTTP out.
+
+Only transport concerns live here (http://hl7.org/fhir/R4/http.html#general): media types and
+``_format`` (JSON only: XML is a 406), body size limits (413), ``Prefer``, ``_pretty``, header
+names, streaming raw Binary content to the blob store, and turning every error into an
+OperationOutcome with its status. Routing uses the same table as transaction entries
+(:mod:`fhir_server.interactions.table`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request
+from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+from starlette.responses import Response, StreamingResponse
+
+from fhir_server.config import Settings
+from fhir_server.fhir import jsonio
+from fhir_server.fhir.outcome import FhirError
+from fhir_server.interactions import binary, create, read, update
+from fhir_server.interactions.base import FhirRequest, FhirResponse, InteractionContext, Prefer
+from fhir_server.interactions.table import resolve
+from fhir_server.storage.blobs import BlobStore
+from fhir_server.storage.repository import Repository
+
+log = logging.getLogger(__name__)
+
+FHIR_JSON = "application/fhir+json; charset=utf-8"
+PATCH_TYPES = frozenset({"application/json-patch+json"})
+FORM = "application/x-www-form-urlencoded"
+_JSON_FORMATS = frozenset({"json", "application/json", "application/fhir+json", "application/json+fhir"})
+_TRANSPORT_PARAMS = frozenset({"_format", "_pretty"})
+_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
+
+
+def _mime(value: str | None) -> str:
+    return (value or "").split(";", 1)[0].strip().lower()
+
+
+def _wants_fhir(request: Request) -> bool:
+    """True unless the client asked (by ``_format`` or Accept) for something other than JSON."""
+    fmt = request.query_params.get("_format")
+    if fmt is not None:
+        return fmt.split(";")[0].strip().lower() in _JSON_FORMATS
+    accept = request.headers.get("accept")
+    if not accept:
+        return True
+    types = {_mime(part) for part in accept.split(",")}
+    return bool(types & (_JSON_FORMATS | {"*/*", "application/*"}))
+
+
+class FhirEndpoint:
+    """Holds what every request needs and handles them."""
+
+    def __init__(self, repo: Repository, settings: Settings, blobs: BlobStore) -> None:
+        self.repo = repo
+        self.settings = settings
+        self.blobs = blobs
+
+    def base_url(self, request: Request) -> str:
+        """The public FHIR base URL (configured, or derived from the request)."""
+        if self.settings.base_url:
+            return self.settings.base_url.rstrip("/")
+        return str(request.base_url).rstrip("/") + "/fhir"
+
+    async def handle(self, request: Request, path: str) -> Response:
+        """Serve one FHIR request; every failure becomes an OperationOutcome."""
+        pretty = request.query_params.get("_pretty") == "true"
+        try:
+            return await self._handle(request, path, pretty)
+        except FhirError as exc:
+            return _outcome_response(exc, pretty)
+        except Exception:
+            log.exception("Unhandled error serving %s %s", request.method, request.url.path)
+            return _outcome_response(
+                FhirError(500, "exception", "Internal server error", code="MSO-REST-500"), pretty
+            )
+
+    async def _handle(self, request: Request, path: str, pretty: bool) -> Response:
+        method = request.method
+        params = [(k, v) for k, v in request.query_params.multi_items() if k not in _TRANSPORT_PARAMS]
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        req = FhirRequest(
+            method=method, params=params, headers=headers, prefer=Prefer.parse(headers.get("prefer"))
+        )
+        handler = resolve(method, path, req)
+        ctx = InteractionContext(repo=self.repo, settings=self.settings, base_url=self.base_url(request))
+        fhir_accept = _wants_fhir(request)
+        if req.resource_type == "Binary":
+            special = await self._binary(request, req, ctx, handler, fhir_accept)
+            if special is not None:
+                return self._render(special, pretty)
+        if not fhir_accept:
+            raise FhirError(
+                406, "not-supported", "This server speaks FHIR JSON only", code="MSO-REST-406"
+            )
+        if method in ("POST", "PUT", "PATCH"):
+            await self._read_body(request, req)
+        response = await run_in_threadpool(handler, ctx, req)
+        return self._render(response, pretty)
+
+    async def _binary(
+        self, request: Request, req: FhirRequest, ctx: InteractionContext, handler: Any, fhir_accept: bool
+    ) -> FhirResponse | None:
+        """Raw Binary uploads and downloads; ``None`` when the request is plain FHIR JSON."""
+        content_type = _mime(request.headers.get("content-type"))
+        raw_write = request.method in ("POST", "PUT") and content_type and content_type not in binary.FHIR_JSON_TYPES
+        instance_read = handler in (read.read, read.vread)
+        if raw_write and handler in (create.create, update.update):
+            self._check_length(request, self.settings.max_binary_bytes)
+            blob = await self.blobs.put_async(request.stream(), max_bytes=self.settings.max_binary_bytes)
+            req.raw_body = binary.RawUpload(
+                blob, request.headers["content-type"], request.headers.get("x-security-context")
+            )
+            work = binary.create_raw if req.resource_id is None else binary.update_raw
+            return await run_in_threadpool(work, ctx, req)
+        if instance_read and not fhir_accept:
+            return await run_in_threadpool(binary.read_raw, ctx, req, self.blobs)
+        if instance_read:
+            return await run_in_threadpool(binary.read_json, ctx, req, self.blobs)
+        return None
+
+    def _check_length(self, request: Request, limit: int) -> None:
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise _too_large(limit)
+
+    async def _read_body(self, request: Request, req: FhirRequest) -> None:
+        limit = self.settings.max_resource_bytes
+        self._check_length(request, limit)
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit)
+            chunks.append(chunk)
+        raw = b"".join(chunks)
+        content_type = _mime(request.headers.get("content-type"))
+        if content_type == FORM and req.method == "POST" and req.resource_id is None:
+            # POST [type]/_search: form parameters join the query's.
+            from urllib.parse import parse_qsl
+
+            req.params.extend(parse_qsl(raw.decode("utf-8", "replace"), keep_blank_values=True))
+            return
+        if not raw.strip():
+            if req.method == "POST" and req.operation:
+                return
+            raise FhirError(400, "required", "The request body is empty", code="MSO-REST-003")
+        if content_type and content_type not in binary.FHIR_JSON_TYPES:
+            if not (req.method == "PATCH" and content_type in PATCH_TYPES):
+                raise FhirError(
+                    415,
+                    "not-supported",
+                    f"Content-Type '{content_type}' is not supported; send application/fhir+json",
+                    code="MSO-REST-415",
+                )
+        if req.method == "PATCH":
+            req.body = jsonio.loads(raw)
+            return
+        req.body = jsonio.parse_resource(raw)
+
+    def _render(self, response: FhirResponse, pretty: bool) -> Response:
+        headers = response.headers
+        if response.stream is not None:
+            stream = response.stream
+            if not hasattr(stream, "__aiter__"):
+                stream = iterate_in_threadpool(stream)
+            return StreamingResponse(stream, status_code=response.status, headers=headers, media_type=response.media_type)
+        if response.body is not None:
+            body = response.body
+            if pretty:
+                body = jsonio.dumps(orjson.loads(body), pretty=True)
+            return Response(body, status_code=response.status, headers=headers, media_type=FHIR_JSON)
+        if response.resource is not None:
+            return Response(
+                jsonio.dumps(response.resource, pretty=pretty),
+                status_code=response.status,
+                headers=headers,
+                media_type=FHIR_JSON,
+            )
+        return Response(status_code=response.status, headers=headers)
+
+
+def _too_large(limit: int) -> FhirError:
+    return FhirError(
+        413, "too-costly", f"Request body is larger than the limit of {limit} bytes", code="MSO-REST-413"
+    )
+
+
+def _outcome_response(exc: FhirError, pretty: bool) -> Response:
+    return Response(
+        jsonio.dumps(exc.to_outcome(), pretty=pretty),
+        status_code=exc.status,
+        headers=exc.headers,
+        media_type=FHIR_JSON,
+    )
+
+
+def fhir_router(endpoint: FhirEndpoint) -> APIRouter:
+    """The router serving the FHIR API under ``/fhir``."""
+    router = APIRouter()
+
+    async def root(request: Request) -> Response:
+        return await endpoint.handle(request, "")
+
+    async def anything(request: Request, path: str) -> Response:
+        return await endpoint.handle(request, path)
+
+    router.add_api_route("/fhir", root, methods=_METHODS, include_in_schema=False)
+    router.add_api_route("/fhir/", root, methods=_METHODS, include_in_schema=False)
+    router.add_api_route("/fhir/{path:path}", anything, methods=_METHODS, include_in_schema=False)
+    return router
