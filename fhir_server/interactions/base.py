@@ -84,6 +84,7 @@ class FhirResponse:
     stream: Any = None
     media_type: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
+    last_updated: str | None = None  # meta.lastUpdated of the version returned, for Bundle entries
 
 
 @dataclass(slots=True)

@@ -11,7 +11,7 @@ from urllib.parse import parse_qsl
 from fhir_server.fhir.definitions import is_resource_type
 from fhir_server.fhir.outcome import FhirError, information
 from fhir_server.interactions.base import FhirRequest, FhirResponse, InteractionContext
-from fhir_server.storage.repository import StoredResource, Tx, as_utc
+from fhir_server.storage.repository import StoredResource, Tx, as_utc, format_instant
 
 T = TypeVar("T")
 
@@ -102,9 +102,19 @@ def write_response(
 ) -> FhirResponse:
     """The reply to create/update/patch, shaped by ``Prefer: return=…``."""
     headers = version_headers(ctx, stored, location=True)
+    response = FhirResponse(status=status, headers=headers, last_updated=format_instant(stored.last_updated))
     preference = req.prefer.return_
-    if preference == "minimal":
-        return FhirResponse(status=status, headers=headers)
     if preference == "OperationOutcome":
-        return FhirResponse(status=status, resource=information(message), headers=headers)
-    return FhirResponse(status=status, body=stored.content, headers=headers)
+        response.resource = information(message)
+    elif preference != "minimal":
+        response.body = stored.content
+    return response
+
+
+def read_response(ctx: InteractionContext, stored: StoredResource) -> FhirResponse:
+    """The reply to read/vread: the stored JSON as-is with its version headers."""
+    return FhirResponse(
+        body=stored.content,
+        headers=version_headers(ctx, stored, location=False),
+        last_updated=format_instant(stored.last_updated),
+    )

@@ -13,6 +13,7 @@ from fhir_server.interactions.common import (
     check_type,
     parse_etag,
     parse_http_date,
+    read_response,
     run_read,
     version_headers,
 )
@@ -25,7 +26,7 @@ def read(ctx: InteractionContext, req: FhirRequest) -> FhirResponse:
     stored = run_read(ctx, lambda tx: tx.read(res_type, req.resource_id or ""))
     if _not_modified(req, stored):
         return FhirResponse(status=304, headers=version_headers(ctx, stored, location=False))
-    return FhirResponse(body=stored.content, headers=version_headers(ctx, stored, location=False))
+    return read_response(ctx, stored)
 
 
 def vread(ctx: InteractionContext, req: FhirRequest) -> FhirResponse:
@@ -35,7 +36,7 @@ def vread(ctx: InteractionContext, req: FhirRequest) -> FhirResponse:
     if not version.isdigit():
         raise FhirError(404, "not-found", f"Version '{version}' is not known", code="MSO-REST-405")
     stored = run_read(ctx, lambda tx: tx.vread(res_type, req.resource_id or "", int(version)))
-    return FhirResponse(body=stored.content, headers=version_headers(ctx, stored, location=False))
+    return read_response(ctx, stored)
 
 
 def _not_modified(req: FhirRequest, stored: StoredResource) -> bool:

@@ -23,8 +23,8 @@ import orjson
 from fhir_server.fhir.definitions import is_resource_type
 from fhir_server.fhir.outcome import FhirError, Issue
 from fhir_server.interactions.base import FhirRequest, FhirResponse, InteractionContext
-from fhir_server.interactions.common import parse_http_date, write_response
-from fhir_server.storage.repository import Tx, check_id, format_instant, new_id
+from fhir_server.interactions.common import write_response
+from fhir_server.storage.repository import Tx, check_id, new_id
 
 _ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "PATCH": 2, "GET": 3, "HEAD": 3}
 _REASONS = {
@@ -343,9 +343,8 @@ def _response_entry(ctx: InteractionContext, entry: _Entry, response: FhirRespon
         result["location"] = location
     if "ETag" in response.headers:
         result["etag"] = response.headers["ETag"]
-    modified = parse_http_date(response.headers.get("Last-Modified", ""))
-    if modified is not None:
-        result["lastModified"] = format_instant(modified)
+    if response.last_updated:
+        result["lastModified"] = response.last_updated
     out["response"] = result
     return out
 

@@ -1,0 +1,60 @@
+"""A real server process (``mso serve``) on a free loopback port, per database backend."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(db_url: str, data_dir: Path, *, workers: int = 2) -> tuple[subprocess.Popen, str]:
+    """Start ``mso serve`` and wait until ``/fhir/metadata`` answers."""
+    port = free_port()
+    env = {**os.environ, "MSO_DATABASE_URL": db_url, "MSO_DATA_DIR": str(data_dir)}
+    env.pop("MSO_BASE_URL", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fhir_server.cli", "serve", "--port", str(port), "--workers", str(workers)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    base = f"http://127.0.0.1:{port}/fhir"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {proc.stderr.read().decode()[-2000:]}")
+        try:
+            if httpx.get(f"{base}/metadata?_summary=true", timeout=2).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("server did not start within 60 s")
+
+
+@pytest.fixture(scope="module")
+def server(db_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The base URL of a live server on the session database."""
+    proc, base = start_server(db_url, tmp_path_factory.mktemp("server-data"))
+    try:
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
