@@ -21,14 +21,17 @@ from fhir_server.storage.engine import build_engine
 from fhir_server.storage.repository import Repository
 
 
+def build_repository(settings: Settings) -> Repository:
+    """The repository over the configured database, with validation and search registry."""
+    engine = build_engine(settings.database_url, pool_size=settings.db_pool_size)
+    return Repository(engine, registry=SearchRegistry.load(), hooks=Hooks(), validator=validate_resource)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the FHIR server application for ``settings`` (default: from the environment)."""
     settings = settings or Settings()
-    engine = build_engine(settings.database_url, pool_size=settings.db_pool_size)
-    hooks = Hooks()
-    repo = Repository(
-        engine, registry=SearchRegistry.load(), hooks=hooks, validator=validate_resource
-    )
+    repo = build_repository(settings)
+    engine, hooks = repo.engine, repo.hooks
     blobs = BlobStore(settings.blob_path)
 
     @asynccontextmanager

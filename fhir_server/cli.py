@@ -45,6 +45,16 @@ def _reindex(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _seed_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from fhir_server.demo import seed_demo
+    from fhir_server.storage.migrate import upgrade
+
+    upgrade(settings.database_url)
+    created = seed_demo(settings)
+    print(f"Demo data loaded ({created} resources created)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``mso``."""
     parser = argparse.ArgumentParser(prog="mso", description="MSO FHIR server")
@@ -62,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     migrate = sub.add_parser("migrate", help="apply database migrations")
     migrate.add_argument("--revision", default="head")
     migrate.set_defaults(func=_migrate)
+
+    seed = sub.add_parser("seed-demo", help="load demo data (idempotent)")
+    seed.set_defaults(func=_seed_demo)
 
     reindex = sub.add_parser("reindex", help="rebuild search indexes")
     reindex.add_argument("--type", help="only this resource type")

@@ -44,13 +44,13 @@ def utc_now() -> datetime:
 
 
 def as_utc(value: datetime) -> datetime:
-    """Attach UTC to a naive datetime read back from SQLite."""
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
+    """The same instant in UTC (a naive datetime, as SQLite returns them, is taken as UTC)."""
+    return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def format_instant(value: datetime) -> str:
     """Render a datetime as a FHIR instant with milliseconds, e.g. ``2026-01-02T03:04:05.678Z``."""
-    value = as_utc(value).astimezone(UTC)
+    value = as_utc(value)
     return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
 
 
