@@ -1,0 +1,684 @@
+"""Structural validation of FHIR R4 resources in JSON form.
+
+Implements the structural part of http://hl7.org/fhir/R4/validation.html for the JSON format of
+http://hl7.org/fhir/R4/json.html: the resource type, the elements each type defines (no unknown
+properties), JSON types and primitive formats, cardinality (``min``/``max``, array versus single
+value), choice elements (``value[x]``: at most one variant), codes of required bindings,
+primitive extensions (``_birthDate``, ``_given`` aligned with ``given``), contained resources,
+``Bundle.entry.resource`` and ``Parameters.parameter.resource`` validated as their own type, and
+the form of ``Reference.reference`` (http://hl7.org/fhir/R4/references.html).
+
+The check is a walk over ``r4/elements.json``, which ``build_definitions`` derives from the HL7
+StructureDefinitions and ``fhir.schema.json`` (primitive regexes and required-binding codes are
+the schema's). Each type's table of JSON keys is compiled once and cached. It was chosen over
+running ``jsonschema`` on ``fhir.schema.json`` because it also covers what the schema does not
+say (required primitives such as ``Observation.status``, ``_x``/``x`` alignment, references,
+nested resources as their own type), gives FHIRPath locations, and is several times faster.
+Not checked: invariants (FHIRPath constraints) other than dom-2 and ext-1, profiles, slicing,
+extensible/preferred bindings, terminology, and whether a referenced resource exists.
+
+Every problem found becomes one :class:`~fhir_server.fhir.outcome.Issue` (severity ``error``)
+with the FHIRPath of the offending element in ``expression`` (``Patient.name[0].given[1]``,
+``Observation.value.ofType(Quantity).unit``, ``Bundle.entry[2].resource.ofType(Patient).gender``,
+``Patient.contained[0].ofType(Organization).name``) and a stable error code:
+
+============  ===============  =============================================================
+code          IssueType        meaning
+============  ===============  =============================================================
+MSO-VAL-001   structure        unknown element (also: the code of the raised ``FhirError``)
+MSO-VAL-002   value            wrong JSON type, or a primitive not matching its format
+MSO-VAL-003   required         a required element (``min`` >= 1) is missing
+MSO-VAL-004   structure        cardinality: array where a single value belongs or the reverse,
+                               more values than ``max``, ``_x`` not aligned with ``x``
+MSO-VAL-005   value            malformed reference, unknown ``#local`` id, or a reference to a
+                               resource type the element does not allow
+MSO-VAL-006   structure        missing, unknown (not one of the R4 types) or unexpected
+                               ``resourceType``
+MSO-VAL-007   code-invalid     a code outside the required binding's value set
+MSO-VAL-008   structure        more than one variant of a choice element (``value[x]``)
+MSO-VAL-009   structure        ``null``, empty string, empty object or empty array
+MSO-VAL-010   invariant        dom-2 (contained resource containing resources) or ext-1
+                               (extension with both or neither of value and extensions)
+MSO-VAL-011   too-costly       too many problems (the first ``MAX_ISSUES`` are reported) or
+                               nesting too deep to check
+============  ===============  =============================================================
+"""
+
+from __future__ import annotations
+
+import calendar
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from fhir_server.fhir.definitions import load_json, resource_types
+from fhir_server.fhir.outcome import FhirError, Issue
+
+MAX_ISSUES = 500
+"""Stop collecting after this many problems (one more issue says so)."""
+
+UNKNOWN_ELEMENT = "MSO-VAL-001"
+VALIDATION_FAILED = UNKNOWN_ELEMENT  # the code of the FhirError as a whole
+BAD_VALUE = "MSO-VAL-002"
+MISSING_REQUIRED = "MSO-VAL-003"
+CARDINALITY = "MSO-VAL-004"
+BAD_REFERENCE = "MSO-VAL-005"
+BAD_RESOURCE_TYPE = "MSO-VAL-006"
+BAD_CODE = "MSO-VAL-007"
+CHOICE_CONFLICT = "MSO-VAL-008"
+EMPTY_VALUE = "MSO-VAL-009"
+INVARIANT = "MSO-VAL-010"
+TOO_COSTLY = "MSO-VAL-011"
+
+_PRIMITIVE, _COMPLEX, _RESOURCE = 0, 1, 2
+_DATE_TYPES = frozenset({"date", "dateTime", "instant"})
+_JSON_NAMES = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number"}
+
+
+class _TooMany(Exception):
+    """Raised inside the walk once MAX_ISSUES problems are collected."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Primitive:
+    name: str
+    kind: str  # JSON type: "string", "number" or "boolean"
+    json: type | tuple[type, ...]
+    regex: re.Pattern[str] | None
+    low: int | None
+    high: int | None
+
+
+@dataclass(eq=False, slots=True)
+class _Element:
+    name: str  # without [x]
+    min: int
+    max: int | None  # None: unbounded
+    many: bool
+    choice: bool
+    keys: tuple[str, ...]  # JSON keys that make the element present
+    codes: frozenset[str] | None
+    targets: frozenset[str] | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Slot:
+    """What one JSON key of an object means."""
+
+    element: _Element
+    type_code: str
+    kind: int
+    target: str | None  # shape key (complex), expected resource type (resource) or None
+    primitive: _Primitive | None
+    underscore: bool  # the ``_x`` companion of a primitive
+    expr: str  # FHIRPath step: ``name`` or ``name.ofType(Type)``
+    contained: bool
+
+
+@dataclass(frozen=True, slots=True)
+class _Shape:
+    key: str
+    slots: dict[str, _Slot]
+    required: tuple[_Element, ...]
+    is_resource: bool
+
+
+@dataclass(slots=True)
+class _Scope:
+    """The resource whose ``#id`` references are being resolved."""
+
+    contained: dict[str, str]  # contained id -> resourceType
+    in_contained: bool
+
+
+class _Definitions:
+    """elements.json compiled on demand into per-type key tables (one per process)."""
+
+    def __init__(self) -> None:
+        data = load_json("elements.json")
+        self.groups: dict[str, dict[str, dict[str, Any]]] = data["types"]
+        self.resource_types = resource_types()
+        self.primitives = {
+            name: _compile_primitive(name, info) for name, info in data["primitives"].items()
+        }
+        id_regex = data["primitives"]["id"]["regex"].removeprefix("^").removesuffix("$")
+        self.relative_ref = re.compile(rf"([A-Za-z]+)/({id_regex})(?:/_history/({id_regex}))?")
+        self.local_ref = re.compile(rf"#(?:{id_regex})?")
+        self.uuid = self.primitives["uuid"].regex
+        self.oid = self.primitives["oid"].regex
+        self.shapes: dict[str, _Shape] = {}
+
+    def shape(self, key: str) -> _Shape:
+        shape = self.shapes.get(key)
+        if shape is None:
+            shape = self.shapes[key] = self._compile(key)
+        return shape
+
+    def _compile(self, key: str) -> _Shape:
+        slots: dict[str, _Slot] = {}
+        required: list[_Element] = []
+        for name, spec in self.groups[key].items():
+            choice = name.endswith("[x]")
+            base = name[:-3] if choice else name
+            max_text: str = spec["max"]
+            codes = spec.get("codes")
+            targets = spec.get("targets")
+            element = _Element(
+                name=base,
+                min=spec["min"],
+                max=None if max_text == "*" else int(max_text),
+                many=max_text != "1",
+                choice=choice,
+                keys=(),
+                codes=frozenset(codes) if codes else None,
+                targets=frozenset(targets) if targets else None,
+            )
+            keys: list[str] = []
+            if "ref" in spec:
+                slots[base] = _Slot(
+                    element, spec["ref"], _COMPLEX, spec["ref"], None, False, base, False
+                )
+                keys.append(base)
+            for type_code in spec.get("types", []):
+                json_key = base + type_code[0].upper() + type_code[1:] if choice else base
+                expr = f"{base}.ofType({type_code})" if choice else base
+                keys.append(json_key)
+                primitive = self.primitives.get(type_code)
+                if primitive is not None:
+                    slots[json_key] = _Slot(
+                        element, type_code, _PRIMITIVE, None, primitive, False, expr, False
+                    )
+                    slots["_" + json_key] = _Slot(
+                        element, type_code, _COMPLEX, "Element", primitive, True, expr, False
+                    )
+                    keys.append("_" + json_key)
+                elif type_code == "Resource" or type_code in self.resource_types:
+                    expected = None if type_code == "Resource" else type_code
+                    contained = base == "contained" and key in self.resource_types
+                    slots[json_key] = _Slot(
+                        element, type_code, _RESOURCE, expected, None, False, expr, contained
+                    )
+                else:
+                    group = f"{key}.{base}"
+                    target = group if group in self.groups else type_code
+                    slots[json_key] = _Slot(
+                        element, type_code, _COMPLEX, target, None, False, expr, False
+                    )
+            element.keys = tuple(keys)
+            if element.min > 0:
+                required.append(element)
+        return _Shape(key, slots, tuple(required), key in self.resource_types)
+
+
+def _compile_primitive(name: str, info: dict[str, Any]) -> _Primitive:
+    kind = info["json"]
+    json_type: type | tuple[type, ...] = {"boolean": bool, "number": (int, float)}.get(kind, str)
+    # FHIR's regexes are XML Schema regexes, where \s is only space, tab, CR and LF: ASCII mode
+    # keeps a non-breaking space (found even in HL7's own terminology content) a valid character.
+    regex = re.compile(info["regex"], re.ASCII) if "regex" in info else None
+    return _Primitive(name, kind, json_type, regex, info.get("min"), info.get("max"))
+
+
+_DEFINITIONS: _Definitions | None = None
+
+
+def _definitions() -> _Definitions:
+    global _DEFINITIONS
+    if _DEFINITIONS is None:
+        _DEFINITIONS = _Definitions()
+    return _DEFINITIONS
+
+
+def _json_name(value: Any) -> str:
+    if value is None:
+        return "null"
+    return _JSON_NAMES.get(type(value), "number" if isinstance(value, float) else "value")
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _valid_calendar_date(text: str) -> bool:
+    if len(text) < 10:
+        return True
+    year, month, day = int(text[0:4]), int(text[5:7]), int(text[8:10])
+    return day <= calendar.monthrange(year, month)[1]
+
+
+class _Walk:
+    """One validation run: walks a resource and collects issues."""
+
+    def __init__(self, defs: _Definitions) -> None:
+        self.defs = defs
+        self.issues: list[Issue] = []
+
+    def add(self, code: str, error_code: str, path: str, message: str) -> None:
+        if len(self.issues) >= MAX_ISSUES:
+            raise _TooMany
+        self.issues.append(Issue("error", code, message, [path], error_code))
+
+    # resources -----------------------------------------------------------------------------
+
+    def resource(
+        self, value: Any, prefix: str | None, expected: str | None, scope: _Scope | None
+    ) -> None:
+        where = prefix or "Resource"
+        if not isinstance(value, dict):
+            self.add(
+                "structure",
+                BAD_VALUE,
+                where,
+                f"A resource must be a JSON object, not {_json_name(value)}",
+            )
+            return
+        resource_type = value.get("resourceType")
+        type_path = f"{prefix}.resourceType" if prefix else "resourceType"
+        if resource_type is None:
+            self.add("structure", BAD_RESOURCE_TYPE, type_path, "The resource has no resourceType")
+            return
+        if not isinstance(resource_type, str) or resource_type not in self.defs.resource_types:
+            self.add(
+                "structure",
+                BAD_RESOURCE_TYPE,
+                type_path,
+                f"Unknown resourceType {_show(resource_type)}: not an R4 resource type",
+            )
+            return
+        if expected is not None and resource_type != expected:
+            self.add(
+                "structure",
+                BAD_RESOURCE_TYPE,
+                type_path,
+                f"Expected a {expected} resource here, got {resource_type}",
+            )
+            return
+        path = f"{prefix}.ofType({resource_type})" if prefix else resource_type
+        if scope is None:
+            scope = _Scope(self._contained_ids(value.get("contained")), False)
+        elif "contained" in value:
+            self.add(
+                "invariant",
+                INVARIANT,
+                f"{path}.contained",
+                "A contained resource cannot contain resources (dom-2)",
+            )
+        self.object(value, self.defs.shape(resource_type), path, scope)
+
+    @staticmethod
+    def _contained_ids(contained: Any) -> dict[str, str]:
+        ids: dict[str, str] = {}
+        if isinstance(contained, list):
+            for item in contained:
+                if isinstance(item, dict):
+                    local_id, rtype = item.get("id"), item.get("resourceType")
+                    if isinstance(local_id, str) and isinstance(rtype, str):
+                        ids[local_id] = rtype
+        return ids
+
+    # objects -------------------------------------------------------------------------------
+
+    def object(self, obj: dict[str, Any], shape: _Shape, path: str, scope: _Scope) -> None:
+        if not obj:
+            self.add("structure", EMPTY_VALUE, path, "Empty objects are not allowed")
+            return
+        slots = shape.slots
+        choices: dict[int, str] | None = None
+        for key, value in obj.items():
+            slot = slots.get(key)
+            if slot is None:
+                if key == "resourceType" and shape.is_resource:
+                    continue
+                self.add(
+                    "structure",
+                    UNKNOWN_ELEMENT,
+                    f"{path}.{key}",
+                    f"Unknown element '{key}' in {shape.key}",
+                )
+                continue
+            element = slot.element
+            if element.choice:
+                if choices is None:
+                    choices = {}
+                seen = choices.setdefault(id(element), slot.type_code)
+                if seen != slot.type_code:
+                    self.add(
+                        "structure",
+                        CHOICE_CONFLICT,
+                        f"{path}.{element.name}",
+                        f"Only one type of {element.name}[x] is allowed; found {seen} and "
+                        f"{slot.type_code}",
+                    )
+                    continue
+            if slot.underscore:
+                self.primitive_extension(obj, key, value, slot, path, scope)
+            elif element.many:
+                self.array(obj, key, value, slot, path, scope)
+            elif isinstance(value, list):
+                self.add(
+                    "structure",
+                    CARDINALITY,
+                    f"{path}.{slot.expr}",
+                    f"{element.name} takes a single value, not an array",
+                )
+            else:
+                self.item(value, slot, f"{path}.{slot.expr}", scope)
+        for element in shape.required:
+            count = 0
+            for json_key in element.keys:
+                present = obj.get(json_key)
+                if present is not None:
+                    count = max(count, len(present) if isinstance(present, list) else 1)
+            if count < element.min:
+                if count == 0:
+                    message = f"Missing required element '{element.name}' in {shape.key}"
+                else:
+                    message = f"{element.name} needs at least {element.min} values, has {count}"
+                self.add("required", MISSING_REQUIRED, f"{path}.{element.name}", message)
+        if shape.key == "Extension":
+            self.extension_invariant(obj, path)
+
+    def extension_invariant(self, obj: dict[str, Any], path: str) -> None:
+        has_value = any(k.startswith("value") or k.startswith("_value") for k in obj)
+        if has_value == ("extension" in obj):
+            self.add(
+                "invariant",
+                INVARIANT,
+                path,
+                "An extension must have a value or nested extensions, exactly one of them (ext-1)",
+            )
+
+    def array(
+        self,
+        obj: dict[str, Any],
+        key: str,
+        value: Any,
+        slot: _Slot,
+        path: str,
+        scope: _Scope,
+    ) -> None:
+        element = slot.element
+        base = f"{path}.{slot.expr}"
+        if not isinstance(value, list):
+            self.add("structure", CARDINALITY, base, f"{element.name} must be an array")
+            return
+        if not value:
+            self.add("structure", EMPTY_VALUE, base, "Empty arrays are not allowed")
+            return
+        if element.max is not None and len(value) > element.max:
+            self.add(
+                "structure",
+                CARDINALITY,
+                base,
+                f"{element.name} allows at most {element.max} values, has {len(value)}",
+            )
+        companion = obj.get("_" + key) if slot.kind == _PRIMITIVE else None
+        for index, item in enumerate(value):
+            if item is None:
+                if (
+                    isinstance(companion, list)
+                    and index < len(companion)
+                    and companion[index] is not None
+                ):
+                    continue
+                self.add("structure", EMPTY_VALUE, f"{base}[{index}]", "null is not allowed here")
+                continue
+            self.item(item, slot, f"{base}[{index}]", scope)
+
+    def primitive_extension(
+        self,
+        obj: dict[str, Any],
+        key: str,
+        value: Any,
+        slot: _Slot,
+        path: str,
+        scope: _Scope,
+    ) -> None:
+        base = f"{path}.{slot.expr}"
+        element_shape = self.defs.shape("Element")
+        if not slot.element.many:
+            if isinstance(value, dict):
+                self.object(value, element_shape, base, scope)
+            elif isinstance(value, list):
+                self.add(
+                    "structure", CARDINALITY, base, f"{key} takes a single object, not an array"
+                )
+            else:
+                self.add(
+                    "structure",
+                    BAD_VALUE,
+                    base,
+                    f"{key} must be an object, not {_json_name(value)}",
+                )
+            return
+        if not isinstance(value, list):
+            self.add("structure", CARDINALITY, base, f"{key} must be an array")
+            return
+        values = obj.get(key[1:])
+        if values is not None and isinstance(values, list) and len(values) != len(value):
+            self.add(
+                "structure",
+                CARDINALITY,
+                base,
+                f"{key} has {len(value)} entries but {key[1:]} has {len(values)}; they must align",
+            )
+        for index, item in enumerate(value):
+            if item is None:
+                if values is None:
+                    self.add(
+                        "structure", EMPTY_VALUE, f"{base}[{index}]", "null is not allowed here"
+                    )
+            elif isinstance(item, dict):
+                self.object(item, element_shape, f"{base}[{index}]", scope)
+            else:
+                self.add(
+                    "structure",
+                    BAD_VALUE,
+                    f"{base}[{index}]",
+                    f"{key} entries must be objects or null, not {_json_name(item)}",
+                )
+
+    # values --------------------------------------------------------------------------------
+
+    def item(self, value: Any, slot: _Slot, path: str, scope: _Scope) -> None:
+        kind = slot.kind
+        if kind == _PRIMITIVE:
+            self.primitive(value, slot, path)
+        elif kind == _COMPLEX:
+            if isinstance(value, dict):
+                self.object(value, self.defs.shape(slot.target or slot.type_code), path, scope)
+                if slot.type_code == "Reference":
+                    self.reference(value, slot.element, path, scope)
+            elif value is None:
+                self.add("structure", EMPTY_VALUE, path, "null is not allowed here")
+            else:
+                self.add(
+                    "structure",
+                    BAD_VALUE,
+                    path,
+                    f"{slot.element.name} must be a {slot.type_code} object, "
+                    f"not {_json_name(value)}",
+                )
+        elif slot.contained:
+            if scope.in_contained:
+                self.add(
+                    "invariant",
+                    INVARIANT,
+                    path,
+                    "A contained resource cannot contain resources (dom-2)",
+                )
+                return
+            self.resource(value, path, slot.target, _Scope(scope.contained, True))
+        else:
+            self.resource(value, path, slot.target, None)
+
+    def primitive(self, value: Any, slot: _Slot, path: str) -> None:
+        primitive = slot.primitive
+        assert primitive is not None
+        if value is None:
+            self.add("structure", EMPTY_VALUE, path, "null is not allowed here")
+            return
+        if not isinstance(value, primitive.json) or (
+            isinstance(value, bool) and primitive.json is not bool
+        ):
+            self.add(
+                "value",
+                BAD_VALUE,
+                path,
+                f"{slot.element.name} is a {primitive.name}: expected a JSON {primitive.kind}, "
+                f"got {_json_name(value)}",
+            )
+            return
+        if primitive.json is bool:
+            return
+        text = value if isinstance(value, str) else str(value)
+        if not text:
+            self.add("structure", EMPTY_VALUE, path, "Empty strings are not allowed")
+            return
+        if primitive.regex is not None and primitive.regex.fullmatch(text) is None:
+            self.add("value", BAD_VALUE, path, f"{_show(value)} is not a valid {primitive.name}")
+            return
+        if (primitive.low is not None and value < primitive.low) or (
+            primitive.high is not None and value > primitive.high
+        ):
+            self.add("value", BAD_VALUE, path, f"{value} is out of range for {primitive.name}")
+            return
+        if primitive.name in _DATE_TYPES and not _valid_calendar_date(text):
+            self.add("value", BAD_VALUE, path, f"{_show(value)} is not a calendar date")
+            return
+        codes = slot.element.codes
+        if codes is not None and value not in codes:
+            allowed = ", ".join(sorted(codes)[:12]) + (", ..." if len(codes) > 12 else "")
+            self.add(
+                "code-invalid",
+                BAD_CODE,
+                path,
+                f"{_show(value)} is not a valid code for {slot.element.name} (one of: {allowed})",
+            )
+
+    def reference(self, value: dict[str, Any], element: _Element, path: str, scope: _Scope) -> None:
+        ref = value.get("reference")
+        if not isinstance(ref, str) or not ref:
+            return
+        where = f"{path}.reference"
+        defs = self.defs
+        target_type: str | None = None
+        if ref.startswith("#"):
+            if defs.local_ref.fullmatch(ref) is None:
+                self.add("value", BAD_REFERENCE, where, f"Malformed local reference {_show(ref)}")
+                return
+            local = ref[1:]
+            if not local:
+                if not scope.in_contained:
+                    self.add(
+                        "value",
+                        BAD_REFERENCE,
+                        where,
+                        "'#' refers to the containing resource; only valid inside a contained one",
+                    )
+                return
+            target_type = scope.contained.get(local)
+            if target_type is None:
+                self.add(
+                    "value",
+                    BAD_REFERENCE,
+                    where,
+                    f"{_show(ref)} does not match the id of a contained resource",
+                )
+                return
+        elif ref.startswith("urn:uuid:"):
+            if defs.uuid is not None and defs.uuid.fullmatch(ref) is None:
+                self.add("value", BAD_REFERENCE, where, f"{_show(ref)} is not a valid urn:uuid")
+            return
+        elif ref.startswith("urn:oid:"):
+            if defs.oid is not None and defs.oid.fullmatch(ref) is None:
+                self.add("value", BAD_REFERENCE, where, f"{_show(ref)} is not a valid urn:oid")
+            return
+        elif ref.startswith(("http://", "https://")):
+            if _ABSOLUTE_URL.fullmatch(ref) is None:
+                self.add("value", BAD_REFERENCE, where, f"{_show(ref)} is not a valid URL")
+            return
+        elif "?" in ref:
+            target_type, _, query = ref.partition("?")
+            if target_type not in defs.resource_types or not query or any(c.isspace() for c in ref):
+                self.add(
+                    "value",
+                    BAD_REFERENCE,
+                    where,
+                    f"{_show(ref)} is not a valid conditional reference (Type?search)",
+                )
+                return
+        else:
+            match = defs.relative_ref.fullmatch(ref)
+            if match is None or match.group(1) not in defs.resource_types:
+                self.add(
+                    "value",
+                    BAD_REFERENCE,
+                    where,
+                    f"{_show(ref)} is not a valid reference: expected Type/id, an absolute URL, "
+                    "urn:uuid:, urn:oid:, #local-id or Type?search",
+                )
+                return
+            target_type = match.group(1)
+        targets = element.targets
+        if targets is not None and target_type not in targets:
+            self.add(
+                "value",
+                BAD_REFERENCE,
+                where,
+                f"{element.name} cannot refer to a {target_type}; allowed: "
+                + ", ".join(sorted(targets)),
+            )
+
+
+_ABSOLUTE_URL = re.compile(r"https?://[^\s/?#]+[^\s]*")
+
+
+def validation_issues(resource: dict[str, Any]) -> list[Issue]:
+    """Every structural problem of ``resource`` as OperationOutcome issues (empty when valid).
+
+    ``resource`` is parsed FHIR JSON (a dict with ``resourceType``); contained resources,
+    ``Bundle.entry.resource`` and ``Parameters.parameter.resource`` are checked as their own type.
+    """
+    walk = _Walk(_definitions())
+    try:
+        walk.resource(resource, None, None, None)
+    except _TooMany:
+        walk.issues.append(
+            Issue(
+                "error",
+                "too-costly",
+                f"More than {MAX_ISSUES} problems; only the first {MAX_ISSUES} are reported",
+                None,
+                TOO_COSTLY,
+            )
+        )
+    except RecursionError:
+        walk.issues.append(
+            Issue(
+                "error",
+                "too-costly",
+                "The resource is nested too deeply to validate",
+                None,
+                TOO_COSTLY,
+            )
+        )
+    return walk.issues
+
+
+def validate_resource(resource: dict[str, Any]) -> None:
+    """Raise a 400 :class:`FhirError` listing every problem when ``resource`` is not valid R4."""
+    issues = validation_issues(resource)
+    if not issues:
+        return
+    first = issues[0]
+    location = f"{first.expression[0]}: " if first.expression else ""
+    more = f" (and {len(issues) - 1} more)" if len(issues) > 1 else ""
+    raise FhirError(
+        400,
+        "invalid",
+        f"The resource is not valid FHIR R4: {location}{first.diagnostics}{more}",
+        code=VALIDATION_FAILED,
+        issues=issues,
+    )
