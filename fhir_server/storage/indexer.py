@@ -1,14 +1,85 @@
-"""Write a resource's search index rows in its own transaction (owned by the search work)."""
+"""Write a resource's search index rows in its own transaction (http://hl7.org/fhir/R4/search.html).
+
+Rows are extracted by :func:`fhir_server.search.extract.extract_rows` and replace the previous
+rows of the resource (``pid``). A first version (``meta.versionId == "1"``, a fresh pid) has no
+previous rows, so nothing is deleted; on update, the stored rows of each table are read and
+diffed against the new ones, and only the differences are deleted / inserted, so an update
+that leaves search values unchanged writes nothing. ``resource=None`` (delete) drops all rows.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Connection
+from sqlalchemy import Connection, Table, delete, insert, select
+
+from fhir_server.search.extract import extract_rows
+from fhir_server.search.registry import SearchRegistry
+from fhir_server.storage.index_schema import INDEX_TABLES
+
+_TABLES: dict[str, Table] = {t.name: t for t in INDEX_TABLES}
+_VALUE_COLUMNS: dict[str, tuple[str, ...]] = {
+    t.name: tuple(c.name for c in t.columns if c.name != "pid") for t in INDEX_TABLES
+}
 
 
 def write_index(
-    conn: Connection, registry: Any, pid: int, res_type: str | None, resource: dict[str, Any] | None
+    conn: Connection,
+    registry: SearchRegistry,
+    pid: int,
+    res_type: str | None,
+    resource: dict[str, Any] | None,
 ) -> None:
-    """Replace the index rows of ``pid`` with those extracted from ``resource`` (``None``: drop all)."""
-    return None
+    """Replace the index rows of ``pid`` by those of ``resource`` (``None``: drop all)."""
+    if resource is None:
+        for table in INDEX_TABLES:
+            conn.execute(delete(table).where(table.c.pid == pid))
+        return
+    rows = extract_rows(registry, resource)
+    fresh = str((resource.get("meta") or {}).get("versionId")) == "1"
+    for table in INDEX_TABLES:
+        new = rows.get(table.name, [])
+        if fresh:
+            if new:
+                conn.execute(insert(table), [{"pid": pid, **row} for row in _dedupe(table, new)])
+            continue
+        _replace(conn, table, pid, new)
+
+
+def _key(table: Table, row: dict[str, Any]) -> tuple[Any, ...]:
+    return tuple(row.get(c) for c in _VALUE_COLUMNS[table.name])
+
+
+def _dedupe(table: Table, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    seen: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for row in rows:
+        seen.setdefault(_key(table, row), row)
+    return list(seen.values())
+
+
+def _replace(conn: Connection, table: Table, pid: int, new: list[dict[str, Any]]) -> None:
+    cols = _VALUE_COLUMNS[table.name]
+    old = {
+        tuple(r): None
+        for r in conn.execute(select(*(table.c[c] for c in cols)).where(table.c.pid == pid))
+    }
+    wanted = {_key(table, row): row for row in new}
+    gone = [k for k in old if k not in wanted]
+    added = [row for k, row in wanted.items() if k not in old]
+    if gone:
+        if len(gone) > len(old) // 2 or len(cols) > 6:
+            conn.execute(delete(table).where(table.c.pid == pid))
+            added = list(wanted.values())
+        else:
+            for key in gone:
+                conn.execute(
+                    delete(table).where(
+                        table.c.pid == pid,
+                        *(
+                            table.c[c].is_(None) if v is None else table.c[c] == v
+                            for c, v in zip(cols, key, strict=True)
+                        ),
+                    )
+                )
+    if added:
+        conn.execute(insert(table), [{"pid": pid, **row} for row in added])

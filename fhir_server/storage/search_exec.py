@@ -1,16 +1,341 @@
-"""Execute compiled searches against the index tables (owned by the search work)."""
+"""Execute compiled searches against the index tables (http://hl7.org/fhir/R4/search.html).
+
+:func:`find_pids` serves conditional interactions (strict: an unknown or malformed criterion is
+a 400, since ignoring it would widen a conditional update or delete). :func:`run_page` runs
+one keyset page of a search, :func:`include_pids` resolves ``_include`` / ``_revinclude``,
+:func:`count` the ``_total``. ``:in`` / ``:not-in`` ValueSets come from ValueSet resources
+stored on the server (by ``url``) or from the R4 ValueSets shipped with the spec.
+"""
 
 from __future__ import annotations
 
+import base64
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from functools import cache
+from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection
+import orjson
+from sqlalchemy import Connection, and_, select
 
 from fhir_server.fhir.outcome import FhirError
+from fhir_server.search.compile import (
+    CompileOptions,
+    Position,
+    compile_search,
+    count_statement,
+)
+from fhir_server.search.query import Include, SearchQuery, parse_query
+from fhir_server.search.registry import SearchRegistry
+from fhir_server.storage.index_schema import idx_reference, idx_uri
+from fhir_server.storage.schema import resource
+
+log = logging.getLogger(__name__)
+MAX_INCLUDE_ROUNDS = 4
+
+
+def strict_error(query: SearchQuery) -> FhirError | None:
+    """The 400 naming the first unusable parameter, if any."""
+    if not query.issues:
+        return None
+    issue = query.issues[0]
+    return FhirError(
+        400,
+        "invalid" if issue.code != "MSO-SEARCH-003" else "not-supported",
+        issue.message,
+        code=issue.code,
+        expression=[issue.name],
+    )
 
 
 def find_pids(
-    conn: Connection, registry: Any, res_type: str, params: list[tuple[str, str]], *, limit: int | None
+    conn: Connection,
+    registry: SearchRegistry,
+    res_type: str,
+    params: list[tuple[str, str]],
+    *,
+    limit: int | None,
 ) -> list[int]:
     """Pids of current, non-deleted ``res_type`` resources matching ``params`` (strict)."""
-    raise FhirError(501, "not-supported", "Search is not available yet", code="MSO-SEARCH-501")
+    if res_type not in registry.resource_types:
+        raise FhirError(
+            400, "not-supported", f"Unknown resource type '{res_type}'", code="MSO-SEARCH-004"
+        )
+    query = parse_query(registry, (res_type,), params)
+    error = strict_error(query)
+    if error is not None:
+        raise error
+    query.sort = []
+    options = CompileOptions(expand_valueset=valueset_expander(conn, registry))
+    compiled = compile_search(registry, query, options, limit=limit)
+    return [row.pid for row in conn.execute(compiled.statement)]
+
+
+@dataclass(slots=True)
+class Page:
+    """One page of matches with what the paging links need."""
+
+    pids: list[int]
+    first: Position | None
+    last: Position | None
+    has_next: bool
+    has_previous: bool
+    max_pid: int
+
+
+def current_max_pid(conn: Connection) -> int:
+    """The largest pid now (the snapshot bound of a new search)."""
+    return int(
+        conn.execute(select(resource.c.pid).order_by(resource.c.pid.desc()).limit(1)).scalar() or 0
+    )
+
+
+def run_page(
+    conn: Connection,
+    registry: SearchRegistry,
+    query: SearchQuery,
+    options: CompileOptions,
+    *,
+    count: int,
+    position: Position | None,
+    max_pid: int,
+) -> Page:
+    """Run one page: ``count`` matches after (or before) ``position``, within the snapshot."""
+    compiled = compile_search(
+        registry, query, options, limit=count + 1, position=position, max_pid=max_pid
+    )
+    rows = conn.execute(compiled.statement).all()
+    more = len(rows) > count
+    rows = rows[:count]
+    backward = position is not None and position.backward
+    if backward:
+        rows.reverse()
+    nkeys = len(compiled.sort_exprs)
+
+    def pos(row: Any) -> Position:
+        return Position([_plain(row[i + 1]) for i in range(nkeys)], row[0])
+
+    first = pos(rows[0]) if rows else None
+    last = pos(rows[-1]) if rows else None
+    if backward:
+        has_prev, has_next = more, True
+    else:
+        has_prev, has_next = position is not None, more
+    return Page([row[0] for row in rows], first, last, has_next, has_prev, max_pid)
+
+
+def count(
+    conn: Connection,
+    registry: SearchRegistry,
+    query: SearchQuery,
+    options: CompileOptions,
+    *,
+    max_pid: int | None,
+    estimate: bool = False,
+) -> int:
+    """Number of matches (``estimate`` on PostgreSQL: the planner's row estimate)."""
+    stmt = count_statement(registry, query, options, max_pid=max_pid)
+    if estimate and conn.dialect.name == "postgresql":
+        compiled = stmt.compile(dialect=conn.dialect)
+        from sqlalchemy import text
+
+        plan = conn.execute(
+            text("EXPLAIN (FORMAT JSON) " + str(compiled)), compiled.params
+        ).scalar()
+        data = plan if isinstance(plan, list) else orjson.loads(plan)
+        node = data[0]["Plan"]
+        while node.get("Plans") and node.get("Node Type") == "Aggregate":
+            node = node["Plans"][0]
+        return int(node.get("Plan Rows", 0))
+    return int(conn.execute(stmt).scalar_one())
+
+
+def include_pids(
+    conn: Connection,
+    registry: SearchRegistry,
+    includes: list[Include],
+    match_pids: list[int],
+    options: CompileOptions,
+    *,
+    limit: int,
+) -> list[int]:
+    """Pids added by ``_include`` / ``_revinclude`` (``:iterate`` repeats on what was added)."""
+    if not includes or not match_pids:
+        return []
+    seen = set(match_pids)
+    added: list[int] = []
+    frontier = list(match_pids)
+    for round_no in range(MAX_INCLUDE_ROUNDS):
+        active = [inc for inc in includes if round_no == 0 or inc.iterate]
+        if not active or not frontier:
+            break
+        new: list[int] = []
+        for inc in active:
+            for pid in _one_include(conn, registry, inc, frontier, options):
+                if pid not in seen:
+                    seen.add(pid)
+                    new.append(pid)
+                    if len(added) + len(new) >= limit:
+                        return added + new
+        added.extend(new)
+        frontier = new
+    return added
+
+
+def _identities(registry: SearchRegistry, inc: Include) -> list[int]:
+    if inc.param == "*":
+        return [
+            p.identity(inc.source)
+            for p in registry.params_for(inc.source).values()
+            if p.type == "reference"
+        ]
+    param = registry.get(inc.source, inc.param)
+    return [param.identity(inc.source)] if param is not None else []
+
+
+def _one_include(
+    conn: Connection,
+    registry: SearchRegistry,
+    inc: Include,
+    pids: list[int],
+    options: CompileOptions,
+) -> list[int]:
+    identities = _identities(registry, inc)
+    if not identities:
+        return []
+    ref = idx_reference.alias()
+    other = resource.alias("t")
+    join = ref.join(
+        other, and_(other.c.res_type == ref.c.target_type, other.c.res_id == ref.c.target_id)
+    )
+    if inc.reverse:
+        # resources of inc.source whose reference points at one of pids
+        src = resource.alias("s")
+        stmt = (
+            select(src.c.pid)
+            .select_from(join.join(src, src.c.pid == ref.c.pid))
+            .where(
+                other.c.pid.in_(pids),
+                ref.c.hash_identity.in_(identities),
+                src.c.res_type == inc.source,
+                src.c.deleted.is_(False),
+            )
+        )
+        if inc.target:
+            stmt = stmt.where(other.c.res_type == inc.target)
+        filtered = src
+    else:
+        stmt = (
+            select(other.c.pid)
+            .select_from(join)
+            .where(
+                ref.c.pid.in_(pids), ref.c.hash_identity.in_(identities), other.c.deleted.is_(False)
+            )
+        )
+        if inc.target:
+            stmt = stmt.where(other.c.res_type == inc.target)
+        filtered = other
+    if options.access_filter is not None:
+        stmt = stmt.where(options.access_filter(filtered))
+    return [row[0] for row in conn.execute(stmt.distinct())]
+
+
+# -- cursors ----------------------------------------------------------------------------------
+
+
+def encode_cursor(position: Position, max_pid: int, total: int | None) -> str:
+    """An opaque page token: keyset position + snapshot bound + total."""
+    keys = [{"dt": k.isoformat()} if isinstance(k, datetime) else k for k in position.keys]
+    data = {"k": keys, "p": position.pid, "b": position.backward, "m": max_pid, "t": total}
+    return base64.urlsafe_b64encode(orjson.dumps(data)).decode().rstrip("=")
+
+
+def decode_cursor(token: str) -> tuple[Position, int, int | None]:
+    """Reverse :func:`encode_cursor`; a 400 for a token that is not one."""
+    try:
+        data = orjson.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        keys = [datetime.fromisoformat(k["dt"]) if isinstance(k, dict) else k for k in data["k"]]
+        return Position(keys, int(data["p"]), bool(data["b"])), int(data["m"]), data.get("t")
+    except Exception:
+        raise FhirError(400, "invalid", "Invalid paging cursor", code="MSO-SEARCH-005") from None
+
+
+def _plain(value: Any) -> Any:
+    return value
+
+
+# -- ValueSets --------------------------------------------------------------------------------
+
+_SHARED_VALUESETS = (
+    Path(__file__).resolve().parents[1] / "fhir" / "r4" / "valuesets.json",
+    Path(__file__).resolve().parents[3] / "shared" / "fhir-r4" / "valuesets.json",
+)
+
+
+@cache
+def _spec_valuesets() -> dict[str, dict[str, Any]]:
+    for path in _SHARED_VALUESETS:
+        if path.is_file():
+            bundle = orjson.loads(path.read_bytes())
+            return {
+                e["resource"]["url"]: e["resource"]
+                for e in bundle.get("entry", [])
+                if e.get("resource", {}).get("resourceType") == "ValueSet"
+                and "url" in e["resource"]
+            }
+    return {}
+
+
+def valueset_expander(conn: Connection, registry: SearchRegistry) -> Any:
+    """A function url -> [(system, code)] (code ``None``: the whole system), or ``None``."""
+
+    def stored(url: str) -> dict[str, Any] | None:
+        param = registry.get("ValueSet", "url")
+        if param is None:
+            return None
+        from fhir_server.search.types.uri import h_uri
+
+        row = conn.execute(
+            select(resource.c.content)
+            .select_from(resource.join(idx_uri, idx_uri.c.pid == resource.c.pid))
+            .where(
+                idx_uri.c.hash_uri == h_uri(param.identity("ValueSet"), url),
+                resource.c.deleted.is_(False),
+            )
+            .limit(1)
+        ).first()
+        return orjson.loads(row[0]) if row and row[0] is not None else None
+
+    def find(url: str) -> dict[str, Any] | None:
+        url = url.split("|", 1)[0]
+        return stored(url) or _spec_valuesets().get(url)
+
+    def expand(url: str, depth: int = 0) -> Sequence[tuple[str | None, str | None]] | None:
+        vs = find(url)
+        if vs is None or depth > 5:
+            return None
+        out: list[tuple[str | None, str | None]] = []
+        for item in (vs.get("expansion") or {}).get("contains", ()):
+            _contains(item, out)
+        for inc in (vs.get("compose") or {}).get("include", ()):
+            system = inc.get("system")
+            concepts = inc.get("concept")
+            if concepts:
+                out.extend((system, c.get("code")) for c in concepts)
+            elif system and not inc.get("filter"):
+                out.append((system, None))
+            for nested in inc.get("valueSet", ()):
+                out.extend(expand(nested, depth + 1) or ())
+        return out
+
+    return expand
+
+
+def _contains(item: dict[str, Any], out: list[tuple[str | None, str | None]]) -> None:
+    if item.get("code"):
+        out.append((item.get("system"), item["code"]))
+    for child in item.get("contains", ()):
+        _contains(child, out)

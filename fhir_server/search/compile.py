@@ -1,0 +1,517 @@
+"""Compile a :class:`~fhir_server.search.query.SearchQuery` into SQL (SQLAlchemy Core).
+
+http://hl7.org/fhir/R4/search.html. The statement selects ``resource.pid`` (plus the sort
+keys) of current, non-deleted resources: each criterion is ``pid IN (SELECT pid FROM idx_<type>
+WHERE <hash / value predicate>)``, chains and ``_has`` join ``idx_reference`` to ``resource``
+on (target_type, target_id), composites join their components' rows on (pid, grp).
+
+Paging is keyset paging (http://hl7.org/fhir/R4/http.html#paging): results are ordered by the
+``_sort`` keys (missing values last) and then ``pid``; a page position is the key tuple of a
+boundary row, never an OFFSET, and a snapshot bound (the largest pid when the search started)
+keeps resources created while a client pages out of later pages.
+
+Access control seam: :class:`CompileOptions.access_filter`, given the ``resource`` alias of the
+rows being returned (matches and includes), returns an extra SQL condition ANDed into the
+statement, so totals, paging and includes can never leak what the filter excludes.
+
+Pure: no engine, no session.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Float,
+    Select,
+    String,
+    and_,
+    false,
+    func,
+    literal,
+    not_,
+    or_,
+    select,
+    true,
+)
+from sqlalchemy.sql.elements import ColumnElement
+
+from fhir_server.search.hashing import hash64
+from fhir_server.search.query import Clause, SearchQuery, SortKey
+from fhir_server.search.registry import SearchParam, SearchRegistry
+from fhir_server.search.types import KINDS, composite, date, special, table_for
+from fhir_server.search.types.base import (
+    All,
+    Any_,
+    Cmp,
+    Const,
+    Not,
+    Pred,
+    ValueContext,
+    any_of,
+    bad_value,
+    to_sql,
+)
+from fhir_server.storage.index_schema import INDEX_TABLES, idx_reference, idx_text
+from fhir_server.storage.schema import resource
+
+TABLES = {t.name: t for t in INDEX_TABLES}
+AccessFilter = Callable[[Any], ColumnElement[bool]]
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_HIGH_STR = "\U0010ffff"
+
+
+@dataclass(slots=True)
+class CompileOptions:
+    """What compilation needs besides the query.
+
+    ``access_filter`` is the hook for access policy (see the module docstring);
+    ``expand_valueset`` resolves ``:in`` / ``:not-in`` ValueSets to (system, code) pairs.
+    """
+
+    base_url: str | None = None
+    expand_valueset: Callable[[str], Sequence[tuple[str | None, str | None]] | None] | None = None
+    access_filter: AccessFilter | None = None
+    now_ms: int | None = None
+    extra: list[Callable[[Any], ColumnElement[bool]]] = field(default_factory=list)
+
+    def value_context(self) -> ValueContext:
+        """The part type modules see."""
+        return ValueContext(self.base_url, self.expand_valueset, self.now_ms)
+
+
+@dataclass(slots=True)
+class Position:
+    """A keyset position: the sort key values and pid of a boundary row."""
+
+    keys: list[Any]
+    pid: int
+    backward: bool = False  # True: the page *before* this row
+
+
+@dataclass(slots=True)
+class Compiled:
+    """A compiled search: the page statement and the parts the caller needs."""
+
+    statement: Select[Any]
+    sort_exprs: list[tuple[ColumnElement[Any], bool]]
+    where: list[ColumnElement[bool]]
+    alias: Any
+
+
+def compile_search(
+    registry: SearchRegistry,
+    query: SearchQuery,
+    options: CompileOptions,
+    *,
+    limit: int | None,
+    position: Position | None = None,
+    max_pid: int | None = None,
+) -> Compiled:
+    """The page statement: ``SELECT pid, <sort keys> … ORDER BY … LIMIT``."""
+    r = resource.alias("r")
+    where = base_conditions(registry, query, options, r)
+    if max_pid is not None:
+        where.append(r.c.pid <= max_pid)
+    sort_exprs = [(_sort_expr(key, query.types, r), key.descending) for key in query.sort]
+    stmt = select(r.c.pid, *(e.label(f"k{i}") for i, (e, _) in enumerate(sort_exprs)))
+    stmt = stmt.where(*where)
+    backward = position is not None and position.backward
+    if position is not None:
+        stmt = stmt.where(_keyset(sort_exprs, r.c.pid, position))
+    order = []
+    for expr, desc in sort_exprs:
+        order.append(expr.desc() if desc != backward else expr.asc())
+    order.append(r.c.pid.desc() if backward else r.c.pid.asc())
+    stmt = stmt.order_by(*order)
+    if limit is not None:
+        stmt = stmt.limit(limit)
+    return Compiled(stmt, sort_exprs, where, r)
+
+
+def count_statement(
+    registry: SearchRegistry, query: SearchQuery, options: CompileOptions, *, max_pid: int | None
+) -> Select[Any]:
+    """``SELECT count(*)`` over every match (``_total=accurate``)."""
+    r = resource.alias("r")
+    where = base_conditions(registry, query, options, r)
+    if max_pid is not None:
+        where.append(r.c.pid <= max_pid)
+    return select(func.count()).select_from(r).where(*where)
+
+
+def base_conditions(
+    registry: SearchRegistry, query: SearchQuery, options: CompileOptions, r: Any
+) -> list[ColumnElement[bool]]:
+    """Type, liveness, access filter and every criterion, on the ``resource`` alias ``r``."""
+    types = query.types
+    where: list[ColumnElement[bool]] = [
+        r.c.res_type == types[0] if len(types) == 1 else r.c.res_type.in_(types),
+        r.c.deleted.is_(False),
+    ]
+    if options.access_filter is not None:
+        where.append(options.access_filter(r))
+    for extra in options.extra:
+        where.append(extra(r))
+    for clause in query.clauses:
+        where.append(clause_condition(registry, options, types, clause, r))
+    return where
+
+
+def matching_pids(
+    registry: SearchRegistry, options: CompileOptions, types: tuple[str, ...], clause: Clause
+) -> Select[Any]:
+    """``SELECT pid`` of live ``types`` resources matching ``clause`` (chains, ``_has``)."""
+    t = resource.alias()
+    return select(t.c.pid).where(
+        t.c.res_type.in_(types),
+        t.c.deleted.is_(False),
+        clause_condition(registry, options, types, clause, t),
+    )
+
+
+def clause_condition(
+    registry: SearchRegistry,
+    options: CompileOptions,
+    types: tuple[str, ...],
+    clause: Clause,
+    r: Any,
+) -> ColumnElement[bool]:
+    """The SQL condition of one criterion on the ``resource`` alias ``r``."""
+    code = clause.code
+    if clause.has is not None:
+        return _has_condition(registry, options, types, clause, r)
+    if code == "_id":
+        ids = [_unescape(v) for v in clause.values]
+        if clause.modifier == "missing":
+            return false() if clause.values[0] == "true" else true()
+        cond = r.c.res_id.in_(ids)
+        return not_(cond) if clause.modifier == "not" else cond
+    if code == "_lastUpdated":
+        return or_(*(_last_updated(options, v, r) for v in clause.values))
+    if code == "_list":
+        return _list_condition(registry, clause, r)
+    if code in special.CODES:
+        preds = [special.predicate(code, v) for v in clause.values]
+        cond = r.c.pid.in_(select(idx_text.c.pid).where(to_sql(any_of(*preds), idx_text)))
+        return not_(cond) if clause.modifier == "not" else cond
+    param = clause.param
+    assert param is not None
+    owners = {param.identity(t) for t in types}
+    if len(owners) == 1 or len(types) == 1:
+        return _typed_condition(registry, options, types[0], param, clause, r)
+    return or_(
+        *(
+            and_(
+                r.c.res_type == t,
+                _typed_condition(registry, options, t, _param(registry, t, clause), clause, r),
+            )
+            for t in types
+        )
+    )
+
+
+def _param(registry: SearchRegistry, rtype: str, clause: Clause) -> SearchParam:
+    param = registry.get(rtype, clause.code)
+    assert param is not None
+    return param
+
+
+def _typed_condition(
+    registry: SearchRegistry,
+    options: CompileOptions,
+    rtype: str,
+    param: SearchParam,
+    clause: Clause,
+    r: Any,
+) -> ColumnElement[bool]:
+    identity = param.identity(rtype)
+    if clause.modifier == "missing":
+        tables = _tables_of(param)
+        present = or_(
+            *(r.c.pid.in_(select(t.c.pid).where(t.c.hash_identity == identity)) for t in tables)
+        )
+        return not_(present) if clause.values[0] == "true" else present
+    if clause.chain is not None:
+        return _chain_condition(registry, options, rtype, param, clause, r)
+    if param.type == "composite":
+        return or_(*(_composite(registry, options, param, identity, v, r) for v in clause.values))
+    module = KINDS[param.type]
+    vc = options.value_context()
+    modifier = clause.modifier
+    negate = modifier in ("not", "not-in")
+    inner_modifier = {"not": None, "not-in": "in"}.get(modifier or "", modifier)
+    if param.type == "reference" and clause.target_types and modifier and modifier[:1].isupper():
+        inner_modifier = modifier
+    if param.type != "token" and modifier == "not":
+        raise bad_value(param.code, clause.values[0], ":not is only defined for token parameters")
+    by_table: dict[str, list[Pred]] = {}
+    for value in clause.values:
+        table = table_for(param.type, inner_modifier)
+        by_table.setdefault(table, []).append(
+            module.predicate(param, identity, inner_modifier, value, vc)
+        )
+    conds = []
+    for table_name, preds in by_table.items():
+        table = TABLES[table_name]
+        conds.append(r.c.pid.in_(select(table.c.pid).where(to_sql(any_of(*preds), table))))
+    cond = or_(*conds) if len(conds) > 1 else conds[0]
+    return not_(cond) if negate else cond
+
+
+def _tables_of(param: SearchParam) -> list[Any]:
+    if param.type == "composite":
+        return []
+    tables = [TABLES[KINDS[param.type].TABLE]]
+    return tables
+
+
+def _chain_condition(
+    registry: SearchRegistry,
+    options: CompileOptions,
+    rtype: str,
+    param: SearchParam,
+    clause: Clause,
+    r: Any,
+) -> ColumnElement[bool]:
+    assert clause.chain is not None
+    ref = idx_reference.alias()
+    t = resource.alias()
+    inner = clause_condition(registry, options, clause.target_types, clause.chain, t)
+    sub = (
+        select(ref.c.pid)
+        .select_from(
+            ref.join(t, and_(t.c.res_type == ref.c.target_type, t.c.res_id == ref.c.target_id))
+        )
+        .where(
+            ref.c.hash_identity == param.identity(rtype),
+            t.c.res_type.in_(clause.target_types),
+            t.c.deleted.is_(False),
+            inner,
+        )
+    )
+    return r.c.pid.in_(sub)
+
+
+def _has_condition(
+    registry: SearchRegistry,
+    options: CompileOptions,
+    types: tuple[str, ...],
+    clause: Clause,
+    r: Any,
+) -> ColumnElement[bool]:
+    has = clause.has
+    assert has is not None
+    ref = idx_reference.alias()
+    target = resource.alias()
+    sources = matching_pids(registry, options, (has.type,), has.inner)
+    sub = (
+        select(target.c.pid)
+        .select_from(
+            ref.join(
+                target,
+                and_(target.c.res_type == ref.c.target_type, target.c.res_id == ref.c.target_id),
+            )
+        )
+        .where(
+            ref.c.hash_identity == has.ref.identity(has.type),
+            target.c.res_type.in_(types),
+            ref.c.pid.in_(sources),
+        )
+    )
+    return r.c.pid.in_(sub)
+
+
+def _list_condition(registry: SearchRegistry, clause: Clause, r: Any) -> ColumnElement[bool]:
+    """``_list=id``: the resource is an item of List/id."""
+    item = registry.get("List", "item")
+    assert item is not None
+    ref = idx_reference.alias()
+    lst = resource.alias()
+    members = (
+        select(literal(1))
+        .select_from(ref.join(lst, lst.c.pid == ref.c.pid))
+        .where(
+            lst.c.res_type == "List",
+            lst.c.deleted.is_(False),
+            lst.c.res_id.in_([_unescape(v) for v in clause.values]),
+            ref.c.hash_identity == item.identity("List"),
+            ref.c.target_type == r.c.res_type,
+            ref.c.target_id == r.c.res_id,
+        )
+        .exists()
+    )
+    return not_(members) if clause.modifier == "not" else members
+
+
+def _composite(
+    registry: SearchRegistry,
+    options: CompileOptions,
+    param: SearchParam,
+    identity: int,
+    value: str,
+    r: Any,
+) -> ColumnElement[bool]:
+    values = composite.split_value(param, value)
+    if len(values) != len(param.components):
+        raise bad_value(
+            param.code, value, f"expected {len(param.components)} components joined by $"
+        )
+    vc = options.value_context()
+    aliases = []
+    conds = []
+    for index, (comp, text) in enumerate(zip(param.components, values, strict=True)):
+        sub = registry.by_url(comp.definition)
+        if sub is None or sub.type not in KINDS:
+            raise bad_value(param.code, value, "unsupported composite component")
+        ident = composite.component_identity(identity, index)
+        table = TABLES[table_for(sub.type, None)].alias()
+        conds.append(to_sql(KINDS[sub.type].predicate(sub, ident, None, text, vc), table))
+        aliases.append(table)
+    first = aliases[0]
+    joined: Any = first
+    for other in aliases[1:]:
+        joined = joined.join(other, and_(other.c.pid == first.c.pid, other.c.grp == first.c.grp))
+    return r.c.pid.in_(select(first.c.pid).select_from(joined).where(*conds))
+
+
+def _unescape(value: str) -> str:
+    from fhir_server.search.types.base import unescape
+
+    return unescape(value)
+
+
+def _last_updated(options: CompileOptions, value: str, r: Any) -> ColumnElement[bool]:
+    from fhir_server.search.types.base import split_prefix
+
+    prefix, text = split_prefix(value)
+    try:
+        low, high = date.date_range(text)
+    except (ValueError, OverflowError):
+        raise bad_value("_lastUpdated", value, "expected [prefix]date") from None
+    pred = date.range_predicate(prefix, low, high, options.now_ms or date.now_ms())
+    return _instant_sql(pred, r.c.last_updated)
+
+
+def _instant_sql(pred: Pred, column: Any) -> ColumnElement[bool]:
+    """Render a date range predicate where the target range is one instant (``column``)."""
+    if isinstance(pred, Cmp):
+        value = _EPOCH + timedelta(milliseconds=pred.value)
+        return {
+            "=": column == value, "!=": column != value, "<": column < value,
+            "<=": column <= value, ">": column > value, ">=": column >= value,
+        }[pred.op]  # fmt: skip
+    if isinstance(pred, All):
+        return and_(*(_instant_sql(p, column) for p in pred.preds))
+    if isinstance(pred, Any_):
+        return or_(*(_instant_sql(p, column) for p in pred.preds))
+    if isinstance(pred, Not):
+        return not_(_instant_sql(pred.pred, column))
+    if isinstance(pred, Const):
+        return true() if pred.value else false()
+    raise TypeError(pred)
+
+
+# -- sorting and keyset -----------------------------------------------------------------------
+
+
+def _sort_expr(key: SortKey, types: tuple[str, ...], r: Any) -> ColumnElement[Any]:
+    if key.code == "_id":
+        return r.c.res_id
+    if key.code == "_lastUpdated":
+        return r.c.last_updated
+    param = key.param
+    assert param is not None
+    module = KINDS[param.type]
+    table = TABLES[module.TABLE].alias()
+    column = table.c[module.SORT_COLUMN]
+    agg = func.max(column) if key.descending else func.min(column)
+    identities = {param.identity(t) for t in types}
+    sub = (
+        select(agg)
+        .where(table.c.pid == r.c.pid, table.c.hash_identity.in_(identities))
+        .scalar_subquery()
+    )
+    if isinstance(column.type, String) or column.type.python_type is str:
+        missing: Any = "" if key.descending else _HIGH_STR
+    elif isinstance(column.type, Float):
+        missing = -1e300 if key.descending else 1e300
+    else:
+        missing = -(2**62) if key.descending else 2**62
+    return func.coalesce(
+        sub,
+        literal(
+            missing, type_=column.type if not isinstance(column.type, BigInteger) else BigInteger()
+        ),
+    )
+
+
+def _keyset(
+    sort_exprs: list[tuple[ColumnElement[Any], bool]], pid_col: Any, pos: Position
+) -> ColumnElement[bool]:
+    """Rows strictly after (or, going backward, before) ``pos`` in the result order."""
+    items = [*sort_exprs, (pid_col, False)]
+    values = [*pos.keys, pos.pid]
+    ors = []
+    for i, (expr, desc) in enumerate(items):
+        after = desc == pos.backward  # ascending & forward -> greater
+        cmp = expr > values[i] if after else expr < values[i]
+        eqs = [items[j][0] == values[j] for j in range(i)]
+        ors.append(and_(*eqs, cmp) if eqs else cmp)
+    return or_(*ors)
+
+
+def compartment_condition(
+    registry: SearchRegistry,
+    compartment_params: dict[str, list[str]],
+    compartment_type: str,
+    compartment_id: str,
+    target_type: str,
+) -> Callable[[Any], ColumnElement[bool]]:
+    """A condition: the resource is in ``compartment_type/compartment_id``.
+
+    http://hl7.org/fhir/R4/compartmentdefinition.html: a ``target_type`` resource is in the
+    compartment when any of its listed reference parameters points at the compartment owner;
+    ``{def}`` means the owner itself.
+    """
+    codes = compartment_params.get(target_type, [])
+
+    def build(r: Any) -> ColumnElement[bool]:
+        conds: list[ColumnElement[bool]] = []
+        identities = []
+        for code in codes:
+            if code == "{def}":
+                if target_type == compartment_type:
+                    conds.append(r.c.res_id == compartment_id)
+                continue
+            param = registry.get(target_type, code)
+            if param is not None and param.type == "reference":
+                identities.append(param.identity(target_type))
+        if identities:
+            ref = idx_reference
+            conds.append(
+                r.c.pid.in_(
+                    select(ref.c.pid).where(
+                        ref.c.hash_identity.in_(identities),
+                        ref.c.target_id == compartment_id,
+                        ref.c.target_type == compartment_type,
+                    )
+                )
+            )
+        return or_(*conds) if conds else false()
+
+    return build
+
+
+def explain(statement: Select[Any], dialect: Any) -> str:
+    """The SQL text of ``statement`` with literal values inlined (golden tests, debugging)."""
+    return str(statement.compile(dialect=dialect, compile_kwargs={"literal_binds": True}))
+
+
+def identity_of(owner: str, code: str) -> int:
+    """hash_identity for an owner type and code (handy in tests and benches)."""
+    return hash64(owner, code)

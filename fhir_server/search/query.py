@@ -1,0 +1,271 @@
+"""Query string -> intermediate form (http://hl7.org/fhir/R4/search.html#2.21.1).
+
+``name[:modifier]=value[,value]`` repeated for AND; chains ``a:Type.b.c``; reverse chains
+``_has:Type:ref:param``; result parameters ``_sort _count _include _revinclude _total
+_summary _elements _type``. Unknown or malformed parameters become :class:`Issue` s; the
+caller raises them (``Prefer: handling=strict``) or reports them in the Bundle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fhir_server.fhir.outcome import FhirError
+from fhir_server.search.registry import SearchParam, SearchRegistry
+from fhir_server.search.types import KINDS
+from fhir_server.search.types.base import split_escaped
+
+RESULT_PARAMS = {
+    "_sort", "_count", "_include", "_revinclude", "_total", "_summary", "_elements",
+    "_contained", "_containedType", "_format", "_pretty", "_cursor", "_type", "_page",
+}  # fmt: skip
+RESOURCE_SPECIALS = {"_id", "_lastUpdated", "_text", "_content", "_list"}
+SUMMARY_VALUES = {"true", "false", "count", "data", "text"}
+TOTAL_VALUES = {"none", "estimate", "accurate"}
+
+
+@dataclass(slots=True)
+class Clause:
+    """One search criterion (AND-ed with the others); ``values`` are OR-ed, still escaped.
+
+    ``param`` is ``None`` for the specials answered from the resource table (``_id``,
+    ``_lastUpdated``, ``_list``, ``_text``, ``_content``). ``chain`` continues the criterion on
+    the referenced resources (``target_types``); ``has`` is a reverse chain.
+    """
+
+    name: str
+    code: str
+    modifier: str | None = None
+    values: list[str] = field(default_factory=list)
+    param: SearchParam | None = None
+    chain: Clause | None = None
+    target_types: tuple[str, ...] = ()
+    has: HasClause | None = None
+
+
+@dataclass(slots=True)
+class HasClause:
+    """``_has:Type:ref:…``: resources of ``type`` whose ``ref`` points here and match ``inner``."""
+
+    type: str
+    ref: SearchParam
+    inner: Clause
+
+
+@dataclass(slots=True)
+class SortKey:
+    """One ``_sort`` key."""
+
+    code: str
+    descending: bool
+    param: SearchParam | None  # None for _id / _lastUpdated
+
+
+@dataclass(slots=True)
+class Include:
+    """One ``_include`` / ``_revinclude``: ``source:param[:target]``; ``*`` = every reference."""
+
+    source: str
+    param: str
+    target: str | None
+    iterate: bool
+    reverse: bool
+
+
+@dataclass(slots=True)
+class Issue:
+    """A parameter the server could not use."""
+
+    name: str
+    message: str
+    code: str = "MSO-SEARCH-001"
+
+
+@dataclass(slots=True)
+class SearchQuery:
+    """A parsed search: criteria, result parameters and the problems found."""
+
+    types: tuple[str, ...]
+    clauses: list[Clause] = field(default_factory=list)
+    sort: list[SortKey] = field(default_factory=list)
+    count: int | None = None
+    includes: list[Include] = field(default_factory=list)
+    total: str | None = None
+    summary: str | None = None
+    elements: list[str] | None = None
+    cursor: str | None = None
+    issues: list[Issue] = field(default_factory=list)
+    used: list[tuple[str, str]] = field(default_factory=list)  # what self links repeat
+
+
+class _Bad(Exception):
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+def parse_query(
+    registry: SearchRegistry, types: tuple[str, ...], params: list[tuple[str, str]]
+) -> SearchQuery:
+    """Parse ``params`` for a search over ``types`` (one type, or several for ``_type``)."""
+    query = SearchQuery(types=types)
+    for name, value in params:
+        try:
+            if name in RESULT_PARAMS or name.split(":")[0] in ("_include", "_revinclude"):
+                _result_param(registry, query, name, value)
+            else:
+                query.clauses.append(parse_clause(registry, types, name, value))
+                query.used.append((name, value))
+        except _Bad as bad:
+            query.issues.append(Issue(name, bad.message))
+        except FhirError as err:
+            query.issues.append(Issue(name, err.message, err.code or "MSO-SEARCH-002"))
+    return query
+
+
+def _result_param(registry: SearchRegistry, q: SearchQuery, name: str, value: str) -> None:
+    if name == "_count":
+        if not value.isdigit():
+            raise _Bad(f"_count must be a non-negative integer, not '{value}'")
+        q.count = int(value)
+    elif name == "_sort":
+        for key in value.split(","):
+            key = key.strip()
+            desc = key.startswith("-")
+            code = key[1:] if desc else key
+            if code in ("_id", "_lastUpdated"):
+                q.sort.append(SortKey(code, desc, None))
+                continue
+            params = [registry.get(t, code) for t in q.types]
+            if not code or any(p is None or p.type not in KINDS for p in params):
+                raise _Bad(f"Unknown or unsortable _sort parameter '{code}'")
+            q.sort.append(SortKey(code, desc, params[0]))
+    elif name.startswith(("_include", "_revinclude")):
+        q.includes.extend(parse_include(registry, q, name, value))
+    elif name == "_total":
+        if value not in TOTAL_VALUES:
+            raise _Bad(f"_total must be one of none, estimate, accurate, not '{value}'")
+        q.total = value
+    elif name == "_summary":
+        if value not in SUMMARY_VALUES:
+            raise _Bad(f"_summary must be one of {', '.join(sorted(SUMMARY_VALUES))}")
+        q.summary = None if value == "false" else value
+    elif name == "_elements":
+        q.elements = [e.strip() for e in value.split(",") if e.strip()]
+    elif name in ("_cursor", "_page"):
+        q.cursor = value
+        return
+    elif name == "_type":
+        return
+    # _format, _pretty, _contained: accepted; only some change the result
+    if name not in ("_cursor",):
+        q.used.append((name, value))
+
+
+def parse_include(registry: SearchRegistry, q: SearchQuery, name: str, value: str) -> list[Include]:
+    """Parse ``_include[:iterate]=Source:param[:Target]`` (``*`` allowed for the param)."""
+    reverse = name.startswith("_revinclude")
+    modifier = name.partition(":")[2]
+    if modifier not in ("", "iterate", "recurse"):
+        raise _Bad(f"Unknown modifier on {name}")
+    iterate = modifier in ("iterate", "recurse")
+    if value == "*":
+        return [Include(t, "*", None, iterate, reverse) for t in q.types]
+    parts = value.split(":")
+    if len(parts) not in (2, 3):
+        raise _Bad(f"{name} must be Source:param[:Target], not '{value}'")
+    source, code = parts[0], parts[1]
+    target = parts[2] if len(parts) == 3 else None
+    if code != "*":
+        param = registry.get(source, code)
+        if param is None or param.type != "reference":
+            raise _Bad(f"{source}:{code} is not a reference search parameter")
+    return [Include(source, code, target, iterate, reverse)]
+
+
+def parse_clause(registry: SearchRegistry, types: tuple[str, ...], name: str, value: str) -> Clause:
+    """Parse one criterion ``name=value`` for resources of ``types``."""
+    if name.startswith("_has:"):
+        return _parse_has(registry, types, name, value)
+    head, dot, rest = name.partition(".")
+    code, _, modifier = head.partition(":")
+    modifier = modifier or None
+    values = split_escaped(value, ",")
+    if code in RESOURCE_SPECIALS:
+        if dot:
+            raise _Bad(f"{code} cannot be chained")
+        if code in ("_id", "_list", "_text", "_content") and modifier not in (
+            None,
+            "missing",
+            "not",
+        ):
+            raise _Bad(f"Modifier :{modifier} is not supported on {code}")
+        if code == "_lastUpdated" and modifier is not None:
+            raise _Bad(f"Modifier :{modifier} is not supported on {code}")
+        return Clause(name, code, modifier, values)
+    params = [registry.get(t, code) for t in types]
+    if not code or any(p is None for p in params):
+        where = types[0] if len(types) == 1 else "/".join(types)
+        raise _Bad(f"Unknown search parameter '{code}' for {where}")
+    param = params[0]
+    assert param is not None
+    if param.type not in KINDS and param.type != "composite":
+        raise _Bad(f"Search parameter '{code}' ({param.type}) is not supported")
+    if modifier == "missing":
+        if dot or value not in ("true", "false"):
+            raise _Bad(f"{name} must be true or false")
+        return Clause(name, code, modifier, [value], param)
+    if dot:
+        if param.type != "reference":
+            raise _Bad(f"Only reference parameters can be chained, not '{code}'")
+        targets = _targets(registry, param, modifier)
+        chained_types = tuple(t for t in targets if _chain_known(registry, t, rest))
+        if not chained_types:
+            raise _Bad(f"Unknown chained parameter '{rest}' on {'/'.join(targets)}")
+        inner = parse_clause(registry, chained_types, rest, value)
+        return Clause(name, code, None, [], param, chain=inner, target_types=chained_types)
+    if modifier and param.type == "reference" and modifier[:1].isupper():
+        if param.target and modifier not in param.target:
+            raise _Bad(f"{modifier} is not a target of '{code}'")
+        return Clause(name, code, modifier, values, param, target_types=(modifier,))
+    allowed = _modifiers(param)
+    if modifier is not None and modifier not in allowed:
+        raise _Bad(f"Modifier ':{modifier}' is not supported on '{code}' ({param.type})")
+    if any(v == "" for v in values):
+        raise _Bad(f"Empty value for '{code}'")
+    return Clause(name, code, modifier, values, param)
+
+
+def _modifiers(param: SearchParam) -> tuple[str, ...]:
+    if param.type == "composite":
+        return ("missing",)
+    return KINDS[param.type].MODIFIERS
+
+
+def _targets(registry: SearchRegistry, param: SearchParam, modifier: str | None) -> tuple[str, ...]:
+    if modifier:
+        if param.target and modifier not in param.target:
+            raise _Bad(f"{modifier} is not a target of '{param.code}'")
+        return (modifier,)
+    return param.target or tuple(sorted(registry.resource_types))
+
+
+def _chain_known(registry: SearchRegistry, rtype: str, rest: str) -> bool:
+    if rest.startswith("_has:"):
+        return True
+    code = rest.partition(".")[0].partition(":")[0]
+    return code in RESOURCE_SPECIALS or registry.get(rtype, code) is not None
+
+
+def _parse_has(registry: SearchRegistry, types: tuple[str, ...], name: str, value: str) -> Clause:
+    parts = name.split(":", 3)
+    if len(parts) != 4:
+        raise _Bad(f"{name} must be _has:Type:reference:parameter")
+    _, rtype, ref_code, rest = parts
+    ref = registry.get(rtype, ref_code)
+    if ref is None or ref.type != "reference":
+        raise _Bad(f"'{ref_code}' is not a reference search parameter of {rtype}")
+    if ref.target and not set(types) & set(ref.target):
+        raise _Bad(f"{rtype}:{ref_code} cannot point at {'/'.join(types)}")
+    inner = parse_clause(registry, (rtype,), rest, value)
+    return Clause(name, "_has", None, [], None, has=HasClause(rtype, ref, inner))
