@@ -133,9 +133,9 @@ def everything(ctx: InteractionContext, req: FhirRequest, patient_id: str | None
             )
             page = search_exec.run_page(
                 tx.conn, registry, q, options, count=limit - len(entries) + 1, position=None,
-                max_pid=search_exec.current_max_pid(tx.conn),
+                max_pid=None, with_resources=True,
             )  # fmt: skip
-            for stored in tx.load(page.pids):
+            for stored in page.resources:
                 entries.append(_entry(ctx, stored, "match"))
             if len(entries) > limit:
                 break
@@ -231,10 +231,9 @@ def _run(
     conn = tx.conn
     position: Position | None = None
     total: int | None = None
+    max_pid: int | None = None
     if query.cursor:
         position, max_pid, total = search_exec.decode_cursor(query.cursor)
-    else:
-        max_pid = search_exec.current_max_pid(conn)
     base_link = f"{ctx.base_url}/{path}" if path else ctx.base_url
     self_params = [*extra_self, *query.used]
     bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset"}
@@ -246,8 +245,10 @@ def _run(
         return FhirResponse(resource=bundle)
 
     page = search_exec.run_page(
-        conn, registry, query, options, count=count, position=position, max_pid=max_pid
-    )
+        conn, registry, query, options, count=count, position=position, max_pid=max_pid,
+        with_resources=True,
+    )  # fmt: skip
+    max_pid = page.max_pid
     if total is None and query.total != "none":
         if position is None and not page.has_next:
             total = len(page.pids)
@@ -271,7 +272,7 @@ def _run(
         links.append({"relation": "next", "url": _url(base_link, self_params, token)})
     bundle["link"] = links
 
-    matches = tx.load(page.pids)
+    matches = page.resources
     included_pids = search_exec.include_pids(
         conn, registry, query.includes, page.pids, options, limit=ctx.settings.max_page_size
     )

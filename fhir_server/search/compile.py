@@ -111,14 +111,22 @@ def compile_search(
     limit: int | None,
     position: Position | None = None,
     max_pid: int | None = None,
+    columns: Sequence[str] = (),
 ) -> Compiled:
-    """The page statement: ``SELECT pid, <sort keys> … ORDER BY … LIMIT``."""
+    """The page statement: ``SELECT pid, <sort keys>, <columns> … ORDER BY … LIMIT``.
+
+    ``columns`` names further ``resource`` columns to return (the content, to save a query).
+    """
     r = resource.alias("r")
     where = base_conditions(registry, query, options, r)
     if max_pid is not None:
         where.append(r.c.pid <= max_pid)
     sort_exprs = [(_sort_expr(key, query.types, r), key.descending) for key in query.sort]
-    stmt = select(r.c.pid, *(e.label(f"k{i}") for i, (e, _) in enumerate(sort_exprs)))
+    stmt = select(
+        r.c.pid,
+        *(e.label(f"k{i}") for i, (e, _) in enumerate(sort_exprs)),
+        *(r.c[c] for c in columns),
+    )
     stmt = stmt.where(*where)
     backward = position is not None and position.backward
     if position is not None:

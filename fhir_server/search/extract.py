@@ -28,13 +28,17 @@ def extract_rows(registry: SearchRegistry, resource: dict[str, Any]) -> RowsByTa
     for param, path, parts in plan.composites:
         identity = param.identity(rt)
         for grp, element in enumerate(path.evaluate(resource)[: composite.MAX_GROUPS], start=1):
+            group: list[tuple[str, dict[str, Any]]] = []
             for index, (sub, sub_path) in enumerate(parts):
-                if sub.type not in KINDS:
-                    continue
-                nodes = sub_path.evaluate_relative(element)
+                nodes = sub_path.evaluate_relative(element) if sub.type in KINDS else []
                 ident = composite.component_identity(identity, index)
-                for table, row in KINDS[sub.type].extract(sub, ident, nodes, grp):
-                    out.setdefault(table, []).append(row)
+                rows = KINDS[sub.type].extract(sub, ident, nodes, grp) if nodes else []
+                if not rows:  # a composite value needs every component: no rows for this group
+                    group = []
+                    break
+                group.extend(rows)
+            for table, row in group:
+                out.setdefault(table, []).append(row)
     for table, row in special.extract(resource):
         out.setdefault(table, []).append(row)
     return out

@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cache
 from pathlib import Path
@@ -76,21 +76,28 @@ def find_pids(
 
 @dataclass(slots=True)
 class Page:
-    """One page of matches with what the paging links need."""
+    """One page of matches with what the paging links need.
+
+    ``resources`` holds the matches as stored rows when they were fetched with the page;
+    ``max_pid`` is the snapshot bound (``None`` when a first page needed none: no next page).
+    """
 
     pids: list[int]
     first: Position | None
     last: Position | None
     has_next: bool
     has_previous: bool
-    max_pid: int
+    max_pid: int | None
+    resources: list[Any] = field(default_factory=list)
 
 
 def current_max_pid(conn: Connection) -> int:
     """The largest pid now (the snapshot bound of a new search)."""
-    return int(
-        conn.execute(select(resource.c.pid).order_by(resource.c.pid.desc()).limit(1)).scalar() or 0
-    )
+    stmt = select(resource.c.pid).order_by(resource.c.pid.desc()).limit(1)
+    return int(conn.execute(stmt).scalar() or 0)
+
+
+_CONTENT = ("res_type", "res_id", "version", "last_updated", "deleted", "content")
 
 
 def run_page(
@@ -101,12 +108,19 @@ def run_page(
     *,
     count: int,
     position: Position | None,
-    max_pid: int,
+    max_pid: int | None,
+    with_resources: bool = False,
 ) -> Page:
-    """Run one page: ``count`` matches after (or before) ``position``, within the snapshot."""
+    """Run one page: ``count`` matches after (or before) ``position``, within the snapshot.
+
+    A first page runs without a snapshot bound; one is taken only if there is a next page.
+    With ``with_resources`` the page query also returns the stored resources (one round trip).
+    """
+    columns = _CONTENT if with_resources else ()
     compiled = compile_search(
-        registry, query, options, limit=count + 1, position=position, max_pid=max_pid
-    )
+        registry, query, options, limit=count + 1, position=position, max_pid=max_pid,
+        columns=columns,
+    )  # fmt: skip
     rows = conn.execute(compiled.statement).all()
     more = len(rows) > count
     rows = rows[:count]
@@ -116,7 +130,7 @@ def run_page(
     nkeys = len(compiled.sort_exprs)
 
     def pos(row: Any) -> Position:
-        return Position([_plain(row[i + 1]) for i in range(nkeys)], row[0])
+        return Position([row[i + 1] for i in range(nkeys)], row[0])
 
     first = pos(rows[0]) if rows else None
     last = pos(rows[-1]) if rows else None
@@ -124,7 +138,25 @@ def run_page(
         has_prev, has_next = more, True
     else:
         has_prev, has_next = position is not None, more
-    return Page([row[0] for row in rows], first, last, has_next, has_prev, max_pid)
+    if max_pid is None and (has_next or has_prev):
+        max_pid = current_max_pid(conn)
+    resources: list[Any] = []
+    if with_resources:
+        from fhir_server.storage.repository import StoredResource, as_utc
+
+        resources = [
+            StoredResource(
+                row.pid,
+                row.res_type,
+                row.res_id,
+                row.version,
+                as_utc(row.last_updated),
+                row.deleted,
+                bytes(row.content) if row.content is not None else None,
+            )
+            for row in rows
+        ]
+    return Page([row[0] for row in rows], first, last, has_next, has_prev, max_pid, resources)
 
 
 def count(
@@ -246,7 +278,7 @@ def _one_include(
 # -- cursors ----------------------------------------------------------------------------------
 
 
-def encode_cursor(position: Position, max_pid: int, total: int | None) -> str:
+def encode_cursor(position: Position, max_pid: int | None, total: int | None) -> str:
     """An opaque page token: keyset position + snapshot bound + total."""
     keys = [{"dt": k.isoformat()} if isinstance(k, datetime) else k for k in position.keys]
     data = {"k": keys, "p": position.pid, "b": position.backward, "m": max_pid, "t": total}
@@ -261,10 +293,6 @@ def decode_cursor(token: str) -> tuple[Position, int, int | None]:
         return Position(keys, int(data["p"]), bool(data["b"])), int(data["m"]), data.get("t")
     except Exception:
         raise FhirError(400, "invalid", "Invalid paging cursor", code="MSO-SEARCH-005") from None
-
-
-def _plain(value: Any) -> Any:
-    return value
 
 
 # -- ValueSets --------------------------------------------------------------------------------
