@@ -2,9 +2,10 @@
 
 Rows are extracted by :func:`fhir_server.search.extract.extract_rows` and replace the previous
 rows of the resource (``pid``). A first version (``meta.versionId == "1"``, a fresh pid) has no
-previous rows, so nothing is deleted; on update, the stored rows of each table are read and
-diffed against the new ones, and only the differences are deleted / inserted, so an update
-that leaves search values unchanged writes nothing. ``resource=None`` (delete) drops all rows.
+previous rows, so nothing is deleted. On PostgreSQL every statement of a write goes out in one
+psycopg pipeline (one network round trip: an update deletes and re-inserts the rows); on
+SQLite an update reads the stored rows of each table and writes only the differences.
+``resource=None`` (delete) drops all rows.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ def write_index(
         return
     rows = extract_rows(registry, resource)
     fresh = str((resource.get("meta") or {}).get("versionId")) == "1"
+    if conn.dialect.name == "postgresql":
+        _write_pipelined(conn, pid, rows, fresh)
+        return
     for table in INDEX_TABLES:
         new = rows.get(table.name, [])
         if fresh:
@@ -44,6 +48,39 @@ def write_index(
                 conn.execute(insert(table), [{"pid": pid, **row} for row in _dedupe(table, new)])
             continue
         _replace(conn, table, pid, new)
+
+
+def _insert_sql(table: Table) -> str:
+    cols = ("pid", *_VALUE_COLUMNS[table.name])
+    values = ", ".join(["%s"] * len(cols))
+    return f"INSERT INTO {table.name} ({', '.join(cols)}) VALUES ({values})"
+
+
+_INSERT_SQL = {t.name: _insert_sql(t) for t in INDEX_TABLES}
+_DELETE_SQL = {t.name: f"DELETE FROM {t.name} WHERE pid = %s" for t in INDEX_TABLES}
+
+
+def _write_pipelined(
+    conn: Connection, pid: int, rows: dict[str, list[dict[str, Any]]], fresh: bool
+) -> None:
+    """PostgreSQL: send every DELETE / INSERT in one psycopg pipeline (one round trip).
+
+    The statements run on the connection's open transaction, like the SQLAlchemy ones.
+    """
+    raw = conn.connection.dbapi_connection
+    assert raw is not None
+    with raw.pipeline(), raw.cursor() as cur:
+        for table in INDEX_TABLES:
+            if not fresh:
+                cur.execute(_DELETE_SQL[table.name], (pid,))
+            new = rows.get(table.name)
+            if new:
+                cols = _VALUE_COLUMNS[table.name]
+                params = [
+                    (pid, *(row.get(c, 0 if c == "grp" else None) for c in cols))
+                    for row in _dedupe(table, new)
+                ]
+                cur.executemany(_INSERT_SQL[table.name], params)
 
 
 def _key(table: Table, row: dict[str, Any]) -> tuple[Any, ...]:
