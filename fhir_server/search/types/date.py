@@ -127,7 +127,8 @@ def now_ms() -> int:
 
 def range_predicate(prefix: str, low: int, high: int, now: int) -> Pred:
     """Compare the target range ``[low_col, high_col]`` with the search range ``[low, high]``."""
-    eq = all_of(Cmp("low", ">=", low), Cmp("high", "<=", high))
+    # "low <= high" is implied by the other two; it bounds the index range scan on low.
+    eq = all_of(Cmp("low", ">=", low), Cmp("low", "<=", high), Cmp("high", "<=", high))
     if prefix == "eq":
         return eq
     if prefix == "ne":
