@@ -57,6 +57,7 @@ OPERATIONS = ("read", "create", "update")
 MAX_PATIENTS = 200_000
 MAX_DURATION = 120.0
 MAX_CONCURRENCY = 64
+SEED_TIME_LIMIT = 1800.0  # seconds, all seeding Bundles together
 PLACEHOLDER = "__N__"  # replaced by a counter, per request, in create and update bodies
 
 
@@ -160,7 +161,11 @@ def seed(base_url: str, count: int, batch: int, rng: random.Random) -> list[tupl
     """PUT ``count`` new Patients in transaction Bundles of ``batch``; returns ``(id, body)`` pairs
     whose bodies carry the ``__N__`` placeholder in the phone number (for the update runs)."""
     seeded: list[tuple[str, str]] = []
+    deadline = time.monotonic() + SEED_TIME_LIMIT
     for start in range(0, count, batch):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise RuntimeError(f"seeding took longer than {SEED_TIME_LIMIT:.0f} s; giving up")
         entries, chunk = [], []
         for n in range(start, min(count, start + batch)):
             res_id = str(uuid.uuid4())
@@ -178,7 +183,7 @@ def seed(base_url: str, count: int, batch: int, rng: random.Random) -> list[tupl
             patient_for_update["telecom"][0]["value"] = f"+49 30 555{PLACEHOLDER}"
             chunk.append((res_id, _compact(patient_for_update)))
         bundle = {"resourceType": "Bundle", "type": "transaction", "entry": entries}
-        status, answer = http_json("POST", base_url, bundle, timeout=600)
+        status, answer = http_json("POST", base_url, bundle, timeout=min(600.0, remaining))
         if status != 200:
             raise RuntimeError(f"seeding transaction failed with {status}: {str(answer)[:2000]}")
         statuses = [e.get("response", {}).get("status", "") for e in answer.get("entry", [])]
@@ -364,7 +369,15 @@ def _describe_environment(dsn: str) -> str:
     except (OSError, subprocess.SubprocessError):
         wrk = "wrk"
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    return f"{pg} at 127.0.0.1:5432; {wrk}; {os.cpu_count()} CPUs; load average {load}"
+    watch = CpuWatch({})
+    watch.start()
+    time.sleep(1.0)
+    busy = watch.stop().machine_busy
+    note = "  (other work is running: figures will be low)" if busy > 0.25 else ""
+    return (
+        f"{pg} at 127.0.0.1:5432; {wrk}; {os.cpu_count()} CPUs; load average {load}; "
+        f"CPU busy before start {busy * 100:.0f}%{note}"
+    )
 
 
 def run(args: argparse.Namespace) -> list[Row]:
@@ -378,7 +391,8 @@ def run(args: argparse.Namespace) -> list[Row]:
         dsn = psycopg_dsn(url)
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mso-bench-crud-")))
         print(f"Database: {url}")
-        print(f"Environment: {_describe_environment(dsn)}")
+        args.environment = _describe_environment(dsn)
+        print(f"Environment: {args.environment}")
 
         t0 = time.monotonic()
         server = stack.enter_context(running_server(url, workers=args.workers))
@@ -463,7 +477,7 @@ def report(rows: list[Row], args: argparse.Namespace) -> str:
         f"CRUD benchmark: {args.patients:,} Patients, {args.workers} server workers, "
         f"{args.duration:g} s per run, wrk -t1 (latencies in ms)"
     )
-    out += [head, ""]
+    out += [head, f"Environment: {getattr(args, 'environment', '?')}", ""]
     table = []
     for r in rows:
         s, b = r.server, r.raw
