@@ -116,28 +116,42 @@ def compile_search(
     """The page statement: ``SELECT pid, <sort keys>, <columns> … ORDER BY … LIMIT``.
 
     ``columns`` names further ``resource`` columns to return (the content, to save a query).
+    They are fetched by an outer query for the page's pids only: the inner query finds and
+    orders the page from the index tables (with a trusted index criterion it need not read
+    ``resource`` rows at all: see :func:`base_conditions`).
     """
     r = resource.alias("r")
-    where = base_conditions(registry, query, options, r)
+    where = base_conditions(registry, query, options, r, trust_index=bool(columns))
     if max_pid is not None:
         where.append(r.c.pid <= max_pid)
     sort_exprs = [(_sort_expr(key, query.types, r), key.descending) for key in query.sort]
-    stmt = select(
-        r.c.pid,
-        *(e.label(f"k{i}") for i, (e, _) in enumerate(sort_exprs)),
-        *(r.c[c] for c in columns),
-    )
-    stmt = stmt.where(*where)
+    keys = [e.label(f"k{i}") for i, (e, _) in enumerate(sort_exprs)]
+    stmt = select(r.c.pid, *keys).where(*where)
     backward = position is not None and position.backward
     if position is not None:
         stmt = stmt.where(_keyset(sort_exprs, r.c.pid, position))
-    order = []
-    for expr, desc in sort_exprs:
-        order.append(expr.desc() if desc != backward else expr.asc())
-    order.append(r.c.pid.desc() if backward else r.c.pid.asc())
-    stmt = stmt.order_by(*order)
+
+    def order_of(exprs: list[Any], pid: Any) -> list[Any]:
+        order = [
+            e.desc() if desc != backward else e.asc()
+            for e, (_, desc) in zip(exprs, sort_exprs, strict=True)
+        ]
+        order.append(pid.desc() if backward else pid.asc())
+        return order
+
+    stmt = stmt.order_by(*order_of([e for e, _ in sort_exprs], r.c.pid))
     if limit is not None:
         stmt = stmt.limit(limit)
+    if columns:
+        page = stmt.subquery("page")
+        r2 = resource.alias("r2")
+        page_keys = [page.c[f"k{i}"] for i in range(len(sort_exprs))]
+        stmt = (
+            select(page.c.pid, *page_keys, *(r2.c[c] for c in columns))
+            .select_from(page.join(r2, r2.c.pid == page.c.pid))
+            .where(*_type_and_live(query.types, r2))
+            .order_by(*order_of(page_keys, page.c.pid))
+        )
     return Compiled(stmt, sort_exprs, where, r)
 
 
@@ -146,21 +160,57 @@ def count_statement(
 ) -> Select[Any]:
     """``SELECT count(*)`` over every match (``_total=accurate``)."""
     r = resource.alias("r")
-    where = base_conditions(registry, query, options, r)
+    where = base_conditions(registry, query, options, r, trust_index=True)
     if max_pid is not None:
         where.append(r.c.pid <= max_pid)
     return select(func.count()).select_from(r).where(*where)
 
 
-def base_conditions(
-    registry: SearchRegistry, query: SearchQuery, options: CompileOptions, r: Any
-) -> list[ColumnElement[bool]]:
-    """Type, liveness, access filter and every criterion, on the ``resource`` alias ``r``."""
-    types = query.types
-    where: list[ColumnElement[bool]] = [
+def _type_and_live(types: tuple[str, ...], r: Any) -> list[ColumnElement[bool]]:
+    return [
         r.c.res_type == types[0] if len(types) == 1 else r.c.res_type.in_(types),
         r.c.deleted.is_(False),
     ]
+
+
+def trusted_index_clause(registry: SearchRegistry, types: tuple[str, ...], clause: Clause) -> bool:
+    """True when ``clause`` only matches live resources of ``types`` by construction.
+
+    Index rows exist only for current, non-deleted resources and their hashes include the
+    resource type, so a positive criterion on a type-specific parameter (plain, chained or
+    composite) implies the type and liveness checks.
+    """
+    param = clause.param
+    if param is None or clause.has is not None or param.resource_level:
+        return False
+    if clause.modifier in ("missing", "not", "not-in"):
+        return False
+    return len(types) == 1
+
+
+def base_conditions(
+    registry: SearchRegistry,
+    query: SearchQuery,
+    options: CompileOptions,
+    r: Any,
+    *,
+    trust_index: bool = False,
+) -> list[ColumnElement[bool]]:
+    """Type, liveness, access filter and every criterion, on the ``resource`` alias ``r``.
+
+    With ``trust_index`` the type and liveness conditions are left out when a criterion
+    implies them (:func:`trusted_index_clause`), so PostgreSQL can answer from the index
+    tables and the primary key alone; callers then re-check them on the rows they return.
+    """
+    types = query.types
+    where: list[ColumnElement[bool]] = []
+    if not (
+        trust_index
+        and options.access_filter is None
+        and not options.extra
+        and any(trusted_index_clause(registry, types, c) for c in query.clauses)
+    ):
+        where.extend(_type_and_live(types, r))
     if options.access_filter is not None:
         where.append(options.access_filter(r))
     for extra in options.extra:
