@@ -332,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=200, help="executions per query and stage")
     ap.add_argument("--wrk-seconds", type=int, default=10)
     ap.add_argument("--keep", action="store_true", help="keep the database afterwards")
+    ap.add_argument("--database", help="measure an already loaded (--keep) database; no load")
     args = ap.parse_args(argv)
 
     import psycopg
@@ -339,23 +340,30 @@ def main(argv: list[str] | None = None) -> int:
     from fhir_server.storage.engine import build_engine
     from fhir_server.storage.migrate import upgrade
 
-    name = f"mso_bench_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(ADMIN, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
+    name = args.database or f"mso_bench_{uuid.uuid4().hex[:8]}"
+    if args.database:
+        args.keep = True
+    else:
+        with psycopg.connect(ADMIN, autocommit=True) as admin:
+            admin.execute(f'CREATE DATABASE "{name}"')
     url = ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1) + f"/{name}"
     server = None
     try:
-        upgrade(url)
         engine = build_engine(url)
         registry = SearchRegistry.load()
         rng = random.Random(42)
         loaded = 0
-        for stage in (args.small, args.patients):
+        stages = () if args.database else (args.small, args.patients)
+        if args.database:
+            measure(engine, args.patients, args.runs)
+        else:
+            upgrade(url)
+        for stage in stages:
             t0 = time.perf_counter()
             with engine.begin() as conn:
                 loaded += bulk_load(conn, registry, population(rng, loaded // 19, stage))
-            with engine.begin() as conn:
-                conn.execute(text("ANALYZE"))
+            with engine.connect() as conn:
+                conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("VACUUM ANALYZE"))
             print(
                 f"\n== {loaded} resources ({stage} patients), loaded in {time.perf_counter() - t0:.0f}s"
             )

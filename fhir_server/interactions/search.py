@@ -249,9 +249,14 @@ def _run(
         with_resources=True,
     )  # fmt: skip
     max_pid = page.max_pid
+    # Bundle.total: free when the first page holds everything; otherwise only on request
+    # (_total=accurate counts, _total=estimate asks the planner), as counting a large
+    # result costs as much as the search itself.
     if total is None and query.total != "none":
         if position is None and not page.has_next:
             total = len(page.pids)
+        elif query.total is None:
+            pass
         elif query.total == "estimate":
             total = search_exec.count(
                 conn, registry, query, options, max_pid=max_pid, estimate=True

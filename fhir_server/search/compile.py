@@ -63,6 +63,10 @@ TABLES = {t.name: t for t in INDEX_TABLES}
 AccessFilter = Callable[[Any], ColumnElement[bool]]
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _HIGH_STR = "\U0010ffff"
+# Shared aliases of the outer query (statements built from them get stable cache keys).
+_R = resource.alias("r")
+_R2 = resource.alias("r2")
+_MAX_PID = select(func.max(resource.c.pid)).scalar_subquery().label("max_pid")
 
 
 @dataclass(slots=True)
@@ -120,7 +124,7 @@ def compile_search(
     orders the page from the index tables (with a trusted index criterion it need not read
     ``resource`` rows at all: see :func:`base_conditions`).
     """
-    r = resource.alias("r")
+    r = _R
     where = base_conditions(registry, query, options, r, trust_index=bool(columns))
     if max_pid is not None:
         where.append(r.c.pid <= max_pid)
@@ -144,10 +148,11 @@ def compile_search(
         stmt = stmt.limit(limit)
     if columns:
         page = stmt.subquery("page")
-        r2 = resource.alias("r2")
+        r2 = _R2
         page_keys = [page.c[f"k{i}"] for i in range(len(sort_exprs))]
+        snapshot = [_MAX_PID] if max_pid is None else []
         stmt = (
-            select(page.c.pid, *page_keys, *(r2.c[c] for c in columns))
+            select(page.c.pid, *page_keys, *(r2.c[c] for c in columns), *snapshot)
             .select_from(page.join(r2, r2.c.pid == page.c.pid))
             .where(*_type_and_live(query.types, r2))
             .order_by(*order_of(page_keys, page.c.pid))
@@ -159,7 +164,7 @@ def count_statement(
     registry: SearchRegistry, query: SearchQuery, options: CompileOptions, *, max_pid: int | None
 ) -> Select[Any]:
     """``SELECT count(*)`` over every match (``_total=accurate``)."""
-    r = resource.alias("r")
+    r = _R
     where = base_conditions(registry, query, options, r, trust_index=True)
     if max_pid is not None:
         where.append(r.c.pid <= max_pid)

@@ -139,7 +139,7 @@ def run_page(
     else:
         has_prev, has_next = position is not None, more
     if max_pid is None and (has_next or has_prev):
-        max_pid = current_max_pid(conn)
+        max_pid = rows[0].max_pid if with_resources and rows else current_max_pid(conn)
     resources: list[Any] = []
     if with_resources:
         from fhir_server.storage.repository import StoredResource, as_utc
