@@ -159,8 +159,17 @@ def compartment_params() -> dict[str, list[str]]:
 # -- the search itself ------------------------------------------------------------------------
 
 
+def access_filter_for(ctx: InteractionContext) -> Any:
+    """The SQL access filter for ``ctx.caller`` (``None``: everything is visible).
+
+    The seam where access policy plugs in: a function of the ``resource`` alias returning a
+    condition, compiled into the match, count and include queries (CompileOptions).
+    """
+    return getattr(ctx.repo, "search_access_filter", lambda caller: None)(ctx.caller)
+
+
 def _options(ctx: InteractionContext, tx: Any = None) -> CompileOptions:
-    options = CompileOptions(base_url=ctx.base_url)
+    options = CompileOptions(base_url=ctx.base_url, access_filter=access_filter_for(ctx))
     if tx is not None:
         options.expand_valueset = search_exec.valueset_expander(tx.conn, ctx.repo.registry)
     return options

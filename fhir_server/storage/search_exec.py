@@ -58,8 +58,13 @@ def find_pids(
     params: list[tuple[str, str]],
     *,
     limit: int | None,
+    access_filter: Any = None,
 ) -> list[int]:
-    """Pids of current, non-deleted ``res_type`` resources matching ``params`` (strict)."""
+    """Pids of current, non-deleted ``res_type`` resources matching ``params`` (strict).
+
+    ``access_filter`` (see :class:`~fhir_server.search.compile.CompileOptions`) narrows the
+    matches to what the caller may see.
+    """
     if res_type not in registry.resource_types:
         raise FhirError(
             400, "not-supported", f"Unknown resource type '{res_type}'", code="MSO-SEARCH-004"
@@ -69,7 +74,9 @@ def find_pids(
     if error is not None:
         raise error
     query.sort = []
-    options = CompileOptions(expand_valueset=valueset_expander(conn, registry))
+    options = CompileOptions(
+        expand_valueset=valueset_expander(conn, registry), access_filter=access_filter
+    )
     compiled = compile_search(registry, query, options, limit=limit)
     return [row.pid for row in conn.execute(compiled.statement)]
 

@@ -290,7 +290,7 @@ def test_summary_and_elements(client, data: Data) -> None:
 def test_unknown_parameter_lenient_and_strict(client, data: Data) -> None:
     b = search(client, data, "Patient?name=mul&foo=bar")
     assert ids_of(b) == keys(data, "anna", "carl")
-    outcome = [e for e in b["entry"] if e["search"]["mode"] == "outcome"][0]["resource"]
+    outcome = next(e for e in b["entry"] if e["search"]["mode"] == "outcome")["resource"]
     assert outcome["issue"][0]["expression"] == ["foo"]
     resp = client.get(f"/fhir/Patient?foo=bar&_tag={data.t}", headers={"Prefer": "handling=strict"})
     assert resp.status_code == 400
@@ -354,3 +354,42 @@ def test_conditional_create_uses_search(client, data: Data) -> None:
         "/fhir/Patient", json=body, headers={"If-None-Exist": f"identifier=urn:mrn|A-{data.tag}"}
     )
     assert resp.status_code == 200  # the existing match is returned, nothing created
+
+
+def test_in_with_stored_valueset(client, data: Data) -> None:
+    url = f"http://example.org/ValueSet/{data.tag}"
+    vs = {
+        "resourceType": "ValueSet",
+        "url": url,
+        "status": "active",
+        "compose": {"include": [{"system": "http://loinc.org", "concept": [{"code": "8310-5"}]}]},
+    }
+    assert client.post("/fhir/ValueSet", json=vs).status_code == 201
+    assert ids_of(search(client, data, f"Observation?code:in={url}")) == keys(data, "o2")
+    assert ids_of(search(client, data, f"Observation?code:not-in={url}")) == keys(data, "o1", "o3")
+
+
+def test_default_total_and_explicit_total(client, data: Data) -> None:
+    assert search(client, data, "Patient?name=mul")["total"] == 2  # one page: free
+    paged = search(client, data, "Patient?_count=1")
+    assert "total" not in paged
+    assert search(client, data, "Patient?_count=1&_total=accurate")["total"] == 3
+    assert "total" not in search(client, data, "Patient?_total=none")
+
+
+def test_access_filter_seam(db_url: str, data: Data) -> None:
+    from fhir_server.search.registry import SearchRegistry
+    from fhir_server.storage import search_exec
+    from fhir_server.storage.engine import build_engine
+
+    engine = build_engine(db_url)
+    registry = SearchRegistry.load()
+    params = [("_tag", data.t)]
+    with engine.connect() as conn:
+        everyone = search_exec.find_pids(conn, registry, "Patient", params, limit=None)
+        hidden = search_exec.find_pids(
+            conn, registry, "Patient", params, limit=None,
+            access_filter=lambda r: r.c.res_id != data.ids["anna"],
+        )  # fmt: skip
+    engine.dispose()
+    assert len(everyone) == len(hidden) + 1
