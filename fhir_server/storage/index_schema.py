@@ -15,7 +15,7 @@ so that a prefix search is an index range ``value >= 'abc' AND value < 'abd'`` o
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Column, Float, Index, SmallInteger, String, Table, Text
+from sqlalchemy import BigInteger, Column, Float, Index, SmallInteger, String, Table, Text, text
 
 from fhir_server.storage.schema import PidType, metadata
 
@@ -86,7 +86,13 @@ idx_reference = Table(
     Index("ix_idx_reference_pid", "pid"),
     Index("ix_idx_reference_target", "hash_identity", "target_id", "target_type", "pid"),
     Index("ix_idx_reference_rev", "target_id", "target_type", "hash_identity"),
-    Index("ix_idx_reference_url", "hash_url", "pid"),
+    Index(
+        "ix_idx_reference_url",
+        "hash_url",
+        "pid",
+        postgresql_where=text("hash_url IS NOT NULL"),
+        sqlite_where=text("hash_url IS NOT NULL"),
+    ),
 )
 
 idx_quantity = Table(
