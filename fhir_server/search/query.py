@@ -22,6 +22,7 @@ RESULT_PARAMS = {
 RESOURCE_SPECIALS = {"_id", "_lastUpdated", "_text", "_content", "_list"}
 SUMMARY_VALUES = {"true", "false", "count", "data", "text"}
 TOTAL_VALUES = {"none", "estimate", "accurate"}
+BAD_VALUE = "MSO-SEARCH-002"
 
 
 @dataclass(slots=True)
@@ -99,9 +100,10 @@ class SearchQuery:
 
 
 class _Bad(Exception):
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, code: str = "MSO-SEARCH-001") -> None:
         super().__init__(message)
         self.message = message
+        self.code = code
 
 
 def parse_query(
@@ -114,10 +116,12 @@ def parse_query(
             if name in RESULT_PARAMS or name.split(":")[0] in ("_include", "_revinclude"):
                 _result_param(registry, query, name, value)
             else:
-                query.clauses.append(parse_clause(registry, types, name, value))
+                clause = parse_clause(registry, types, name, value)
+                check_values(registry, types, clause)
+                query.clauses.append(clause)
                 query.used.append((name, value))
         except _Bad as bad:
-            query.issues.append(Issue(name, bad.message))
+            query.issues.append(Issue(name, bad.message, bad.code))
         except FhirError as err:
             query.issues.append(Issue(name, err.message, err.code or "MSO-SEARCH-002"))
     return query
@@ -234,6 +238,52 @@ def parse_clause(registry: SearchRegistry, types: tuple[str, ...], name: str, va
     if any(v == "" for v in values):
         raise _Bad(f"Empty value for '{code}'")
     return Clause(name, code, modifier, values, param)
+
+
+def check_values(registry: SearchRegistry, types: tuple[str, ...], clause: Clause) -> None:
+    """Reject malformed values now (so lenient searches can ignore just that parameter).
+
+    Builds each value's predicate once (pure, cheap); ``:in`` / ``:not-in`` need the server's
+    ValueSets and are checked when the query is compiled.
+    """
+    from fhir_server.search.types import composite
+    from fhir_server.search.types.base import ValueContext, split_prefix
+    from fhir_server.search.types.date import date_range
+
+    if clause.has is not None:
+        check_values(registry, (clause.has.type,), clause.has.inner)
+        return
+    if clause.chain is not None:
+        check_values(registry, clause.target_types, clause.chain)
+        return
+    if clause.code == "_lastUpdated":
+        for value in clause.values:
+            try:
+                date_range(split_prefix(value)[1])
+            except (ValueError, OverflowError):
+                raise _Bad(f"Invalid date '{value}' for _lastUpdated", BAD_VALUE) from None
+        return
+    param = clause.param
+    if param is None or clause.modifier in ("missing", "in", "not-in"):
+        return
+    vc = ValueContext()
+    try:
+        for value in clause.values:
+            if param.type == "composite":
+                parts = composite.split_value(param, value)
+                if len(parts) != len(param.components):
+                    raise _Bad(
+                        f"'{value}' needs {len(param.components)} components joined by $", BAD_VALUE
+                    )
+                for comp, part in zip(param.components, parts, strict=True):
+                    sub = registry.by_url(comp.definition)
+                    if sub is not None and sub.type in KINDS:
+                        KINDS[sub.type].predicate(sub, 0, None, part, vc)
+                continue
+            modifier = None if clause.modifier == "not" else clause.modifier
+            KINDS[param.type].predicate(param, 0, modifier, value, vc)
+    except FhirError as err:
+        raise _Bad(err.message, err.code or BAD_VALUE) from None
 
 
 def _modifiers(param: SearchParam) -> tuple[str, ...]:

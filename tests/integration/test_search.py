@@ -393,3 +393,22 @@ def test_access_filter_seam(db_url: str, data: Data) -> None:
         )  # fmt: skip
     engine.dispose()
     assert len(everyone) == len(hidden) + 1
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "Observation?subject:Patient.birthdate=abc",
+        "Patient?_has:Observation:subject:date=x",
+        "Observation?code-value-quantity=8867-4",
+        "Patient?_lastUpdated=yesterday",
+    ],
+)
+def test_malformed_nested_values_are_named(client, data: Data, query: str) -> None:
+    name = query.split("?")[1].split("=")[0]
+    resp = client.get(f"/fhir/{query}&_tag={data.t}")
+    assert resp.status_code == 200
+    outcome = next(e for e in resp.json()["entry"] if e["search"]["mode"] == "outcome")
+    assert outcome["resource"]["issue"][0]["expression"] == [name]
+    resp = client.get(f"/fhir/{query}", headers={"Prefer": "handling=strict"})
+    assert resp.status_code == 400 and resp.json()["issue"][0]["expression"] == [name]
