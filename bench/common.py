@@ -308,6 +308,12 @@ class CpuShares:
     groups: dict[str, float]
     machine_busy: float
     wall: float
+    per_process: dict[str, dict[int, float]] = field(default_factory=dict)
+
+    def busiest(self, group: str, limit: int = 4, floor: float = 0.02) -> list[float]:
+        """Shares of the busiest processes of ``group`` (those above ``floor``), largest first."""
+        shares = sorted(self.per_process.get(group, {}).values(), reverse=True)
+        return [x for x in shares if x >= floor][:limit]
 
 
 class CpuWatch:
@@ -344,13 +350,16 @@ class CpuWatch:
         wall = max(time.monotonic() - self._t0, 1e-9)
         end = self._sample()
         busy, total = _machine_ticks()
-        shares = {}
+        shares: dict[str, float] = {}
+        per_process: dict[str, dict[int, float]] = {}
         for name, pids in end.items():
             before = self._start.get(name, {})
-            used = sum(cpu - before.get(pid, 0.0) for pid, cpu in pids.items())
-            shares[name] = max(used, 0.0) / wall
+            per_process[name] = {
+                pid: max(cpu - before.get(pid, 0.0), 0.0) / wall for pid, cpu in pids.items()
+            }
+            shares[name] = sum(per_process[name].values())
         d_busy, d_total = busy - self._machine[0], total - self._machine[1]
-        return CpuShares(shares, d_busy / d_total if d_total else 0.0, wall)
+        return CpuShares(shares, d_busy / d_total if d_total else 0.0, wall, per_process)
 
 
 # -- measurements -----------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
+    CpuShares,
     CpuWatch,
     Measurement,
     backend_pids,
@@ -460,12 +461,22 @@ def run(args: argparse.Namespace) -> list[Row]:
     return rows
 
 
+def _server_share(cpu: CpuShares | None) -> str:
+    """Total server CPU and its split over the busy processes, e.g. ``150% (80+70)``."""
+    if cpu is None or "server" not in cpu.groups:
+        return "-"
+    split = "+".join(f"{x * 100:.0f}" for x in cpu.busiest("server"))
+    return (
+        f"{fmt_share(cpu.groups['server'])} ({split})" if split else fmt_share(cpu.groups["server"])
+    )
+
+
 _MAIN_HEADERS = [
     "operation", "conc", "server req/s", "p50", "p95", "p99", "errors",
     "raw SQL ops/s", "p50", "p95", "p99", "req/s ratio", "p99 ratio",
 ]  # fmt: skip
 _CPU_HEADERS = [
-    "operation", "conc", "wrk", "server", "postgres", "machine",
+    "operation", "conc", "wrk", "server (per worker)", "postgres", "machine",
     "raw client (python)", "postgres", "machine",
 ]  # fmt: skip
 
@@ -517,7 +528,7 @@ def report(rows: list[Row], args: argparse.Namespace) -> str:
                 r.operation,
                 str(r.concurrency),
                 fmt_share(s.client_cpu),
-                fmt_share(sc.groups.get("server") if sc else None),
+                _server_share(sc),
                 fmt_share(sc.groups.get("postgres") if sc else None),
                 f"{sc.machine_busy * 100:.0f}%" if sc else "-",
                 fmt_share(b.client_cpu) if b else "-",
