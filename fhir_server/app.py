@@ -14,7 +14,7 @@ from fhir_server import __version__
 from fhir_server.config import Settings
 from fhir_server.fhir.validation import validate_resource
 from fhir_server.hooks import Hooks
-from fhir_server.rest.fhir import FhirEndpoint, fhir_router
+from fhir_server.rest.fhir import FhirASGI, FhirEndpoint
 from fhir_server.search.registry import SearchRegistry
 from fhir_server.storage.blobs import BlobStore
 from fhir_server.storage.engine import build_engine
@@ -51,7 +51,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.repo = repo
     app.state.hooks = hooks
     app.state.blobs = blobs
-    app.include_router(fhir_router(FhirEndpoint(repo, settings, blobs)))
+    app.mount("/fhir", FhirASGI(FhirEndpoint(repo, settings, blobs)))
     return app
 
 

@@ -23,11 +23,15 @@ def run_write(ctx: InteractionContext, work: Callable[[Tx], T]) -> T:
     return ctx.repo.write(work, caller=ctx.caller)
 
 
-def run_read(ctx: InteractionContext, work: Callable[[Tx], T]) -> T:
-    """Run ``work`` in the enclosing unit, or in a new read unit."""
+def run_read(ctx: InteractionContext, work: Callable[[Tx], T], *, snapshot: bool = True) -> T:
+    """Run ``work`` in the enclosing unit, or in a new read unit.
+
+    ``snapshot=False`` is for work that issues one statement (read, vread): it then runs in
+    autocommit mode, without BEGIN/COMMIT round trips.
+    """
     if ctx.tx is not None:
         return work(ctx.tx)
-    return ctx.repo.read_only(work, caller=ctx.caller)
+    return ctx.repo.read_only(work, caller=ctx.caller, snapshot=snapshot)
 
 
 def check_type(resource_type: str | None) -> str:

@@ -23,7 +23,7 @@ from fhir_server.storage.repository import StoredResource
 def read(ctx: InteractionContext, req: FhirRequest) -> FhirResponse:
     """GET [base]/[type]/[id]."""
     res_type = check_type(req.resource_type)
-    stored = run_read(ctx, lambda tx: tx.read(res_type, req.resource_id or ""))
+    stored = run_read(ctx, lambda tx: tx.read(res_type, req.resource_id or ""), snapshot=False)
     if _not_modified(req, stored):
         return FhirResponse(status=304, headers=version_headers(ctx, stored, location=False))
     return read_response(ctx, stored)
@@ -35,7 +35,9 @@ def vread(ctx: InteractionContext, req: FhirRequest) -> FhirResponse:
     version = req.version_id or ""
     if not version.isdigit():
         raise FhirError(404, "not-found", f"Version '{version}' is not known", code="MSO-REST-405")
-    stored = run_read(ctx, lambda tx: tx.vread(res_type, req.resource_id or "", int(version)))
+    stored = run_read(
+        ctx, lambda tx: tx.vread(res_type, req.resource_id or "", int(version)), snapshot=False
+    )
     return read_response(ctx, stored)
 
 

@@ -13,7 +13,7 @@ import logging
 from typing import Any
 
 import orjson
-from fastapi import APIRouter, Request
+from starlette.requests import Request
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.responses import Response, StreamingResponse
 
@@ -200,17 +200,28 @@ def _outcome_response(exc: FhirError, pretty: bool) -> Response:
     )
 
 
-def fhir_router(endpoint: FhirEndpoint) -> APIRouter:
-    """The router serving the FHIR API under ``/fhir``."""
-    router = APIRouter()
+class FhirASGI:
+    """A bare ASGI app for the FHIR API, mounted at ``/fhir``.
 
-    async def root(request: Request) -> Response:
-        return await endpoint.handle(request, "")
+    Routing is the interaction table's, so FastAPI's per-route machinery (dependency solving,
+    body-limit and exit-stack middlewares) would only add cost on every request.
+    """
 
-    async def anything(request: Request, path: str) -> Response:
-        return await endpoint.handle(request, path)
+    def __init__(self, endpoint: FhirEndpoint, prefix: str = "/fhir") -> None:
+        self.endpoint = endpoint
+        self.prefix = prefix
 
-    router.add_api_route("/fhir", root, methods=_METHODS, include_in_schema=False)
-    router.add_api_route("/fhir/", root, methods=_METHODS, include_in_schema=False)
-    router.add_api_route("/fhir/{path:path}", anything, methods=_METHODS, include_in_schema=False)
-    return router
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        """Serve one HTTP request."""
+        path = scope["path"]
+        if path.startswith(self.prefix):
+            path = path[len(self.prefix) :]
+        request = Request(scope, receive)
+        if request.method not in _METHODS:
+            response = _outcome_response(
+                FhirError(405, "not-supported", f"{request.method} is not supported", code="MSO-REST-405M"),
+                False,
+            )
+        else:
+            response = await self.endpoint.handle(request, path.strip("/"))
+        await response(scope, receive, send)
