@@ -24,7 +24,9 @@ from fhir_server.storage.repository import Repository
 def build_repository(settings: Settings) -> Repository:
     """The repository over the configured database, with validation and search registry."""
     engine = build_engine(settings.database_url, pool_size=settings.db_pool_size)
-    return Repository(engine, registry=SearchRegistry.load(), hooks=Hooks(), validator=validate_resource)
+    return Repository(
+        engine, registry=SearchRegistry.load(), hooks=Hooks(), validator=validate_resource
+    )
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

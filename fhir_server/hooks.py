@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 
-class HookPoint(str, Enum):
+class HookPoint(StrEnum):
     """Where a hook attaches."""
 
     BEFORE_CREATE = "before_create"

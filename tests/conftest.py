@@ -70,7 +70,9 @@ def _make_db(backend: str, tmp: Path) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session", params=BACKENDS)
-def db_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def db_url(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
     """A migrated database for the whole session, one per backend."""
     yield from _make_db(request.param, tmp_path_factory.mktemp(f"db-{request.param}"))
 

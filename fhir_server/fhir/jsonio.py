@@ -18,7 +18,9 @@ def loads(data: bytes | str) -> Any:
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError as exc:
-        raise FhirError(400, "structure", f"Request body is not valid JSON: {exc}", code="MSO-FHIR-001") from exc
+        raise FhirError(
+            400, "structure", f"Request body is not valid JSON: {exc}", code="MSO-FHIR-001"
+        ) from exc
 
 
 def dumps(value: Any, *, pretty: bool = False) -> bytes:
@@ -33,6 +35,10 @@ def parse_resource(data: bytes | str) -> dict[str, Any]:
         raise FhirError(400, "structure", "Request body must be a JSON object", code="MSO-FHIR-002")
     if not isinstance(value.get("resourceType"), str):
         raise FhirError(
-            400, "required", "Resource has no resourceType", code="MSO-FHIR-003", expression=["resourceType"]
+            400,
+            "required",
+            "Resource has no resourceType",
+            code="MSO-FHIR-003",
+            expression=["resourceType"],
         )
     return value

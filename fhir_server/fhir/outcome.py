@@ -72,14 +72,21 @@ def operation_outcome(issues: list[Issue]) -> dict[str, Any]:
     return {"resourceType": "OperationOutcome", "issue": [i.to_fhir() for i in issues]}
 
 
-def information(message: str, *, code: str = "informational", error_code: str | None = None) -> dict[str, Any]:
+def information(
+    message: str, *, code: str = "informational", error_code: str | None = None
+) -> dict[str, Any]:
     """An OperationOutcome carrying a single information issue (used for successful outcomes)."""
     return operation_outcome([Issue("information", code, message, None, error_code)])
 
 
 def not_found(resource_type: str, resource_id: str) -> FhirError:
     """The 404 for a resource that never existed."""
-    return FhirError(404, "not-found", f"Resource {resource_type}/{resource_id} is not known", code="MSO-REST-404")
+    return FhirError(
+        404,
+        "not-found",
+        f"Resource {resource_type}/{resource_id} is not known",
+        code="MSO-REST-404",
+    )
 
 
 def gone(resource_type: str, resource_id: str, version: int) -> FhirError:

@@ -47,7 +47,9 @@ def _store(tx: Tx, upload: RawUpload, res_id: str | None) -> tuple[StoredResourc
         stored, created = tx.create(body), True
     else:
         stored, created = tx.update("Binary", res_id, body)
-    tx.attach_blob(stored, sha256=upload.blob.sha256, size=upload.blob.size, content_type=upload.content_type)
+    tx.attach_blob(
+        stored, sha256=upload.blob.sha256, size=upload.blob.size, content_type=upload.content_type
+    )
     return stored, created
 
 
@@ -65,20 +67,26 @@ def update_raw(ctx: InteractionContext, req: FhirRequest) -> FhirResponse:
     check_id(res_id)
     stored, created = run_write(ctx, lambda tx: _store(tx, upload, res_id))
     verb = "Created" if created else "Updated"
-    return write_response(ctx, req, stored, status=201 if created else 200, message=f"{verb} {stored.reference}")
+    return write_response(
+        ctx, req, stored, status=201 if created else 200, message=f"{verb} {stored.reference}"
+    )
 
 
 def read_raw(ctx: InteractionContext, req: FhirRequest, blobs: BlobStore) -> FhirResponse:
-    """GET [base]/Binary/[id] (or its _history/[vid]) for a non-FHIR Accept: the bytes themselves."""
+    """GET [base]/Binary/[id] (or a version) for a non-FHIR Accept: the bytes themselves."""
     stored, blob = run_read(ctx, lambda tx: _load(tx, req))
     headers = version_headers(ctx, stored, location=False)
     if blob is not None:
         headers["Content-Length"] = str(blob.size)
-        return FhirResponse(stream=blobs.read(blob.sha256), media_type=blob.content_type, headers=headers)
+        return FhirResponse(
+            stream=blobs.read(blob.sha256), media_type=blob.content_type, headers=headers
+        )
     resource = stored.resource
     data = base64.b64decode(resource.get("data") or "")
     return FhirResponse(
-        stream=iter([data]), media_type=resource.get("contentType") or "application/octet-stream", headers=headers
+        stream=iter([data]),
+        media_type=resource.get("contentType") or "application/octet-stream",
+        headers=headers,
     )
 
 
@@ -99,7 +107,9 @@ def _load(tx: Tx, req: FhirRequest) -> tuple[StoredResource, Any]:
     res_id = req.resource_id or ""
     if req.version_id is not None:
         if not req.version_id.isdigit():
-            raise FhirError(404, "not-found", f"Version '{req.version_id}' is not known", code="MSO-REST-405")
+            raise FhirError(
+                404, "not-found", f"Version '{req.version_id}' is not known", code="MSO-REST-405"
+            )
         stored = tx.vread("Binary", res_id, int(req.version_id))
     else:
         stored = tx.read("Binary", res_id)

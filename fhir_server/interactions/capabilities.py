@@ -20,7 +20,10 @@ def capabilities(ctx: InteractionContext, req: FhirRequest) -> FhirResponse:
     """GET [base]/metadata."""
     statement = _statement(ctx.base_url, ctx.repo.registry)
     if req.param("_summary") == "true":
-        statement = {**statement, "rest": [{k: v for k, v in statement["rest"][0].items() if k != "resource"}]}
+        statement = {
+            **statement,
+            "rest": [{k: v for k, v in statement["rest"][0].items() if k != "resource"}],
+        }
     return FhirResponse(resource=statement)
 
 
@@ -29,7 +32,9 @@ def build_statement(base_url: str, registry: Any) -> dict[str, Any]:
     from fhir_server.interactions.operations import all_operations
     from fhir_server.interactions.table import ROUTES, SYSTEM_INTERACTIONS
 
-    type_codes = sorted({r.interaction for r in ROUTES if r.level in ("type", "instance") and r.interaction})
+    type_codes = sorted(
+        {r.interaction for r in ROUTES if r.level in ("type", "instance") and r.interaction}
+    )
     operations = all_operations()
     resources = []
     for res_type in sorted(resource_types()):

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from email.utils import format_datetime, parsedate_to_datetime
 from datetime import datetime
+from email.utils import format_datetime, parsedate_to_datetime
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl
 
@@ -47,7 +47,9 @@ def require_body(req: FhirRequest) -> dict[str, Any]:
     """The request's resource, whose resourceType must match the URL's type."""
     body = req.body
     if body is None:
-        raise FhirError(400, "required", "This interaction needs a resource in the body", code="MSO-REST-003")
+        raise FhirError(
+            400, "required", "This interaction needs a resource in the body", code="MSO-REST-003"
+        )
     if body.get("resourceType") != req.resource_type:
         raise FhirError(
             400,
@@ -69,7 +71,9 @@ def parse_etag(value: str | None, header: str = "If-Match") -> int | None:
         raw = raw[2:]
     raw = raw.strip('"')
     if not raw.isdigit():
-        raise FhirError(400, "invalid", f"{header} value '{value}' is not a version ETag", code="MSO-REST-005")
+        raise FhirError(
+            400, "invalid", f"{header} value '{value}' is not a version ETag", code="MSO-REST-005"
+        )
     return int(raw)
 
 
@@ -91,7 +95,9 @@ def criteria(query: str) -> list[tuple[str, str]]:
     return parse_qsl(query.lstrip("?"), keep_blank_values=True)
 
 
-def version_headers(ctx: InteractionContext, stored: StoredResource, *, location: bool) -> dict[str, str]:
+def version_headers(
+    ctx: InteractionContext, stored: StoredResource, *, location: bool
+) -> dict[str, str]:
     """ETag, Last-Modified and (for writes) Location of a stored version."""
     headers = {"ETag": stored.etag, "Last-Modified": http_date(stored.last_updated)}
     if location:
@@ -106,7 +112,9 @@ def write_response(
 ) -> FhirResponse:
     """The reply to create/update/patch, shaped by ``Prefer: return=…``."""
     headers = version_headers(ctx, stored, location=True)
-    response = FhirResponse(status=status, headers=headers, last_updated=format_instant(stored.last_updated))
+    response = FhirResponse(
+        status=status, headers=headers, last_updated=format_instant(stored.last_updated)
+    )
     preference = req.prefer.return_
     if preference == "OperationOutcome":
         response.resource = information(message)

@@ -11,7 +11,13 @@ from typing import Any
 
 from fhir_server.fhir.outcome import FhirError
 from fhir_server.interactions.base import FhirRequest, FhirResponse, InteractionContext
-from fhir_server.interactions.common import check_type, criteria, require_body, run_write, write_response
+from fhir_server.interactions.common import (
+    check_type,
+    criteria,
+    require_body,
+    run_write,
+    write_response,
+)
 from fhir_server.storage.repository import StoredResource, Tx
 
 
@@ -24,7 +30,9 @@ def create(ctx: InteractionContext, req: FhirRequest) -> FhirResponse:
     stored, created = run_write(ctx, lambda tx: create_in(tx, res_type, body, condition))
     if created:
         return write_response(ctx, req, stored, status=201, message=f"Created {stored.reference}")
-    return write_response(ctx, req, stored, status=200, message=f"{stored.reference} already exists")
+    return write_response(
+        ctx, req, stored, status=200, message=f"{stored.reference} already exists"
+    )
 
 
 def create_in(

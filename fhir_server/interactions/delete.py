@@ -29,14 +29,16 @@ def conditional_delete(ctx: InteractionContext, req: FhirRequest) -> FhirRespons
     return _reply(req, stored, stored.reference if stored else f"{res_type} matching the criteria")
 
 
-def conditional_delete_in(tx: Tx, res_type: str, params: list[tuple[str, str]]) -> StoredResource | None:
+def conditional_delete_in(
+    tx: Tx, res_type: str, params: list[tuple[str, str]]
+) -> StoredResource | None:
     """Delete the one resource matching ``params`` (none: nothing to do; several: 412)."""
     matches = tx.find(res_type, params, limit=2)
     if len(matches) > 1:
         raise FhirError(
             412,
             "multiple-matches",
-            f"Criteria match more than one {res_type}; conditional delete deletes a single resource",
+            f"Criteria match several {res_type}; conditional delete deletes a single one",
             code="MSO-REST-412",
         )
     if not matches:

@@ -40,7 +40,9 @@ def page_size(ctx: InteractionContext, req: FhirRequest) -> int:
     if raw is None:
         return ctx.settings.default_page_size
     if not raw.isdigit():
-        raise FhirError(400, "invalid", f"_count={raw} is not a non-negative integer", code="MSO-REST-011")
+        raise FhirError(
+            400, "invalid", f"_count={raw} is not a non-negative integer", code="MSO-REST-011"
+        )
     return min(int(raw), ctx.settings.max_page_size)
 
 
@@ -56,17 +58,23 @@ def history(ctx: InteractionContext, req: FhirRequest) -> FhirResponse:
     before = cursor["before"] if cursor else None
 
     def work(tx: Tx) -> tuple[list[StoredResource], int | None]:
-        if res_id is not None:
-            # 404 for an instance that never existed; a deleted one still has a history.
-            if not tx.exists_any(res_type or "", res_id):
-                tx.read(res_type or "", res_id)
+        # 404 for an instance that never existed; a deleted one still has a history.
+        if res_id is not None and not tx.exists_any(res_type or "", res_id):
+            tx.read(res_type or "", res_id)
         versions = tx.history(
-            res_type=res_type, res_id=res_id, since=since, at=at, before=before,
-            snapshot=snapshot, limit=count + 1,
+            res_type=res_type,
+            res_id=res_id,
+            since=since,
+            at=at,
+            before=before,
+            snapshot=snapshot,
+            limit=count + 1,
         )
         total = None
         if at is None and (res_id is not None or req.param("_total") == "accurate"):
-            total = tx.history_count(res_type=res_type, res_id=res_id, since=since, snapshot=snapshot)
+            total = tx.history_count(
+                res_type=res_type, res_id=res_id, since=since, snapshot=snapshot
+            )
         return versions, total
 
     versions, total = run_read(ctx, work)
@@ -123,7 +131,9 @@ def _url(base: str, params: list[tuple[str, str]]) -> str:
 
 
 def _encode_cursor(last: StoredResource, snapshot: datetime) -> str:
-    raw = orjson.dumps([last.last_updated.isoformat(), last.pid, last.version, snapshot.isoformat()])
+    raw = orjson.dumps(
+        [last.last_updated.isoformat(), last.pid, last.version, snapshot.isoformat()]
+    )
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
@@ -138,4 +148,6 @@ def _decode_cursor(token: str | None) -> dict[str, Any] | None:
             "snapshot": datetime.fromisoformat(snapshot),
         }
     except (ValueError, TypeError, orjson.JSONDecodeError):
-        raise FhirError(400, "invalid", "_cursor is not a cursor this server issued", code="MSO-REST-012") from None
+        raise FhirError(
+            400, "invalid", "_cursor is not a cursor this server issued", code="MSO-REST-012"
+        ) from None

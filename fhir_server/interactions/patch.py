@@ -23,7 +23,9 @@ def patch(ctx: InteractionContext, req: FhirRequest) -> FhirResponse:
     check_id(res_id)
     if_match = parse_etag(req.header("if-match"))
     content_type = req.header("content-type") or ""
-    stored = run_write(ctx, lambda tx: patch_in(tx, res_type, res_id, req.body, content_type, if_match))
+    stored = run_write(
+        ctx, lambda tx: patch_in(tx, res_type, res_id, req.body, content_type, if_match)
+    )
     return write_response(ctx, req, stored, status=200, message=f"Patched {stored.reference}")
 
 
@@ -39,7 +41,7 @@ def conditional_patch(ctx: InteractionContext, req: FhirRequest) -> FhirResponse
             raise FhirError(
                 412 if matches else 404,
                 "multiple-matches" if matches else "not-found",
-                f"Conditional patch criteria match {'more than one' if matches else 'no'} {res_type}",
+                f"Conditional patch criteria match {'several' if matches else 'no'} {res_type}",
                 code="MSO-REST-412" if matches else "MSO-REST-404",
             )
         return patch_in(tx, res_type, matches[0].res_id, req.body, content_type, if_match)

@@ -17,6 +17,7 @@ from fhir_server.interactions.common import (
     run_read,
     version_headers,
 )
+from fhir_server.search import summary as summary_elements
 from fhir_server.storage.repository import StoredResource
 
 
@@ -26,7 +27,7 @@ def read(ctx: InteractionContext, req: FhirRequest) -> FhirResponse:
     stored = run_read(ctx, lambda tx: tx.read(res_type, req.resource_id or ""), snapshot=False)
     if _not_modified(req, stored):
         return FhirResponse(status=304, headers=version_headers(ctx, stored, location=False))
-    return read_response(ctx, stored)
+    return _subsetted(req, read_response(ctx, stored), stored)
 
 
 def vread(ctx: InteractionContext, req: FhirRequest) -> FhirResponse:
@@ -38,7 +39,24 @@ def vread(ctx: InteractionContext, req: FhirRequest) -> FhirResponse:
     stored = run_read(
         ctx, lambda tx: tx.vread(res_type, req.resource_id or "", int(version)), snapshot=False
     )
-    return read_response(ctx, stored)
+    return _subsetted(req, read_response(ctx, stored), stored)
+
+
+def _subsetted(req: FhirRequest, response: FhirResponse, stored: StoredResource) -> FhirResponse:
+    """Apply ``_summary`` (true | text | data) or ``_elements`` to a read's resource."""
+    summary = req.param("_summary")
+    if summary == "false":
+        summary = None
+    raw_elements = req.param("_elements")
+    elements = [e.strip() for e in raw_elements.split(",") if e.strip()] if raw_elements else None
+    if summary not in (None, "true", "text", "data"):
+        raise FhirError(
+            400, "invalid", f"_summary={summary} is not allowed on read", code="MSO-REST-013"
+        )
+    if summary or elements:
+        response.resource = summary_elements.apply(stored.resource, summary, elements)
+        response.body = None
+    return response
 
 
 def _not_modified(req: FhirRequest, stored: StoredResource) -> bool:

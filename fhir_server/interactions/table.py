@@ -126,4 +126,6 @@ def resolve(method: str, path: str, req: FhirRequest) -> Handler:
             code="MSO-REST-405M",
             headers={"Allow": ", ".join(sorted(set(allowed)))},
         )
-    raise FhirError(404, "not-found", f"No FHIR interaction at '{path or '/'}'", code="MSO-REST-404P")
+    raise FhirError(
+        404, "not-found", f"No FHIR interaction at '{path or '/'}'", code="MSO-REST-404P"
+    )

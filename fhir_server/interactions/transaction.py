@@ -28,10 +28,22 @@ from fhir_server.storage.repository import Tx, check_id, new_id
 
 _ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "PATCH": 2, "GET": 3, "HEAD": 3}
 _REASONS = {
-    200: "OK", 201: "Created", 204: "No Content", 304: "Not Modified", 400: "Bad Request",
-    401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
-    409: "Conflict", 410: "Gone", 412: "Precondition Failed", 413: "Payload Too Large",
-    415: "Unsupported Media Type", 422: "Unprocessable Entity", 500: "Internal Server Error",
+    200: "OK",
+    201: "Created",
+    204: "No Content",
+    304: "Not Modified",
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    409: "Conflict",
+    410: "Gone",
+    412: "Precondition Failed",
+    413: "Payload Too Large",
+    415: "Unsupported Media Type",
+    422: "Unprocessable Entity",
+    500: "Internal Server Error",
 }
 
 
@@ -55,7 +67,10 @@ def transaction_or_batch(ctx: InteractionContext, req: FhirRequest) -> FhirRespo
     bundle = req.body
     if bundle is None or bundle.get("resourceType") != "Bundle":
         raise FhirError(
-            400, "invalid", "POST to the base URL takes a transaction or batch Bundle", code="MSO-TX-001"
+            400,
+            "invalid",
+            "POST to the base URL takes a transaction or batch Bundle",
+            code="MSO-TX-001",
         )
     kind = bundle.get("type")
     if kind not in ("transaction", "batch"):
@@ -73,7 +88,9 @@ def transaction_or_batch(ctx: InteractionContext, req: FhirRequest) -> FhirRespo
         return _batch(ctx, req, raw_entries)
     entries = [_parse_entry(i, raw) for i, raw in enumerate(raw_entries)]
     _check_overlaps(entries)
-    responses = ctx.repo.write(lambda tx: _run_transaction(ctx, req, tx, entries), caller=ctx.caller)
+    responses = ctx.repo.write(
+        lambda tx: _run_transaction(ctx, req, tx, entries), caller=ctx.caller
+    )
     return FhirResponse(resource=_response_bundle("transaction-response", responses))
 
 
@@ -115,7 +132,12 @@ def _assign_identities(tx: Tx, entries: list[_Entry]) -> dict[str, str]:
                 matches = tx.find(res_type, params, limit=2)
                 if len(matches) > 1:
                     raise _in_entry(
-                        FhirError(412, "duplicate", f"ifNoneExist '{condition}' matches more than one {res_type}", code="MSO-REST-412"),
+                        FhirError(
+                            412,
+                            "duplicate",
+                            f"ifNoneExist '{condition}' matches more than one {res_type}",
+                            code="MSO-REST-412",
+                        ),
                         entry,
                     )
                 if matches:
@@ -144,7 +166,12 @@ def _rewrite(tx: Tx, entry: _Entry, value: Any, mapping: dict[str, str]) -> Any:
     if isinstance(value, dict):
         out = {}
         for key, item in value.items():
-            if key == "reference" and isinstance(item, str) and "?" in item and not item.startswith(("http:", "https:", "urn:")):
+            if (
+                key == "reference"
+                and isinstance(item, str)
+                and "?" in item
+                and not item.startswith(("http:", "https:", "urn:"))
+            ):
                 out[key] = _resolve_conditional_reference(tx, entry, item)
             else:
                 out[key] = _rewrite(tx, entry, item, mapping)
@@ -160,7 +187,12 @@ def _resolve_conditional_reference(tx: Tx, entry: _Entry, reference: str) -> str
     res_type, _, query = reference.partition("?")
     if not is_resource_type(res_type):
         raise _in_entry(
-            FhirError(400, "invalid", f"Conditional reference '{reference}' names no resource type", code="MSO-TX-020"),
+            FhirError(
+                400,
+                "invalid",
+                f"Conditional reference '{reference}' names no resource type",
+                code="MSO-TX-020",
+            ),
             entry,
         )
     matches = tx.find(res_type, parse_qsl(query, keep_blank_values=True), limit=2)
@@ -182,7 +214,10 @@ def _execute(ctx: InteractionContext, req: FhirRequest, tx: Tx, entry: _Entry) -
     sub = FhirRequest(
         method=entry.method,
         params=entry.params,
-        headers={**entry.headers, "content-type": entry.headers.get("content-type", "application/fhir+json")},
+        headers={
+            **entry.headers,
+            "content-type": entry.headers.get("content-type", "application/fhir+json"),
+        },
         body=entry.resource,
         prefer=req.prefer,
     )
@@ -197,10 +232,14 @@ def _execute(ctx: InteractionContext, req: FhirRequest, tx: Tx, entry: _Entry) -
 def _post(ctx: InteractionContext, sub: FhirRequest, tx: Tx, entry: _Entry) -> FhirResponse:
     res_type = entry.path
     if not is_resource_type(res_type):
-        raise FhirError(404, "not-supported", f"Unknown resource type '{res_type}'", code="MSO-REST-001")
+        raise FhirError(
+            404, "not-supported", f"Unknown resource type '{res_type}'", code="MSO-REST-001"
+        )
     if entry.existing:
         stored = tx.read(res_type, entry.target_id or "")
-        return write_response(ctx, sub, stored, status=200, message=f"{stored.reference} already exists")
+        return write_response(
+            ctx, sub, stored, status=200, message=f"{stored.reference} already exists"
+        )
     body = entry.resource
     if body is None or body.get("resourceType") != res_type:
         raise FhirError(
@@ -230,7 +269,10 @@ def _batch_entry(ctx: InteractionContext, req: FhirRequest, entry: _Entry) -> Fh
     from fhir_server.interactions.table import resolve
 
     sub = FhirRequest(
-        method=entry.method, params=entry.params, headers=entry.headers, body=entry.resource,
+        method=entry.method,
+        params=entry.params,
+        headers=entry.headers,
+        body=entry.resource,
         prefer=req.prefer,
     )
     handler = resolve(entry.method, entry.path, sub)
@@ -243,17 +285,25 @@ def _batch_entry(ctx: InteractionContext, req: FhirRequest, entry: _Entry) -> Fh
 def _parse_entry(index: int, raw: Any) -> _Entry:
     where = f"Bundle.entry[{index}]"
     if not isinstance(raw, dict):
-        raise FhirError(400, "structure", f"{where} is not an object", code="MSO-TX-004", expression=[where])
+        raise FhirError(
+            400, "structure", f"{where} is not an object", code="MSO-TX-004", expression=[where]
+        )
     request = raw.get("request")
     if not isinstance(request, dict) or not request.get("method") or not request.get("url"):
         raise FhirError(
-            400, "required", f"{where}.request needs a method and a url", code="MSO-TX-005",
+            400,
+            "required",
+            f"{where}.request needs a method and a url",
+            code="MSO-TX-005",
             expression=[f"{where}.request"],
         )
     method = str(request["method"]).upper()
     if method not in _ORDER:
         raise FhirError(
-            400, "invalid", f"{where}.request.method '{method}' is not supported", code="MSO-TX-006",
+            400,
+            "invalid",
+            f"{where}.request.method '{method}' is not supported",
+            code="MSO-TX-006",
             expression=[f"{where}.request.method"],
         )
     parts = urlsplit(request["url"])
@@ -263,8 +313,10 @@ def _parse_entry(index: int, raw: Any) -> _Entry:
     path = path.strip("/")
     headers = {}
     for field_name, header in (
-        ("ifMatch", "if-match"), ("ifNoneMatch", "if-none-match"),
-        ("ifModifiedSince", "if-modified-since"), ("ifNoneExist", "if-none-exist"),
+        ("ifMatch", "if-match"),
+        ("ifNoneMatch", "if-none-match"),
+        ("ifModifiedSince", "if-modified-since"),
+        ("ifNoneExist", "if-none-exist"),
     ):
         if request.get(field_name):
             headers[header] = str(request[field_name])
@@ -278,11 +330,17 @@ def _parse_entry(index: int, raw: Any) -> _Entry:
     elif method == "PATCH":
         headers["content-type"] = "application/fhir+json"
     if method == "POST" and ("/" in path or not path):
-        raise FhirError(400, "invalid", f"{where}: POST url must be a resource type", code="MSO-TX-009")
+        raise FhirError(
+            400, "invalid", f"{where}: POST url must be a resource type", code="MSO-TX-009"
+        )
     return _Entry(
-        index=index, method=method, path=path,
+        index=index,
+        method=method,
+        path=path,
         params=parse_qsl(parts.query, keep_blank_values=True),
-        full_url=raw.get("fullUrl"), resource=resource, headers=headers,
+        full_url=raw.get("fullUrl"),
+        resource=resource,
+        headers=headers,
     )
 
 
@@ -293,15 +351,16 @@ def _binary_patch(resource: dict[str, Any]) -> Any:
     try:
         return orjson.loads(base64.b64decode(resource.get("data") or ""))
     except (ValueError, orjson.JSONDecodeError):
-        raise FhirError(400, "invalid", "PATCH entry's Binary does not hold a JSON Patch", code="MSO-TX-011") from None
+        raise FhirError(
+            400, "invalid", "PATCH entry's Binary does not hold a JSON Patch", code="MSO-TX-011"
+        ) from None
 
 
 def _check_overlaps(entries: list[_Entry]) -> None:
     seen: dict[str, int] = {}
     for entry in entries:
         if entry.method in ("PUT", "PATCH", "DELETE") and entry.path.count("/") == 1:
-            res_type, res_id = entry.path.split("/")
-            check_id(res_id)
+            check_id(entry.path.split("/")[1])
             if entry.path in seen:
                 raise FhirError(
                     400,
@@ -322,14 +381,24 @@ def _in_entry(exc: FhirError, entry: _Entry) -> FhirError:
         Issue(i.severity, i.code, prefix + i.diagnostics, i.expression, i.error_code)
         for i in exc.all_issues()
     ]
-    return FhirError(exc.status, exc.issue_code, prefix + exc.message, exc.code, exc.expression, issues, exc.headers)
+    return FhirError(
+        exc.status,
+        exc.issue_code,
+        prefix + exc.message,
+        exc.code,
+        exc.expression,
+        issues,
+        exc.headers,
+    )
 
 
 def _status_line(status: int) -> str:
     return f"{status} {_REASONS.get(status, '')}".strip()
 
 
-def _response_entry(ctx: InteractionContext, entry: _Entry, response: FhirResponse) -> dict[str, Any]:
+def _response_entry(
+    ctx: InteractionContext, entry: _Entry, response: FhirResponse
+) -> dict[str, Any]:
     out: dict[str, Any] = {}
     location = response.headers.get("Location")
     if location:
@@ -355,4 +424,3 @@ def _error_entry(exc: FhirError) -> dict[str, Any]:
 
 def _response_bundle(kind: str, entries: list[dict[str, Any]]) -> dict[str, Any]:
     return {"resourceType": "Bundle", "type": kind, "entry": entries}
-

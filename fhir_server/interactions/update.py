@@ -36,7 +36,9 @@ def update(ctx: InteractionContext, req: FhirRequest) -> FhirResponse:
             expression=["id"],
         )
     if_match = parse_etag(req.header("if-match"))
-    stored, created = run_write(ctx, lambda tx: tx.update(res_type, res_id, body, if_match=if_match))
+    stored, created = run_write(
+        ctx, lambda tx: tx.update(res_type, res_id, body, if_match=if_match)
+    )
     return _reply(ctx, req, stored, created)
 
 
@@ -83,7 +85,9 @@ def conditional_update_in(
     return tx.update(res_type, target.res_id, body, if_match=if_match)
 
 
-def _reply(ctx: InteractionContext, req: FhirRequest, stored: StoredResource, created: bool) -> FhirResponse:
+def _reply(
+    ctx: InteractionContext, req: FhirRequest, stored: StoredResource, created: bool
+) -> FhirResponse:
     if created:
         return write_response(ctx, req, stored, status=201, message=f"Created {stored.reference}")
     return write_response(ctx, req, stored, status=200, message=f"Updated {stored.reference}")

@@ -13,8 +13,8 @@ import logging
 from typing import Any
 
 import orjson
-from starlette.requests import Request
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from fhir_server.config import Settings
@@ -31,7 +31,9 @@ log = logging.getLogger(__name__)
 FHIR_JSON = "application/fhir+json; charset=utf-8"
 PATCH_TYPES = frozenset({"application/json-patch+json"})
 FORM = "application/x-www-form-urlencoded"
-_JSON_FORMATS = frozenset({"json", "application/json", "application/fhir+json", "application/json+fhir"})
+_JSON_FORMATS = frozenset(
+    {"json", "application/json", "application/fhir+json", "application/json+fhir"}
+)
 _TRANSPORT_PARAMS = frozenset({"_format", "_pretty"})
 _METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
 
@@ -81,13 +83,20 @@ class FhirEndpoint:
 
     async def _handle(self, request: Request, path: str, pretty: bool) -> Response:
         method = request.method
-        params = [(k, v) for k, v in request.query_params.multi_items() if k not in _TRANSPORT_PARAMS]
+        params = [
+            (k, v) for k, v in request.query_params.multi_items() if k not in _TRANSPORT_PARAMS
+        ]
         headers = {k.lower(): v for k, v in request.headers.items()}
         req = FhirRequest(
-            method=method, params=params, headers=headers, prefer=Prefer.parse(headers.get("prefer"))
+            method=method,
+            params=params,
+            headers=headers,
+            prefer=Prefer.parse(headers.get("prefer")),
         )
         handler = resolve(method, path, req)
-        ctx = InteractionContext(repo=self.repo, settings=self.settings, base_url=self.base_url(request))
+        ctx = InteractionContext(
+            repo=self.repo, settings=self.settings, base_url=self.base_url(request)
+        )
         fhir_accept = _wants_fhir(request)
         if req.resource_type == "Binary":
             special = await self._binary(request, req, ctx, handler, fhir_accept)
@@ -103,15 +112,26 @@ class FhirEndpoint:
         return self._render(response, pretty)
 
     async def _binary(
-        self, request: Request, req: FhirRequest, ctx: InteractionContext, handler: Any, fhir_accept: bool
+        self,
+        request: Request,
+        req: FhirRequest,
+        ctx: InteractionContext,
+        handler: Any,
+        fhir_accept: bool,
     ) -> FhirResponse | None:
         """Raw Binary uploads and downloads; ``None`` when the request is plain FHIR JSON."""
         content_type = _mime(request.headers.get("content-type"))
-        raw_write = request.method in ("POST", "PUT") and content_type and content_type not in binary.FHIR_JSON_TYPES
+        raw_write = (
+            request.method in ("POST", "PUT")
+            and content_type
+            and content_type not in binary.FHIR_JSON_TYPES
+        )
         instance_read = handler in (read.read, read.vread)
         if raw_write and handler in (create.create, update.update):
             self._check_length(request, self.settings.max_binary_bytes)
-            blob = await self.blobs.put_async(request.stream(), max_bytes=self.settings.max_binary_bytes)
+            blob = await self.blobs.put_async(
+                request.stream(), max_bytes=self.settings.max_binary_bytes
+            )
             req.raw_body = binary.RawUpload(
                 blob, request.headers["content-type"], request.headers.get("x-security-context")
             )
@@ -150,14 +170,14 @@ class FhirEndpoint:
             if req.method == "POST" and req.operation:
                 return
             raise FhirError(400, "required", "The request body is empty", code="MSO-REST-003")
-        if content_type and content_type not in binary.FHIR_JSON_TYPES:
-            if not (req.method == "PATCH" and content_type in PATCH_TYPES):
-                raise FhirError(
-                    415,
-                    "not-supported",
-                    f"Content-Type '{content_type}' is not supported; send application/fhir+json",
-                    code="MSO-REST-415",
-                )
+        patch_document = req.method == "PATCH" and content_type in PATCH_TYPES
+        if content_type and content_type not in binary.FHIR_JSON_TYPES and not patch_document:
+            raise FhirError(
+                415,
+                "not-supported",
+                f"Content-Type '{content_type}' is not supported; send application/fhir+json",
+                code="MSO-REST-415",
+            )
         if req.method == "PATCH":
             req.body = jsonio.loads(raw)
             return
@@ -169,12 +189,16 @@ class FhirEndpoint:
             stream = response.stream
             if not hasattr(stream, "__aiter__"):
                 stream = iterate_in_threadpool(stream)
-            return StreamingResponse(stream, status_code=response.status, headers=headers, media_type=response.media_type)
+            return StreamingResponse(
+                stream, status_code=response.status, headers=headers, media_type=response.media_type
+            )
         if response.body is not None:
             body = response.body
             if pretty:
                 body = jsonio.dumps(orjson.loads(body), pretty=True)
-            return Response(body, status_code=response.status, headers=headers, media_type=FHIR_JSON)
+            return Response(
+                body, status_code=response.status, headers=headers, media_type=FHIR_JSON
+            )
         if response.resource is not None:
             return Response(
                 jsonio.dumps(response.resource, pretty=pretty),
@@ -187,7 +211,10 @@ class FhirEndpoint:
 
 def _too_large(limit: int) -> FhirError:
     return FhirError(
-        413, "too-costly", f"Request body is larger than the limit of {limit} bytes", code="MSO-REST-413"
+        413,
+        "too-costly",
+        f"Request body is larger than the limit of {limit} bytes",
+        code="MSO-REST-413",
     )
 
 
@@ -219,7 +246,9 @@ class FhirASGI:
         request = Request(scope, receive)
         if request.method not in _METHODS:
             response = _outcome_response(
-                FhirError(405, "not-supported", f"{request.method} is not supported", code="MSO-REST-405M"),
+                FhirError(
+                    405, "not-supported", f"{request.method} is not supported", code="MSO-REST-405M"
+                ),
                 False,
             )
         else:

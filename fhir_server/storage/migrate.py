@@ -19,7 +19,7 @@ def alembic_config(database_url: str) -> Config:
 
 
 def upgrade(database_url: str, revision: str = "head") -> None:
-    """Bring the database at ``database_url`` up to ``revision`` (creating a SQLite file's folder)."""
+    """Bring the database at ``database_url`` up to ``revision`` (SQLite: creating its folder)."""
     from fhir_server.storage.engine import build_engine
 
     engine = build_engine(database_url)  # creates the SQLite folder and applies the pragmas

@@ -18,7 +18,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -63,13 +62,17 @@ def check_id(resource_id: str) -> None:
     """Refuse ids that are not valid FHIR ids (``[A-Za-z0-9\\-.]{1,64}``)."""
     if not ID_PATTERN.match(resource_id):
         raise FhirError(
-            400, "value", f"'{resource_id}' is not a valid FHIR id", code="MSO-REST-002", expression=["id"]
+            400,
+            "value",
+            f"'{resource_id}' is not a valid FHIR id",
+            code="MSO-REST-002",
+            expression=["id"],
         )
 
 
 @dataclass(slots=True)
 class StoredResource:
-    """One stored version of a resource. ``content`` is the serialized JSON (``None`` if deleted)."""
+    """One stored version of a resource; ``content`` is its JSON (``None`` when deleted)."""
 
     pid: int
     res_type: str
@@ -156,7 +159,9 @@ class Repository:
         self.postgres = engine.dialect.name == "postgresql"
 
     @contextmanager
-    def unit(self, *, write: bool = False, caller: Any = None, snapshot: bool = True) -> Iterator[Tx]:
+    def unit(
+        self, *, write: bool = False, caller: Any = None, snapshot: bool = True
+    ) -> Iterator[Tx]:
         """Open one database transaction; commit when the block ends, roll back on error.
 
         ``after_commit`` hooks queued by the work run once the commit succeeded. A read that
@@ -185,7 +190,9 @@ class Repository:
                     raise
         raise AssertionError("unreachable")
 
-    def read_only(self, work: Callable[[Tx], Any], *, caller: Any = None, snapshot: bool = True) -> Any:
+    def read_only(
+        self, work: Callable[[Tx], Any], *, caller: Any = None, snapshot: bool = True
+    ) -> Any:
         """Run ``work`` in a read transaction (``snapshot=False``: autocommit, one statement)."""
         with self.unit(write=False, caller=caller, snapshot=snapshot) as tx:
             return work(tx)
@@ -207,9 +214,13 @@ class Tx:
 
     # -- reads ------------------------------------------------------------------------------
 
-    def current(self, res_type: str, res_id: str, *, for_update: bool = False) -> StoredResource | None:
+    def current(
+        self, res_type: str, res_id: str, *, for_update: bool = False
+    ) -> StoredResource | None:
         """The current row of a resource (deleted or not), or ``None`` if it never existed."""
-        stmt = select(*_CURRENT_COLUMNS).where(resource.c.res_type == res_type, resource.c.res_id == res_id)
+        stmt = select(*_CURRENT_COLUMNS).where(
+            resource.c.res_type == res_type, resource.c.res_id == res_id
+        )
         if for_update and self.repo.postgres:
             stmt = stmt.with_for_update()
         row = self.conn.execute(stmt).first()
@@ -260,7 +271,9 @@ class Tx:
         by_pid = {row.pid: _stored(row) for row in rows}
         return [by_pid[p] for p in pids if p in by_pid]
 
-    def find(self, res_type: str, params: list[tuple[str, str]], *, limit: int | None = None) -> list[StoredResource]:
+    def find(
+        self, res_type: str, params: list[tuple[str, str]], *, limit: int | None = None
+    ) -> list[StoredResource]:
         """Current resources matching search criteria (for conditional interactions).
 
         Criteria are applied strictly: an unknown parameter is a 400, never silently ignored,
@@ -268,7 +281,10 @@ class Tx:
         """
         if not params:
             raise FhirError(
-                412, "invalid", "Conditional interaction without search criteria", code="MSO-REST-412"
+                412,
+                "invalid",
+                "Conditional interaction without search criteria",
+                code="MSO-REST-412",
             )
         self._fire_search(res_type, params)
         pids = search_exec.find_pids(self.conn, self.repo.registry, res_type, params, limit=limit)
@@ -297,8 +313,12 @@ class Tx:
         now = utc_now()
         content = _stamp(body, res_id, 1, now)
         values = {
-            "res_type": res_type, "res_id": res_id, "version": 1,
-            "last_updated": now, "deleted": False, "content": content,
+            "res_type": res_type,
+            "res_id": res_id,
+            "version": 1,
+            "last_updated": now,
+            "deleted": False,
+            "content": content,
         }
         if method == "PUT":
             # A concurrent create-on-update of the same id must not fail with a 500: whoever
@@ -334,7 +354,12 @@ class Tx:
                 except _IdTaken:
                     continue
             return self._update_existing(current, body, if_match=if_match, method=method)
-        raise FhirError(409, "conflict", f"{res_type}/{res_id} is being created concurrently", code="MSO-REST-409")
+        raise FhirError(
+            409,
+            "conflict",
+            f"{res_type}/{res_id} is being created concurrently",
+            code="MSO-REST-409",
+        )
 
     def _update_existing(
         self, current: StoredResource, body: dict[str, Any], *, if_match: int | None, method: str
@@ -359,12 +384,24 @@ class Tx:
                 f"{current.reference} was changed by another request; retry with its new version",
                 code="MSO-REST-409",
             )
-        stored = StoredResource(current.pid, current.res_type, current.res_id, version, now, False, content, method, body)
+        stored = StoredResource(
+            current.pid,
+            current.res_type,
+            current.res_id,
+            version,
+            now,
+            False,
+            content,
+            method,
+            body,
+        )
         after = HookPoint.AFTER_UPDATE if previous is not None else HookPoint.AFTER_CREATE
         self._after_write(stored, method, after, previous=previous)
         return stored, previous is None
 
-    def delete(self, res_type: str, res_id: str, *, if_match: int | None = None) -> StoredResource | None:
+    def delete(
+        self, res_type: str, res_id: str, *, if_match: int | None = None
+    ) -> StoredResource | None:
         """Soft-delete: a new version marked deleted, index rows dropped.
 
         Returns the deletion version, or ``None`` when there was nothing to delete (unknown or
@@ -389,12 +426,23 @@ class Tx:
             .values(version=version, last_updated=now, deleted=True, content=None)
         )
         if result.rowcount != 1:
-            raise FhirError(409, "conflict", f"{current.reference} was changed concurrently", code="MSO-REST-409")
+            raise FhirError(
+                409,
+                "conflict",
+                f"{current.reference} was changed concurrently",
+                code="MSO-REST-409",
+            )
         stored = StoredResource(current.pid, res_type, res_id, version, now, True, None, "DELETE")
         self.conn.execute(
             insert(resource_history).values(
-                pid=stored.pid, version=version, res_type=res_type, res_id=res_id,
-                last_updated=now, deleted=True, method="DELETE", content=None,
+                pid=stored.pid,
+                version=version,
+                res_type=res_type,
+                res_id=res_id,
+                last_updated=now,
+                deleted=True,
+                method="DELETE",
+                content=None,
             )
         )
         indexer.write_index(self.conn, self.repo.registry, stored.pid, res_type, None)
@@ -402,20 +450,26 @@ class Tx:
         self._queue_commit_event(res_type, res_id, None, previous)
         return stored
 
-    def attach_blob(self, stored: StoredResource, *, sha256: str, size: int, content_type: str) -> None:
+    def attach_blob(
+        self, stored: StoredResource, *, sha256: str, size: int, content_type: str
+    ) -> None:
         """Record that a Binary version's content lives in the blob store."""
         self.conn.execute(
             insert(binary_content).values(
-                pid=stored.pid, version=stored.version, sha256=sha256, size=size, content_type=content_type
+                pid=stored.pid,
+                version=stored.version,
+                sha256=sha256,
+                size=size,
+                content_type=content_type,
             )
         )
 
     def blob_of(self, stored: StoredResource) -> Any:
         """The blob row (sha256, size, content_type) of a Binary version, or ``None`` if inline."""
         return self.conn.execute(
-            select(binary_content.c.sha256, binary_content.c.size, binary_content.c.content_type).where(
-                binary_content.c.pid == stored.pid, binary_content.c.version == stored.version
-            )
+            select(
+                binary_content.c.sha256, binary_content.c.size, binary_content.c.content_type
+            ).where(binary_content.c.pid == stored.pid, binary_content.c.version == stored.version)
         ).first()
 
     # -- history ----------------------------------------------------------------------------
@@ -453,7 +507,9 @@ class Tx:
             conditions.append(h.last_updated <= at)
             conditions.append(
                 ~select(newer.c.pid)
-                .where(newer.c.pid == h.pid, newer.c.version > h.version, newer.c.last_updated <= at)
+                .where(
+                    newer.c.pid == h.pid, newer.c.version > h.version, newer.c.last_updated <= at
+                )
                 .exists()
             )
         if before is not None:
@@ -474,8 +530,12 @@ class Tx:
         return [_stored(row) for row in self.conn.execute(stmt)]
 
     def history_count(
-        self, *, res_type: str | None = None, res_id: str | None = None,
-        since: datetime | None = None, snapshot: datetime | None = None,
+        self,
+        *,
+        res_type: str | None = None,
+        res_id: str | None = None,
+        since: datetime | None = None,
+        snapshot: datetime | None = None,
     ) -> int:
         """How many versions :meth:`history` would list over all pages."""
         h = resource_history.c
@@ -501,15 +561,28 @@ class Tx:
             self.repo.validator(body)
 
     def _after_write(
-        self, stored: StoredResource, method: str, point: HookPoint, *, previous: dict[str, Any] | None
+        self,
+        stored: StoredResource,
+        method: str,
+        point: HookPoint,
+        *,
+        previous: dict[str, Any] | None,
     ) -> None:
         self.conn.execute(
             insert(resource_history).values(
-                pid=stored.pid, version=stored.version, res_type=stored.res_type, res_id=stored.res_id,
-                last_updated=stored.last_updated, deleted=False, method=method, content=stored.content,
+                pid=stored.pid,
+                version=stored.version,
+                res_type=stored.res_type,
+                res_id=stored.res_id,
+                last_updated=stored.last_updated,
+                deleted=False,
+                method=method,
+                content=stored.content,
             )
         )
-        indexer.write_index(self.conn, self.repo.registry, stored.pid, stored.res_type, stored.resource)
+        indexer.write_index(
+            self.conn, self.repo.registry, stored.pid, stored.res_type, stored.resource
+        )
         self._fire(point, stored.res_type, stored.res_id, stored.resource, previous=previous)
         self._queue_commit_event(stored.res_type, stored.res_id, stored.resource, previous)
 
@@ -532,14 +605,24 @@ class Tx:
     def _fire_search(self, res_type: str, params: list[tuple[str, str]]) -> None:
         hooks = self.repo.hooks
         if hooks.has(HookPoint.BEFORE_SEARCH):
-            hooks.fire(HookEvent(HookPoint.BEFORE_SEARCH, res_type, tx=self, caller=self.caller, params=params))
+            hooks.fire(
+                HookEvent(
+                    HookPoint.BEFORE_SEARCH, res_type, tx=self, caller=self.caller, params=params
+                )
+            )
 
     def _queue_commit_event(
-        self, res_type: str, res_id: str, body: dict[str, Any] | None, previous: dict[str, Any] | None
+        self,
+        res_type: str,
+        res_id: str,
+        body: dict[str, Any] | None,
+        previous: dict[str, Any] | None,
     ) -> None:
         if self.repo.hooks.has(HookPoint.AFTER_COMMIT):
             self.committed_events.append(
-                HookEvent(HookPoint.AFTER_COMMIT, res_type, res_id, body, previous, None, self.caller)
+                HookEvent(
+                    HookPoint.AFTER_COMMIT, res_type, res_id, body, previous, None, self.caller
+                )
             )
 
 

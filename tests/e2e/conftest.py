@@ -27,7 +27,16 @@ def start_server(db_url: str, data_dir: Path, *, workers: int = 2) -> tuple[subp
     env = {**os.environ, "MSO_DATABASE_URL": db_url, "MSO_DATA_DIR": str(data_dir)}
     env.pop("MSO_BASE_URL", None)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fhir_server.cli", "serve", "--port", str(port), "--workers", str(workers)],
+        [
+            sys.executable,
+            "-m",
+            "fhir_server.cli",
+            "serve",
+            "--port",
+            str(port),
+            "--workers",
+            str(workers),
+        ],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

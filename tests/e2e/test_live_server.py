@@ -18,7 +18,9 @@ def _client(base: str) -> httpx.Client:
 
 def test_crud_round_trip(server, unique):
     with _client(server) as http:
-        created = http.post("/Patient", content=json.dumps({"resourceType": "Patient", "gender": "male"}))
+        created = http.post(
+            "/Patient", content=json.dumps({"resourceType": "Patient", "gender": "male"})
+        )
         assert created.status_code == 201
         pid = created.json()["id"]
         assert created.headers["location"].startswith(server)
@@ -32,7 +34,9 @@ def test_crud_round_trip(server, unique):
 
 def test_concurrent_updates_lose_nothing(server, unique):
     with _client(server) as http:
-        resource = http.post("/Basic", content=json.dumps({"resourceType": "Basic", "code": {"text": "0"}})).json()
+        resource = http.post(
+            "/Basic", content=json.dumps({"resourceType": "Basic", "code": {"text": "0"}})
+        ).json()
     rid = resource["id"]
     writers, each = 8, 10
 
@@ -58,13 +62,17 @@ def test_concurrent_updates_lose_nothing(server, unique):
 
 def test_if_match_race_has_one_winner(server, unique):
     with _client(server) as http:
-        resource = http.post("/Basic", content=json.dumps({"resourceType": "Basic", "code": {"text": "v1"}})).json()
+        resource = http.post(
+            "/Basic", content=json.dumps({"resourceType": "Basic", "code": {"text": "v1"}})
+        ).json()
     rid = resource["id"]
 
     def write(worker: int) -> int:
         with _client(server) as http:
             body = {"resourceType": "Basic", "id": rid, "code": {"text": f"w{worker}"}}
-            return http.put(f"/Basic/{rid}", content=json.dumps(body), headers={"if-match": 'W/"1"'}).status_code
+            return http.put(
+                f"/Basic/{rid}", content=json.dumps(body), headers={"if-match": 'W/"1"'}
+            ).status_code
 
     with ThreadPoolExecutor(8) as pool:
         statuses = sorted(pool.map(write, range(8)))
@@ -74,9 +82,14 @@ def test_if_match_race_has_one_winner(server, unique):
 def test_concurrent_conditional_creates_make_one_resource(server, unique):
     def create(_: int) -> int:
         with _client(server) as http:
-            body = {"resourceType": "Patient", "identifier": [{"system": "urn:race", "value": unique}]}
+            body = {
+                "resourceType": "Patient",
+                "identifier": [{"system": "urn:race", "value": unique}],
+            }
             return http.post(
-                "/Patient", content=json.dumps(body), headers={"if-none-exist": f"identifier=urn:race|{unique}"}
+                "/Patient",
+                content=json.dumps(body),
+                headers={"if-none-exist": f"identifier=urn:race|{unique}"},
             ).status_code
 
     with ThreadPoolExecutor(8) as pool:
@@ -106,11 +119,17 @@ def test_failed_transaction_leaves_nothing(server, unique):
         "type": "transaction",
         "entry": [
             {
-                "resource": {"resourceType": "Patient", "identifier": [{"system": "urn:rollback", "value": unique}]},
+                "resource": {
+                    "resourceType": "Patient",
+                    "identifier": [{"system": "urn:rollback", "value": unique}],
+                },
                 "request": {"method": "POST", "url": "Patient"},
             },
             {"request": {"method": "DELETE", "url": "Patient/x"}, "resource": None},
-            {"resource": {"resourceType": "Patient", "birthDate": "not-a-date"}, "request": {"method": "POST", "url": "Patient"}},
+            {
+                "resource": {"resourceType": "Patient", "birthDate": "not-a-date"},
+                "request": {"method": "POST", "url": "Patient"},
+            },
         ],
     }
     with _client(server) as http:

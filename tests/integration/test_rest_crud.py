@@ -21,7 +21,11 @@ def patient(unique: str, **extra: object) -> dict:
 
 
 def post(client, resource: dict, **headers: str):
-    return client.post(f"/fhir/{resource['resourceType']}", content=json.dumps(resource), headers={**FHIR, **headers})
+    return client.post(
+        f"/fhir/{resource['resourceType']}",
+        content=json.dumps(resource),
+        headers={**FHIR, **headers},
+    )
 
 
 def issue_code(response) -> str:
@@ -54,7 +58,10 @@ def test_read_vread_and_conditional_read(client, unique):
     assert client.get(f"/fhir/Patient/{pid}", headers={"if-none-match": 'W/"1"'}).status_code == 304
     assert client.get(f"/fhir/Patient/{pid}", headers={"if-none-match": 'W/"9"'}).status_code == 200
     modified = read.headers["last-modified"]
-    assert client.get(f"/fhir/Patient/{pid}", headers={"if-modified-since": modified}).status_code == 304
+    assert (
+        client.get(f"/fhir/Patient/{pid}", headers={"if-modified-since": modified}).status_code
+        == 304
+    )
     old = "Mon, 01 Jan 2001 00:00:00 GMT"
     assert client.get(f"/fhir/Patient/{pid}", headers={"if-modified-since": old}).status_code == 200
     vread = client.get(f"/fhir/Patient/{pid}/_history/1")
@@ -67,11 +74,15 @@ def test_update_versions_and_if_match(client, unique):
     created = post(client, patient(unique)).json()
     pid = created["id"]
     changed = {**created, "gender": "other"}
-    ok = client.put(f"/fhir/Patient/{pid}", content=json.dumps(changed), headers={**FHIR, "if-match": 'W/"1"'})
+    ok = client.put(
+        f"/fhir/Patient/{pid}", content=json.dumps(changed), headers={**FHIR, "if-match": 'W/"1"'}
+    )
     assert ok.status_code == 200
     assert ok.json()["meta"]["versionId"] == "2"
     assert ok.headers["etag"] == 'W/"2"'
-    stale = client.put(f"/fhir/Patient/{pid}", content=json.dumps(changed), headers={**FHIR, "if-match": 'W/"1"'})
+    stale = client.put(
+        f"/fhir/Patient/{pid}", content=json.dumps(changed), headers={**FHIR, "if-match": 'W/"1"'}
+    )
     assert stale.status_code == 412
     assert issue_code(stale) == "MSO-REST-412"
     assert client.get(f"/fhir/Patient/{pid}").json()["meta"]["versionId"] == "2"
@@ -88,7 +99,11 @@ def test_update_creates_with_client_id(client, unique):
 
 @pytest.mark.parametrize(
     ("url_id", "body_id", "code"),
-    [("abc", None, "MSO-REST-006"), ("abc", "xyz", "MSO-REST-006"), ("bad_id!", "bad_id!", "MSO-REST-002")],
+    [
+        ("abc", None, "MSO-REST-006"),
+        ("abc", "xyz", "MSO-REST-006"),
+        ("bad_id!", "bad_id!", "MSO-REST-002"),
+    ],
 )
 def test_update_id_rules(client, unique, url_id, body_id, code):
     body = patient(unique)
@@ -111,7 +126,10 @@ def test_delete_then_gone_then_recreate(client, unique):
     # Older versions stay readable; deleting again is idempotent and makes no new version.
     assert client.get(f"/fhir/Patient/{pid}/_history/1").status_code == 200
     assert client.get(f"/fhir/Patient/{pid}/_history/2").status_code == 410
-    assert client.delete(f"/fhir/Patient/{pid}", headers={"prefer": "return=minimal"}).status_code == 204
+    assert (
+        client.delete(f"/fhir/Patient/{pid}", headers={"prefer": "return=minimal"}).status_code
+        == 204
+    )
     history = client.get(f"/fhir/Patient/{pid}/_history").json()
     assert history["total"] == 2
     revived = client.put(f"/fhir/Patient/{pid}", content=json.dumps({**created}), headers=FHIR)
@@ -137,9 +155,14 @@ def test_prefer_return(client, unique):
 
 def test_json_patch(client, unique):
     pid = post(client, patient(unique)).json()["id"]
-    ops = [{"op": "replace", "path": "/gender", "value": "male"}, {"op": "add", "path": "/active", "value": True}]
+    ops = [
+        {"op": "replace", "path": "/gender", "value": "male"},
+        {"op": "add", "path": "/active", "value": True},
+    ]
     response = client.patch(
-        f"/fhir/Patient/{pid}", content=json.dumps(ops), headers={"content-type": "application/json-patch+json"}
+        f"/fhir/Patient/{pid}",
+        content=json.dumps(ops),
+        headers={"content-type": "application/json-patch+json"},
     )
     assert response.status_code == 200
     assert response.json()["gender"] == "male" and response.json()["active"] is True
@@ -192,7 +215,9 @@ def test_conditional_create(client, unique):
 
 def test_conditional_update_and_delete(client, unique):
     body = patient(unique)
-    created = client.put(f"/fhir/Patient?identifier=urn:test|{unique}", content=json.dumps(body), headers=FHIR)
+    created = client.put(
+        f"/fhir/Patient?identifier=urn:test|{unique}", content=json.dumps(body), headers=FHIR
+    )
     assert created.status_code == 201
     pid = created.json()["id"]
     updated = client.put(
@@ -231,7 +256,14 @@ def test_conditional_without_criteria_or_with_unknown_parameter(client, unique):
         ("POST", "/fhir/Patient", "[]", FHIR, 400, "MSO-FHIR-002"),
         ("POST", "/fhir/Patient", '{"resourceType": "Observation"}', FHIR, 400, "MSO-REST-004"),
         ("POST", "/fhir/Patient", "", FHIR, 400, "MSO-REST-003"),
-        ("POST", "/fhir/Patient", "<Patient/>", {"content-type": "application/fhir+xml"}, 415, "MSO-REST-415"),
+        (
+            "POST",
+            "/fhir/Patient",
+            "<Patient/>",
+            {"content-type": "application/fhir+xml"},
+            415,
+            "MSO-REST-415",
+        ),
         ("GET", "/fhir/Patient/x?_format=xml", None, {}, 406, "MSO-REST-406"),
         ("POST", "/fhir/Patient/abc", "{}", FHIR, 405, "MSO-REST-405M"),
         ("GET", "/fhir/Patient/abc/_history/x/y", None, {}, 404, "MSO-REST-404P"),
@@ -254,7 +286,12 @@ def test_invalid_resource_is_rejected_with_locations(client, unique):
 
 
 def test_body_over_limit_is_413(client):
-    huge = json.dumps({"resourceType": "Patient", "text": {"status": "generated", "div": "x" * (17 * 1024 * 1024)}})
+    huge = json.dumps(
+        {
+            "resourceType": "Patient",
+            "text": {"status": "generated", "div": "x" * (17 * 1024 * 1024)},
+        }
+    )
     response = client.post("/fhir/Patient", content=huge, headers=FHIR)
     assert response.status_code == 413
     assert issue_code(response) == "MSO-REST-413"
@@ -265,14 +302,19 @@ def test_pretty_and_format(client, unique):
     pretty = client.get(f"/fhir/Patient/{pid}?_pretty=true&_format=json")
     assert pretty.status_code == 200
     assert b"\n  " in pretty.content
-    assert client.get(f"/fhir/Patient/{pid}", headers={"accept": "application/json"}).status_code == 200
+    assert (
+        client.get(f"/fhir/Patient/{pid}", headers={"accept": "application/json"}).status_code
+        == 200
+    )
 
 
 def test_validate_operation(client, unique):
     ok = client.post("/fhir/Patient/$validate", content=json.dumps(patient(unique)), headers=FHIR)
     assert ok.status_code == 200
     assert ok.json()["issue"][0]["severity"] == "information"
-    bad = client.post("/fhir/Patient/$validate", content=json.dumps(patient(unique, gender="x")), headers=FHIR)
+    bad = client.post(
+        "/fhir/Patient/$validate", content=json.dumps(patient(unique, gender="x")), headers=FHIR
+    )
     assert bad.status_code == 400
 
 
@@ -286,6 +328,30 @@ def test_capability_statement_is_generated(client):
     assert {i["code"] for i in rest["interaction"]} >= {"transaction", "batch", "history-system"}
     patient_entry = next(r for r in rest["resource"] if r["type"] == "Patient")
     codes = {i["code"] for i in patient_entry["interaction"]}
-    assert codes >= {"read", "vread", "update", "patch", "delete", "create", "history-instance", "history-type", "search-type"}
+    assert codes >= {
+        "read",
+        "vread",
+        "update",
+        "patch",
+        "delete",
+        "create",
+        "history-instance",
+        "history-type",
+        "search-type",
+    }
     assert any(op["name"] == "everything" for op in patient_entry["operation"])
     assert len(rest["resource"]) == 147
+
+
+def test_read_with_summary_and_elements(client, unique):
+    body = patient(
+        unique,
+        text={"status": "generated", "div": "<div xmlns='http://www.w3.org/1999/xhtml'>x</div>"},
+    )
+    pid = post(client, body).json()["id"]
+    summary = client.get(f"/fhir/Patient/{pid}", params={"_summary": "true"}).json()
+    assert "text" not in summary and summary["name"][0]["family"] == "Doe"
+    assert any(tag["code"] == "SUBSETTED" for tag in summary["meta"]["tag"])
+    elements = client.get(f"/fhir/Patient/{pid}", params={"_elements": "gender"}).json()
+    assert elements["gender"] == "female" and "name" not in elements
+    assert client.get(f"/fhir/Patient/{pid}", params={"_summary": "count"}).status_code == 400

@@ -15,7 +15,9 @@ def _create(client, unique: str) -> dict:
 
 def _update(client, resource: dict, text: str) -> dict:
     body = {**resource, "code": {"text": text}}
-    return client.put(f"/fhir/Basic/{resource['id']}", content=json.dumps(body), headers=FHIR).json()
+    return client.put(
+        f"/fhir/Basic/{resource['id']}", content=json.dumps(body), headers=FHIR
+    ).json()
 
 
 def _follow(client, url: str) -> dict:

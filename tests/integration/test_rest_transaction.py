@@ -16,7 +16,11 @@ def _patient(unique: str) -> dict:
 
 
 def _count(client, unique: str) -> int:
-    return len(client.get("/fhir/Patient", params={"identifier": f"urn:tx|{unique}"}).json().get("entry", []))
+    return len(
+        client.get("/fhir/Patient", params={"identifier": f"urn:tx|{unique}"})
+        .json()
+        .get("entry", [])
+    )
 
 
 def test_transaction_resolves_urn_uuid_references(client, unique):
@@ -35,7 +39,11 @@ def test_transaction_resolves_urn_uuid_references(client, unique):
                 },
                 "request": {"method": "POST", "url": "Observation"},
             },
-            {"fullUrl": patient_url, "resource": _patient(unique), "request": {"method": "POST", "url": "Patient"}},
+            {
+                "fullUrl": patient_url,
+                "resource": _patient(unique),
+                "request": {"method": "POST", "url": "Patient"},
+            },
         ],
     }
     response = _send(client, bundle)
@@ -45,11 +53,15 @@ def test_transaction_resolves_urn_uuid_references(client, unique):
     observation, patient = (e["resource"] for e in result["entry"])
     assert observation["subject"]["reference"] == f"Patient/{patient['id']}"
     assert [e["response"]["status"] for e in result["entry"]] == ["201 Created", "201 Created"]
-    assert result["entry"][1]["response"]["location"].endswith(f"Patient/{patient['id']}/_history/1")
+    assert result["entry"][1]["response"]["location"].endswith(
+        f"Patient/{patient['id']}/_history/1"
+    )
 
 
 def test_transaction_processes_in_spec_order(client, unique):
-    existing = client.post("/fhir/Patient", content=json.dumps(_patient(unique)), headers=FHIR).json()
+    existing = client.post(
+        "/fhir/Patient", content=json.dumps(_patient(unique)), headers=FHIR
+    ).json()
     bundle = {
         "resourceType": "Bundle",
         "type": "transaction",
@@ -113,7 +125,11 @@ def test_conditional_create_and_conditional_reference(client, unique):
             {
                 "fullUrl": "urn:uuid:11111111-2222-4333-8444-555555555555",
                 "resource": _patient(unique),
-                "request": {"method": "POST", "url": "Patient", "ifNoneExist": f"identifier=urn:tx|{unique}"},
+                "request": {
+                    "method": "POST",
+                    "url": "Patient",
+                    "ifNoneExist": f"identifier=urn:tx|{unique}",
+                },
             },
             {
                 "resource": {
@@ -165,7 +181,10 @@ def test_batch_entries_succeed_or_fail_on_their_own(client, unique):
         "entry": [
             {"resource": _patient(unique), "request": {"method": "POST", "url": "Patient"}},
             {"request": {"method": "GET", "url": "Patient/no-such-patient"}},
-            {"resource": {"resourceType": "Patient", "gender": "x"}, "request": {"method": "POST", "url": "Patient"}},
+            {
+                "resource": {"resourceType": "Patient", "gender": "x"},
+                "request": {"method": "POST", "url": "Patient"},
+            },
             {"request": {"method": "GET", "url": f"Patient?identifier=urn:tx|{unique}"}},
         ],
     }
@@ -183,7 +202,11 @@ def test_batch_entries_succeed_or_fail_on_their_own(client, unique):
 def test_malformed_bundles(client):
     assert _send(client, {"resourceType": "Patient"}).status_code == 400
     assert _send(client, {"resourceType": "Bundle", "type": "collection"}).status_code == 400
-    no_request = {"resourceType": "Bundle", "type": "transaction", "entry": [{"resource": {"resourceType": "Patient"}}]}
+    no_request = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [{"resource": {"resourceType": "Patient"}}],
+    }
     assert _send(client, no_request).status_code == 400
     twice = {
         "resourceType": "Bundle",

@@ -56,9 +56,9 @@ def invoke(ctx: InteractionContext, req: FhirRequest) -> FhirResponse:
     for operation in REGISTRY.get(req.operation or "", ()):
         if level not in operation.levels:
             continue
-        if level != "system" and operation.resource_types is not None:
-            if req.resource_type not in operation.resource_types:
-                continue
+        restricted = level != "system" and operation.resource_types is not None
+        if restricted and req.resource_type not in operation.resource_types:
+            continue
         if req.method == "GET" and not operation.idempotent:
             raise FhirError(
                 405, "not-supported", f"${operation.name} changes data: use POST", code="MSO-OP-405"

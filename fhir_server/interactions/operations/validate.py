@@ -18,12 +18,16 @@ from fhir_server.interactions.operations import Operation, register
 def _resource_of(req: FhirRequest) -> dict[str, Any]:
     body = req.body
     if body is None:
-        raise FhirError(400, "required", "$validate needs a resource in the body", code="MSO-OP-001")
+        raise FhirError(
+            400, "required", "$validate needs a resource in the body", code="MSO-OP-001"
+        )
     if body.get("resourceType") == "Parameters" and req.resource_type != "Parameters":
         for parameter in body.get("parameter") or []:
             if parameter.get("name") == "resource" and isinstance(parameter.get("resource"), dict):
                 return parameter["resource"]
-        raise FhirError(400, "required", "Parameters has no 'resource' parameter", code="MSO-OP-002")
+        raise FhirError(
+            400, "required", "Parameters has no 'resource' parameter", code="MSO-OP-002"
+        )
     return body
 
 
