@@ -30,6 +30,7 @@ import tempfile
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -238,20 +239,35 @@ def stop_server(server: Server, grace: float = 15.0) -> None:
         proc.wait(timeout=10)
 
 
+_WARNED_REDIRECTS: set[tuple[str, str]] = set()
+
+
 def http_json(
-    method: str, url: str, body: Any = None, *, timeout: float = 300.0
+    method: str, url: str, body: Any = None, *, timeout: float = 300.0, redirects: int = 1
 ) -> tuple[int, Any]:
-    """One JSON request over loopback; returns ``(status, parsed body or None)``."""
+    """One JSON request over loopback; returns ``(status, parsed body or None)``.
+
+    A 307/308 redirect to the same host is followed ``redirects`` times with the same method and
+    body (a warning names it: FHIR clients do not expect redirects on the base URL).
+    """
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(url, data=data, method=method)
     req.add_header("Accept", "application/fhir+json")
     if data is not None:
         req.add_header("Content-Type", "application/fhir+json")
+    location = None
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             status, raw = int(resp.status), resp.read()
     except urllib.error.HTTPError as exc:
-        status, raw = exc.code, exc.read()
+        status, raw, location = exc.code, exc.read(), exc.headers.get("location")
+    if status in (307, 308) and location and redirects > 0:
+        target = urllib.parse.urljoin(url, location)
+        if urllib.parse.urlsplit(target).netloc == urllib.parse.urlsplit(url).netloc:
+            if (method, url) not in _WARNED_REDIRECTS:
+                _WARNED_REDIRECTS.add((method, url))
+                print(f"warning: {method} {url} redirected ({status}) to {target}", file=sys.stderr)
+            return http_json(method, target, body, timeout=timeout, redirects=redirects - 1)
     try:
         return status, json.loads(raw) if raw else None
     except ValueError:
