@@ -1,7 +1,7 @@
 """Golden SQL: the exact statement compiled for representative searches, per dialect.
 
-Regenerate after an intended change with ``MSO_UPDATE_GOLDEN=1 pytest tests/unit/test_search_golden.py``
-and review the diff. http://hl7.org/fhir/R4/search.html
+Regenerate after an intended change with ``MSO_UPDATE_GOLDEN=1 pytest`` on this file and
+review the diff. http://hl7.org/fhir/R4/search.html
 """
 
 from __future__ import annotations
