@@ -53,10 +53,33 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.repo = repo
     app.state.hooks = hooks
     app.state.blobs = blobs
-    app.mount("/fhir", FhirASGI(FhirEndpoint(repo, settings, blobs)))
+    app.state.fhir = FhirASGI(FhirEndpoint(repo, settings, blobs))
+    app.mount("/fhir", app.state.fhir)
     return app
 
 
-def app_from_env() -> FastAPI:
+class FrontDoor:
+    """The ASGI app uvicorn serves: FHIR requests go straight to the FHIR endpoint, the rest
+    (and lifespan events) to the FastAPI application.
+
+    The FHIR endpoint does its own routing, error handling and limits, so FastAPI's middleware
+    stack in front of it would only add cost to every FHIR request.
+    """
+
+    def __init__(self, app: FastAPI) -> None:
+        self.app = app
+        self.fhir = app.state.fhir
+
+    async def __call__(self, scope: dict, receive: object, send: object) -> None:
+        """Dispatch one ASGI event."""
+        if scope["type"] == "http":
+            path = scope["path"]
+            if path == "/fhir" or path.startswith("/fhir/"):
+                await self.fhir(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def app_from_env() -> FrontDoor:
     """The factory ``mso serve`` hands to uvicorn (settings from the environment)."""
-    return create_app(Settings())
+    return FrontDoor(create_app(Settings()))

@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     )
     default_page_size: int = Field(20, description="Search page size when _count is absent")
     max_page_size: int = Field(1000, description="Largest _count honoured")
+    inline_reads: bool = Field(
+        True, description="Serve read/vread on the event loop instead of a worker thread"
+    )
     db_pool_size: int = Field(16, description="Database connection pool size per process")
     seed_demo: bool = Field(False, description="Load demo data at start-up when the DB is empty")
 

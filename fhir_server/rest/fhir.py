@@ -36,6 +36,7 @@ _JSON_FORMATS = frozenset(
 )
 _TRANSPORT_PARAMS = frozenset({"_format", "_pretty"})
 _METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
+_INLINE = (read.read, read.vread)
 
 
 def _mime(value: str | None) -> str:
@@ -108,7 +109,12 @@ class FhirEndpoint:
             )
         if method in ("POST", "PUT", "PATCH"):
             await self._read_body(request, req)
-        response = await run_in_threadpool(handler, ctx, req)
+        if handler in _INLINE and self.settings.inline_reads:
+            # A read by id is one indexed point lookup (well under a millisecond): handing it
+            # to a worker thread costs more CPU than running it here.
+            response = handler(ctx, req)
+        else:
+            response = await run_in_threadpool(handler, ctx, req)
         return self._render(response, pretty)
 
     async def _binary(

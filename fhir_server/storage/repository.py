@@ -18,10 +18,22 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import cache
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from sqlalchemy import Connection, Engine, and_, func, insert, or_, select, text, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    and_,
+    bindparam,
+    func,
+    insert,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.exc import OperationalError
 
 from fhir_server.fhir.outcome import FhirError, gone, not_found
@@ -323,10 +335,10 @@ class Tx:
         if method == "PUT":
             # A concurrent create-on-update of the same id must not fail with a 500: whoever
             # loses the race sees no row returned and the caller retries as an update.
-            stmt = _insert_unless_exists(self.conn, values)
+            stmt = _insert_unless_exists(self.conn.dialect.name)
         else:
-            stmt = insert(resource).values(**values)
-        row = self.conn.execute(stmt.returning(resource.c.pid)).first()
+            stmt = _INSERT_RESOURCE
+        row = self.conn.execute(stmt, values).first()
         if row is None:
             raise _IdTaken()
         stored = StoredResource(row.pid, res_type, res_id, 1, now, False, content, method, body)
@@ -372,12 +384,7 @@ class Tx:
         version = current.version + 1
         now = max(utc_now(), current.last_updated)
         content = _stamp(body, current.res_id, version, now)
-        result = self.conn.execute(
-            update(resource)
-            .where(resource.c.pid == current.pid, resource.c.version == current.version)
-            .values(version=version, last_updated=now, deleted=False, content=content)
-        )
-        if result.rowcount != 1:
+        if not self._bump(current, version, now, content):
             raise FhirError(
                 409,
                 "conflict",
@@ -420,12 +427,7 @@ class Tx:
         self._fire(HookPoint.BEFORE_DELETE, res_type, res_id, None, previous=previous)
         version = current.version + 1
         now = max(utc_now(), current.last_updated)
-        result = self.conn.execute(
-            update(resource)
-            .where(resource.c.pid == current.pid, resource.c.version == current.version)
-            .values(version=version, last_updated=now, deleted=True, content=None)
-        )
-        if result.rowcount != 1:
+        if not self._bump(current, version, now, None):
             raise FhirError(
                 409,
                 "conflict",
@@ -433,18 +435,7 @@ class Tx:
                 code="MSO-REST-409",
             )
         stored = StoredResource(current.pid, res_type, res_id, version, now, True, None, "DELETE")
-        self.conn.execute(
-            insert(resource_history).values(
-                pid=stored.pid,
-                version=version,
-                res_type=res_type,
-                res_id=res_id,
-                last_updated=now,
-                deleted=True,
-                method="DELETE",
-                content=None,
-            )
-        )
+        self._insert_history(stored)
         indexer.write_index(self.conn, self.repo.registry, stored.pid, res_type, None)
         self._fire(HookPoint.AFTER_DELETE, res_type, res_id, None, previous=previous)
         self._queue_commit_event(res_type, res_id, None, previous)
@@ -568,23 +559,44 @@ class Tx:
         *,
         previous: dict[str, Any] | None,
     ) -> None:
-        self.conn.execute(
-            insert(resource_history).values(
-                pid=stored.pid,
-                version=stored.version,
-                res_type=stored.res_type,
-                res_id=stored.res_id,
-                last_updated=stored.last_updated,
-                deleted=False,
-                method=method,
-                content=stored.content,
-            )
-        )
+        self._insert_history(stored)
         indexer.write_index(
             self.conn, self.repo.registry, stored.pid, stored.res_type, stored.resource
         )
         self._fire(point, stored.res_type, stored.res_id, stored.resource, previous=previous)
         self._queue_commit_event(stored.res_type, stored.res_id, stored.resource, previous)
+
+    def _bump(
+        self, current: StoredResource, version: int, now: datetime, content: bytes | None
+    ) -> bool:
+        """Move the row to ``version`` unless another writer did first (``None``: deleted)."""
+        result = self.conn.execute(
+            _BUMP_RESOURCE,
+            {
+                "b_pid": current.pid,
+                "b_version": current.version,
+                "version": version,
+                "last_updated": now,
+                "deleted": content is None,
+                "content": content,
+            },
+        )
+        return result.rowcount == 1
+
+    def _insert_history(self, stored: StoredResource) -> None:
+        self.conn.execute(
+            _INSERT_HISTORY,
+            {
+                "pid": stored.pid,
+                "version": stored.version,
+                "res_type": stored.res_type,
+                "res_id": stored.res_id,
+                "last_updated": stored.last_updated,
+                "deleted": stored.deleted,
+                "method": stored.method or "PUT",
+                "content": stored.content,
+            },
+        )
 
     def _fire(
         self,
@@ -652,10 +664,27 @@ def _stamp(body: dict[str, Any], res_id: str, version: int, now: datetime) -> by
     return orjson.dumps(body)
 
 
-def _insert_unless_exists(conn: Connection, values: dict[str, Any]) -> Any:
-    """``INSERT … ON CONFLICT DO NOTHING`` into ``resource`` for the connection's dialect."""
-    if conn.dialect.name == "postgresql":
+# Statements built once: executing a constant statement hits SQLAlchemy's compiled cache
+# without rebuilding and hashing a new statement object on every write.
+_INSERT_RESOURCE = insert(resource).returning(resource.c.pid)
+_INSERT_HISTORY = insert(resource_history)
+_BUMP_RESOURCE = (
+    update(resource)
+    .where(resource.c.pid == bindparam("b_pid"), resource.c.version == bindparam("b_version"))
+    .values(
+        version=bindparam("version"),
+        last_updated=bindparam("last_updated"),
+        deleted=bindparam("deleted"),
+        content=bindparam("content"),
+    )
+)
+
+
+@cache
+def _insert_unless_exists(dialect: str) -> Any:
+    """``INSERT … ON CONFLICT DO NOTHING RETURNING pid`` into ``resource`` for ``dialect``."""
+    if dialect == "postgresql":
         from sqlalchemy.dialects.postgresql import insert as dialect_insert
     else:
         from sqlalchemy.dialects.sqlite import insert as dialect_insert
-    return dialect_insert(resource).values(**values).on_conflict_do_nothing()
+    return dialect_insert(resource).on_conflict_do_nothing().returning(resource.c.pid)
