@@ -29,7 +29,7 @@ def build_repository(settings: Settings) -> Repository:
     )
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None) -> FrontDoor:
     """Build the FHIR server application for ``settings`` (default: from the environment)."""
     settings = settings or Settings()
     repo = build_repository(settings)
@@ -53,9 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.repo = repo
     app.state.hooks = hooks
     app.state.blobs = blobs
-    app.state.fhir = FhirASGI(FhirEndpoint(repo, settings, blobs))
-    app.mount("/fhir", app.state.fhir)
-    return app
+    return FrontDoor(app, FhirASGI(FhirEndpoint(repo, settings, blobs)))
 
 
 class FrontDoor:
@@ -66,9 +64,10 @@ class FrontDoor:
     stack in front of it would only add cost to every FHIR request.
     """
 
-    def __init__(self, app: FastAPI) -> None:
+    def __init__(self, app: FastAPI, fhir: FhirASGI) -> None:
         self.app = app
-        self.fhir = app.state.fhir
+        self.fhir = fhir
+        self.state = app.state
 
     async def __call__(self, scope: dict, receive: object, send: object) -> None:
         """Dispatch one ASGI event."""
@@ -82,4 +81,4 @@ class FrontDoor:
 
 def app_from_env() -> FrontDoor:
     """The factory ``mso serve`` hands to uvicorn (settings from the environment)."""
-    return FrontDoor(create_app(Settings()))
+    return create_app(Settings())

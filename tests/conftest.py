@@ -105,7 +105,7 @@ def client(app) -> Iterator:
     """An HTTP client on the app; FHIR base is ``/fhir``."""
     from fastapi.testclient import TestClient
 
-    with TestClient(app, base_url="http://testserver") as test_client:
+    with TestClient(app, base_url="http://testserver", follow_redirects=False) as test_client:
         yield test_client
 
 
