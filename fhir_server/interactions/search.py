@@ -38,10 +38,14 @@ def _unit(ctx: InteractionContext) -> Iterator[Any]:
             yield tx
 
 
-def _known_type(ctx: InteractionContext, rtype: str) -> None:
+def _known_type(ctx: InteractionContext, rtype: str, *, status: int = 404) -> None:
     if rtype not in ctx.repo.registry.resource_types:
         raise FhirError(
-            404, "not-supported", f"Unknown resource type '{rtype}'", code="MSO-SEARCH-004"
+            status,
+            "not-supported",
+            f"Unknown resource type '{rtype}'",
+            code="MSO-SEARCH-004",
+            expression=["_type"] if status == 400 else None,
         )
 
 
@@ -58,7 +62,7 @@ def search_system(ctx: InteractionContext, req: FhirRequest) -> FhirResponse:
     if types_param:
         types = tuple(t.strip() for t in types_param.split(",") if t.strip())
         for t in types:
-            _known_type(ctx, t)
+            _known_type(ctx, t, status=400)
     else:
         types = tuple(sorted(ctx.repo.registry.resource_types))
     return _search(ctx, req, types, "", extra_self=[("_type", types_param)] if types_param else [])

@@ -113,6 +113,8 @@ def parse_query(
     query = SearchQuery(types=types)
     for name, value in params:
         try:
+            if "\x00" in name or "\x00" in value:
+                raise _Bad("NUL characters are not allowed in search parameters", BAD_VALUE)
             if name in RESULT_PARAMS or name.split(":")[0] in ("_include", "_revinclude"):
                 _result_param(registry, query, name, value)
             else:
