@@ -176,6 +176,7 @@ def _options(ctx: InteractionContext, tx: Any = None) -> CompileOptions:
     options = CompileOptions(base_url=ctx.base_url, access_filter=access_filter_for(ctx))
     if tx is not None:
         options.expand_valueset = search_exec.valueset_expander(tx.conn, ctx.repo.registry)
+        options.subsumption = search_exec.subsumption(tx.conn, ctx.repo.registry)
     return options
 
 

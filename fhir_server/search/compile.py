@@ -82,10 +82,13 @@ class CompileOptions:
     access_filter: AccessFilter | None = None
     now_ms: int | None = None
     extra: list[Callable[[Any], ColumnElement[bool]]] = field(default_factory=list)
+    subsumption: Callable[[str, str, bool], Sequence[str] | None] | None = None
 
     def value_context(self) -> ValueContext:
         """The part type modules see."""
-        return ValueContext(self.base_url, self.expand_valueset, self.now_ms)
+        return ValueContext(
+            self.base_url, self.expand_valueset, self.now_ms, subsumption=self.subsumption
+        )
 
 
 @dataclass(slots=True)

@@ -266,7 +266,7 @@ def check_values(registry: SearchRegistry, types: tuple[str, ...], clause: Claus
                 raise _Bad(f"Invalid date '{value}' for _lastUpdated", BAD_VALUE) from None
         return
     param = clause.param
-    if param is None or clause.modifier in ("missing", "in", "not-in"):
+    if param is None or clause.modifier in ("missing", "in", "not-in", "above", "below"):
         return
     vc = ValueContext()
     try:

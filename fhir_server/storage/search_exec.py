@@ -75,7 +75,9 @@ def find_pids(
         raise error
     query.sort = []
     options = CompileOptions(
-        expand_valueset=valueset_expander(conn, registry), access_filter=access_filter
+        expand_valueset=valueset_expander(conn, registry),
+        access_filter=access_filter,
+        subsumption=subsumption(conn, registry),
     )
     compiled = compile_search(registry, query, options, limit=limit)
     return [row.pid for row in conn.execute(compiled.statement)]
@@ -374,3 +376,92 @@ def _contains(item: dict[str, Any], out: list[tuple[str | None, str | None]]) ->
         out.append((item.get("system"), item["code"]))
     for child in item.get("contains", ()):
         _contains(child, out)
+
+
+# -- CodeSystem hierarchies (:above / :below on tokens) ---------------------------------------
+
+
+@cache
+def _spec_codesystems() -> dict[str, dict[str, Any]]:
+    for path in _SHARED_VALUESETS:
+        if path.is_file():
+            bundle = orjson.loads(path.read_bytes())
+            return {
+                e["resource"]["url"]: e["resource"]
+                for e in bundle.get("entry", [])
+                if e.get("resource", {}).get("resourceType") == "CodeSystem"
+                and "url" in e["resource"]
+            }
+    return {}
+
+
+def _parents(codesystem: dict[str, Any]) -> dict[str, set[str]]:
+    """code -> its parent codes, from nested ``concept`` s and ``subsumedBy`` properties."""
+    parents: dict[str, set[str]] = {}
+
+    def walk(concepts: list[dict[str, Any]], parent: str | None) -> None:
+        for concept in concepts:
+            code = concept.get("code")
+            if not code:
+                continue
+            entry = parents.setdefault(code, set())
+            if parent:
+                entry.add(parent)
+            for prop in concept.get("property", ()):
+                if prop.get("code") in ("subsumedBy", "parent") and prop.get("valueCode"):
+                    entry.add(prop["valueCode"])
+            walk(concept.get("concept", ()), code)
+
+    walk(codesystem.get("concept", ()), None)
+    return parents
+
+
+def subsumption(conn: Connection, registry: SearchRegistry) -> Any:
+    """A function (system, code, below) -> the code plus its descendants / ancestors, or ``None``.
+
+    The code system comes from a CodeSystem stored on the server (by ``url``) or from the R4
+    CodeSystems shipped with the specification.
+    """
+
+    def find(system: str) -> dict[str, Any] | None:
+        param = registry.get("CodeSystem", "url")
+        if param is not None:
+            from fhir_server.search.types.uri import h_uri
+
+            row = conn.execute(
+                select(resource.c.content)
+                .select_from(resource.join(idx_uri, idx_uri.c.pid == resource.c.pid))
+                .where(
+                    idx_uri.c.hash_uri == h_uri(param.identity("CodeSystem"), system),
+                    resource.c.deleted.is_(False),
+                )
+                .limit(1)
+            ).first()
+            if row and row[0] is not None:
+                return orjson.loads(row[0])
+        return _spec_codesystems().get(system)
+
+    def related(system: str, code: str, below: bool) -> list[str] | None:
+        cs = find(system)
+        if cs is None:
+            return None
+        parents = _parents(cs)
+        if code not in parents:
+            return None
+        if below:
+            children: dict[str, set[str]] = {}
+            for child, ps in parents.items():
+                for p in ps:
+                    children.setdefault(p, set()).add(child)
+            edges = children
+        else:
+            edges = parents
+        out, todo = {code}, [code]
+        while todo:
+            for nxt in edges.get(todo.pop(), ()):
+                if nxt not in out:
+                    out.add(nxt)
+                    todo.append(nxt)
+        return sorted(out)
+
+    return related

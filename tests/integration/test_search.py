@@ -412,3 +412,25 @@ def test_malformed_nested_values_are_named(client, data: Data, query: str) -> No
     assert outcome["resource"]["issue"][0]["expression"] == [name]
     resp = client.get(f"/fhir/{query}", headers={"Prefer": "handling=strict"})
     assert resp.status_code == 400 and resp.json()["issue"][0]["expression"] == [name]
+
+
+def test_token_above_below_with_code_system_hierarchy(client, data: Data) -> None:
+    cs = "http://terminology.hl7.org/CodeSystem/condition-clinical"
+    made = {}
+    for status in ("active", "relapse", "resolved"):
+        body = {
+            "resourceType": "Condition",
+            "meta": {"tag": [{"system": TAG_SYSTEM, "code": data.tag}]},
+            "clinicalStatus": {"coding": [{"system": cs, "code": status}]},
+            "subject": {"reference": f"Patient/{data.ids['anna']}"},
+        }
+        made[status] = _post(client, body)["id"]
+    below = ids_of(search(client, data, f"Condition?clinical-status:below={cs}|active"))
+    assert below == {made["active"], made["relapse"]}
+    above = ids_of(search(client, data, f"Condition?clinical-status:above={cs}|relapse"))
+    assert above == {made["active"], made["relapse"]}
+    resp = client.get(
+        "/fhir/Condition?clinical-status:below=http://unknown|x",
+        headers={"Prefer": "handling=strict"},
+    )
+    assert resp.status_code == 400

@@ -278,3 +278,5 @@ class ValueContext:
     expand_valueset: Callable[[str], Sequence[tuple[str | None, str | None]] | None] | None = None
     now_ms: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # (system, code, below) -> the code and its descendants (below) or ancestors (above)
+    subsumption: Callable[[str, str, bool], Sequence[str] | None] | None = None

@@ -6,7 +6,9 @@ Codings, CodeableConcepts, Identifiers, ContactPoints, booleans and codes are st
 ``|code`` (no system) and ``system|`` are each one index lookup. ``:text`` searches the
 normalized display / CodeableConcept.text, ``:of-type`` (Identifier) uses extra rows under
 ``<code>:of-type`` holding ``type-system|type-code|value``; ``:in`` / ``:not-in`` expand the
-ValueSet through the caller's expander; ``:not`` is compiled by the caller as NOT IN.
+ValueSet through the caller's expander; ``:above`` / ``:below`` use the code system's concept
+hierarchy (CodeSystems stored on the server or shipped with R4); ``:not`` is compiled by the
+caller as NOT IN.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from fhir_server.search.types.base import (
 )
 
 TABLE = "idx_token"
-MODIFIERS = ("text", "not", "in", "not-in", "of-type", "missing")
+MODIFIERS = ("text", "not", "in", "not-in", "of-type", "missing", "above", "below")
 OF_TYPE = ":of-type"
 _CONTACT_SYSTEMS = {"phone", "fax", "email", "pager", "url", "sms", "other"}
 
@@ -169,6 +171,17 @@ def predicate(
             In("hash_sys_value", exact) if exact else Cmp("hash_sys_value", "=", 0),
             In("hash_sys", systems) if systems else Cmp("hash_sys", "=", 0),
         )
+    if modifier in ("above", "below"):
+        try:
+            system, code, has_bar = parse(value)
+        except ValueError as exc:
+            raise bad_value(param.code, value, str(exc)) from None
+        if not (has_bar and system and code):
+            raise bad_value(param.code, value, f":{modifier} needs system|code")
+        found = vc.subsumption(system, code, modifier == "below") if vc.subsumption else None
+        if found is None:
+            raise bad_value(param.code, value, "no hierarchy known for this code system")
+        return In("hash_sys_value", tuple(h_sys_value(identity, system, c) for c in found))
     raise unsupported_modifier(param.code, modifier)
 
 
