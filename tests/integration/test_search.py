@@ -434,3 +434,17 @@ def test_token_above_below_with_code_system_hierarchy(client, data: Data) -> Non
         headers={"Prefer": "handling=strict"},
     )
     assert resp.status_code == 400
+
+
+@pytest.mark.parametrize(
+    "sort", ["_lastUpdated", "-_lastUpdated", "-_id", "gender,-birthdate", "-name"]
+)
+def test_paging_through_every_sort_order(client, data: Data, sort: str) -> None:
+    first = search(client, data, f"Patient?_sort={sort}&_count=100")
+    expected = [e["resource"]["id"] for e in first["entry"]]
+    page = search(client, data, f"Patient?_sort={sort}&_count=1")
+    seen = [e["resource"]["id"] for e in page["entry"]]
+    while nxt := next((x["url"] for x in page["link"] if x["relation"] == "next"), None):
+        page = client.get(nxt.replace("http://testserver", "")).json()
+        seen.extend(e["resource"]["id"] for e in page.get("entry", []))
+    assert seen == expected and len(seen) == 3
