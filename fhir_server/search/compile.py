@@ -251,6 +251,8 @@ def clause_condition(
     code = clause.code
     if clause.has is not None:
         return _has_condition(registry, options, types, clause, r)
+    if clause.filter is not None:
+        return _filter_condition(registry, options, types, clause.filter, r)
     if code == "_id":
         ids = [_unescape(v) for v in clause.values]
         if clause.modifier == "missing":
@@ -279,6 +281,17 @@ def clause_condition(
             for t in types
         )
     )
+
+
+def _filter_condition(
+    registry: SearchRegistry, options: CompileOptions, types: tuple[str, ...], node: Any, r: Any
+) -> ColumnElement[bool]:
+    if isinstance(node, Clause):
+        return clause_condition(registry, options, types, node, r)
+    parts = [_filter_condition(registry, options, types, c, r) for c in node.children]
+    if node.op == "not":
+        return not_(parts[0])
+    return and_(*parts) if node.op == "and" else or_(*parts)
 
 
 def _param(registry: SearchRegistry, rtype: str, clause: Clause) -> SearchParam:

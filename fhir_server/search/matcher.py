@@ -54,6 +54,8 @@ class MemoryStore:
         rows = self.rows[key]
         res = self.items[key]
         code = clause.code
+        if clause.filter is not None:
+            return self._filter(key, clause.filter, vc)
         if clause.has is not None:
             has = clause.has
             identity = has.ref.identity(has.type)
@@ -113,6 +115,14 @@ class MemoryStore:
                 hit = True
                 break
         return not hit if negate else hit
+
+    def _filter(self, key: tuple[str, str], node: Any, vc: ValueContext) -> bool:
+        if isinstance(node, Clause):
+            return self.matches(key, node, vc)
+        results = [self._filter(key, c, vc) for c in node.children]
+        if node.op == "not":
+            return not results[0]
+        return all(results) if node.op == "and" else any(results)
 
     def _composite(
         self, rows: RowsByTable, param: SearchParam, identity: int, value: str, vc: ValueContext

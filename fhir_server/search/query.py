@@ -9,6 +9,7 @@ caller raises them (``Prefer: handling=strict``) or reports them in the Bundle.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from fhir_server.fhir.outcome import FhirError
 from fhir_server.search.registry import SearchParam, SearchRegistry
@@ -42,6 +43,7 @@ class Clause:
     chain: Clause | None = None
     target_types: tuple[str, ...] = ()
     has: HasClause | None = None
+    filter: Any = None  # a parsed _filter: tree of (Leaf -> Clause) and Node
 
 
 @dataclass(slots=True)
@@ -193,6 +195,8 @@ def parse_clause(registry: SearchRegistry, types: tuple[str, ...], name: str, va
     """Parse one criterion ``name=value`` for resources of ``types``."""
     if name.startswith("_has:"):
         return _parse_has(registry, types, name, value)
+    if name == "_filter":
+        return _parse_filter(registry, types, value)
     head, dot, rest = name.partition(".")
     code, _, modifier = head.partition(":")
     modifier = modifier or None
@@ -321,3 +325,22 @@ def _parse_has(registry: SearchRegistry, types: tuple[str, ...], name: str, valu
         raise _Bad(f"{rtype}:{ref_code} cannot point at {'/'.join(types)}")
     inner = parse_clause(registry, (rtype,), rest, value)
     return Clause(name, "_has", None, [], None, has=HasClause(rtype, ref, inner))
+
+
+def _parse_filter(registry: SearchRegistry, types: tuple[str, ...], value: str) -> Clause:
+    from fhir_server.search import filter as filt
+
+    param_types = {code: p.type for code, p in registry.params_for(types[0]).items()}
+    try:
+        tree = filt.parse_filter(value, param_types)
+    except filt.FilterError as err:
+        raise _Bad(str(err), BAD_VALUE) from None
+
+    def convert(node: Any) -> Any:
+        if isinstance(node, filt.Leaf):
+            clause = parse_clause(registry, types, node.name, node.value)
+            check_values(registry, types, clause)
+            return clause
+        return filt.Node(node.op, [convert(c) for c in node.children])
+
+    return Clause("_filter", "_filter", None, [value], filter=convert(tree))

@@ -207,6 +207,13 @@ CASES = [
     ("Patient?_content=anna", ("anna",)),
     ("Patient?_list={list}", ("bob",)),
     ("Patient?identifier:of-type=http://t|MR|A-{tag}", ("anna",)),
+    # _filter
+    ('Patient?_filter=name co "ll" and gender eq female', ("anna",)),
+    ("Patient?_filter=birthdate ge 1990 or gender eq female", ("anna", "bob", "carl")),
+    ("Patient?_filter=not (gender eq female)", ("bob", "carl")),
+    ("Patient?_filter=gender pr false", ("carl",)),
+    ("Patient?_filter=(family sw mul or family eq Smith) and birthdate lt 2000", ("anna",)),
+    ("Observation?_filter=value-quantity gt 80 and subject eq Patient/{bob}", ("o3",)),
 ]
 
 

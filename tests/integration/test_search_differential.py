@@ -143,6 +143,13 @@ def _queries(rng: random.Random) -> list[tuple[str, list[tuple[str, str]]]]:
                     ],
                 )
             )
+        elif rng.random() < 0.4:
+            fam = rng.choice(FAMILIES)[:3]
+            op = rng.choice(["and", "or"])
+            expr = f"name sw {fam} {op} birthdate {rng.choice(['ge', 'lt'])} {_date(rng)}"
+            if rng.random() < 0.5:
+                expr = f"not ({expr}) or gender eq {rng.choice(['male', 'female'])}"
+            out.append(("Patient", [("_filter", expr)]))
         else:
             out.append(
                 (

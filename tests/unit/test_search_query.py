@@ -72,3 +72,19 @@ def test_result_parameters(registry: SearchRegistry) -> None:
     assert [(k.code, k.descending) for k in q.sort] == [("birthdate", True), ("name", False)]
     assert q.count == 5 and q.includes[0].reverse and q.includes[0].iterate
     assert q.summary == "true" and q.total == "accurate" and q.elements == ["name", "gender"]
+
+
+@pytest.mark.parametrize(
+    "expr", ['name zz "x"', "name eq", "(name eq x", "nope eq 1", "name gt x", "gender co x"]
+)
+def test_bad_filters_are_issues(registry: SearchRegistry, expr: str) -> None:
+    q = parse_query(registry, ("Patient",), [("_filter", expr)])
+    assert q.issues and q.issues[0].name == "_filter" and q.issues[0].code == "MSO-SEARCH-002"
+
+
+def test_filter_tree(registry: SearchRegistry) -> None:
+    q = parse_query(registry, ("Patient",), [("_filter", 'not (name co "a b" and gender eq male)')])
+    assert not q.issues
+    tree = q.clauses[0].filter
+    assert tree.op == "not" and tree.children[0].op == "and"
+    assert tree.children[0].children[0].modifier == "contains"
