@@ -347,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--small", type=int, default=1050, help="patients at the small stage")
     ap.add_argument("--runs", type=int, default=200, help="executions per query and stage")
     ap.add_argument("--wrk-seconds", type=int, default=10)
+    ap.add_argument("--workers", type=int, default=2, help="uvicorn worker processes for HTTP")
     ap.add_argument("--keep", action="store_true", help="keep the database afterwards")
     ap.add_argument("--database", help="measure an already loaded (--keep) database; no load")
     args = ap.parse_args(argv)
@@ -394,9 +395,12 @@ def main(argv: list[str] | None = None) -> int:
             }
             server = subprocess.Popen(
                 [sys.executable, "-m", "uvicorn", "--factory", "bench.search:_app", "--port", "8765",
-                 "--log-level", "warning", "--no-access-log"], env=env,
+                 "--log-level", "warning", "--no-access-log", "--workers", str(args.workers)], env=env,
             )  # fmt: skip
-            time.sleep(6)
+            time.sleep(6 + 2 * args.workers)
+            print(
+                f"HTTP: uvicorn with {args.workers} worker(s), wrk -t1 -c16 -d{args.wrk_seconds}s"
+            )
             wrk("http://127.0.0.1:8765", args.patients, args.wrk_seconds)
         engine.dispose()
     finally:
