@@ -455,3 +455,14 @@ def test_paging_through_every_sort_order(client, data: Data, sort: str) -> None:
         page = client.get(nxt.replace("http://testserver", "")).json()
         seen.extend(e["resource"]["id"] for e in page.get("entry", []))
     assert seen == expected and len(seen) == 3
+
+
+def test_bad_cursor_is_a_400(client, data: Data) -> None:
+    resp = client.get(f"/fhir/Patient?_tag={data.t}&_cursor=not-a-cursor")
+    assert resp.status_code == 400
+    assert resp.json()["issue"][0]["details"]["coding"][0]["code"] == "MSO-SEARCH-005"
+
+
+def test_count_is_capped_by_max_page_size(client, data: Data) -> None:
+    b = search(client, data, "Patient?_count=100000")
+    assert len(ids_of(b)) == 3
