@@ -2,8 +2,8 @@
 
 Rows are extracted by :func:`fhir_server.search.extract.extract_rows` and replace the previous
 rows of the resource (``pid``). A first version (``meta.versionId == "1"``, a fresh pid) has no
-previous rows, so nothing is deleted. On PostgreSQL every statement of a write goes out in one
-psycopg pipeline (one network round trip: an update deletes and re-inserts the rows); on
+previous rows, so nothing is deleted. On PostgreSQL a write is one statement (one round trip: an
+update deletes and re-inserts the rows, see :func:`_write_postgres`); on
 SQLite an update reads the stored rows of each table and writes only the differences.
 ``resource=None`` (delete) drops all rows.
 """
@@ -39,7 +39,7 @@ def write_index(
     rows = extract_rows(registry, resource)
     fresh = str((resource.get("meta") or {}).get("versionId")) == "1"
     if conn.dialect.name == "postgresql":
-        _write_pipelined(conn, pid, rows, fresh)
+        _write_postgres(conn, pid, rows, fresh)
         return
     for table in INDEX_TABLES:
         new = rows.get(table.name, [])
@@ -50,37 +50,52 @@ def write_index(
         _replace(conn, table, pid, new)
 
 
-def _insert_sql(table: Table) -> str:
+def _insert_head(table: Table) -> str:
     cols = ("pid", *_VALUE_COLUMNS[table.name])
-    values = ", ".join(["%s"] * len(cols))
-    return f"INSERT INTO {table.name} ({', '.join(cols)}) VALUES ({values})"
+    return f"INSERT INTO {table.name} ({', '.join(cols)}) VALUES "
 
 
-_INSERT_SQL = {t.name: _insert_sql(t) for t in INDEX_TABLES}
+_INSERT_HEAD = {t.name: _insert_head(t) for t in INDEX_TABLES}
+_ROW_SQL = {
+    t.name: "(" + ", ".join(["%s"] * (1 + len(_VALUE_COLUMNS[t.name]))) + ")" for t in INDEX_TABLES
+}
 _DELETE_SQL = {t.name: f"DELETE FROM {t.name} WHERE pid = %s" for t in INDEX_TABLES}
 
 
-def _write_pipelined(
+def _write_postgres(
     conn: Connection, pid: int, rows: dict[str, list[dict[str, Any]]], fresh: bool
 ) -> None:
-    """PostgreSQL: send every DELETE / INSERT in one psycopg pipeline (one round trip).
+    """PostgreSQL: every DELETE and INSERT of the write in one statement (one round trip).
 
-    The statements run on the connection's open transaction, like the SQLAlchemy ones.
+    The statements are chained as data-modifying CTEs, which all see the same snapshot: each
+    DELETE removes only the resource's previous rows, never the ones inserted beside it, and
+    each table's rows go in as one multi-row INSERT rather than a statement per row.
     """
+    parts: list[str] = []
+    params: list[Any] = []
+    for table in INDEX_TABLES:
+        if not fresh:
+            parts.append(_DELETE_SQL[table.name])
+            params.append(pid)
+        new = rows.get(table.name)
+        if new:
+            cols = _VALUE_COLUMNS[table.name]
+            unique_rows = _dedupe(table, new)
+            row_sql = _ROW_SQL[table.name]
+            parts.append(_INSERT_HEAD[table.name] + ", ".join([row_sql] * len(unique_rows)))
+            for row in unique_rows:
+                params.append(pid)
+                params.extend(row.get(c, 0 if c == "grp" else None) for c in cols)
+    if not parts:
+        return
+    *ctes, last = parts
+    sql = "".join(
+        ("WITH " if i == 0 else ", ") + f"w{i} AS ({part})" for i, part in enumerate(ctes)
+    )
     raw = conn.connection.dbapi_connection
     assert raw is not None
-    with raw.pipeline(), raw.cursor() as cur:
-        for table in INDEX_TABLES:
-            if not fresh:
-                cur.execute(_DELETE_SQL[table.name], (pid,))
-            new = rows.get(table.name)
-            if new:
-                cols = _VALUE_COLUMNS[table.name]
-                params = [
-                    (pid, *(row.get(c, 0 if c == "grp" else None) for c in cols))
-                    for row in _dedupe(table, new)
-                ]
-                cur.executemany(_INSERT_SQL[table.name], params)
+    with raw.cursor() as cur:
+        cur.execute(f"{sql} {last}" if sql else last, params, prepare=False)
 
 
 def _key(table: Table, row: dict[str, Any]) -> tuple[Any, ...]:
