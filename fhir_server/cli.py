@@ -10,23 +10,20 @@ from fhir_server.config import Settings
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
-    import uvicorn
-
     from fhir_server.storage.migrate import upgrade
 
     upgrade(settings.database_url)
     # Workers re-read settings from the environment: pass the command-line choices down.
     os.environ["MSO_DATABASE_URL"] = settings.database_url
-    uvicorn.run(
-        "fhir_server.app:app_from_env",
-        factory=True,
+    from fhir_server.serve import serve
+
+    return serve(
         host=args.host or settings.host,
         port=args.port or settings.port,
         workers=args.workers or settings.workers,
         log_level=args.log_level,
         access_log=args.access_log,
     )
-    return 0
 
 
 def _migrate(args: argparse.Namespace, settings: Settings) -> int:
