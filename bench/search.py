@@ -304,6 +304,9 @@ def wrk(url: str, n_patients: int, seconds: int) -> None:
         return
     families = ",".join(f'"{f[:3].lower()}"' for f in FAMILIES if f.isascii())
     scripts = {
+        "Patient/<id> (read, the stack's baseline)": (
+            f'request = function() return wrk.format("GET", "/fhir/Patient/pat-" .. math.random(0, {n_patients - 1})) end'
+        ),
         "Patient?identifier=sys|value": (
             f'request = function() return wrk.format("GET", "/fhir/Patient?identifier=urn:mso:mrn%7CMRN" .. math.random(0, {n_patients - 1})) end'
         ),
