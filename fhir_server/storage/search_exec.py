@@ -244,8 +244,9 @@ def _one_include(
     pids: list[int],
     options: CompileOptions,
 ) -> list[int]:
-    identities = _identities(registry, inc)
-    if not identities:
+    every = inc.reverse and inc.param == "*"  # _revinclude=*: whatever points at the page
+    identities = [] if every else _identities(registry, inc)
+    if not identities and not every:
         return []
     ref = idx_reference.alias()
     other = resource.alias("t")
@@ -258,13 +259,10 @@ def _one_include(
         stmt = (
             select(src.c.pid)
             .select_from(join.join(src, src.c.pid == ref.c.pid))
-            .where(
-                other.c.pid.in_(pids),
-                ref.c.hash_identity.in_(identities),
-                src.c.res_type == inc.source,
-                src.c.deleted.is_(False),
-            )
+            .where(other.c.pid.in_(pids), src.c.deleted.is_(False))
         )
+        if not every:
+            stmt = stmt.where(ref.c.hash_identity.in_(identities), src.c.res_type == inc.source)
         if inc.target:
             stmt = stmt.where(other.c.res_type == inc.target)
         filtered = src

@@ -466,3 +466,8 @@ def test_bad_cursor_is_a_400(client, data: Data) -> None:
 def test_count_is_capped_by_max_page_size(client, data: Data) -> None:
     b = search(client, data, "Patient?_count=100000")
     assert len(ids_of(b)) == 3
+
+
+def test_revinclude_star(client, data: Data) -> None:
+    b = search(client, data, f"Patient?_id={data.ids['anna']}&_revinclude=*")
+    assert keys(data, "o1", "o2", "enc") <= ids_of(b, "include")
