@@ -471,3 +471,25 @@ def test_count_is_capped_by_max_page_size(client, data: Data) -> None:
 def test_revinclude_star(client, data: Data) -> None:
     b = search(client, data, f"Patient?_id={data.ids['anna']}&_revinclude=*")
     assert keys(data, "o1", "o2", "enc") <= ids_of(b, "include")
+
+
+def test_query_count_on_hot_paths(app, client, data: Data) -> None:
+    """A one-page search is one SQL statement; a paged one adds none (snapshot read with it)."""
+    from sqlalchemy import event
+
+    engine = app.state.repo.engine
+    statements: list[str] = []
+
+    def count(conn, cursor, statement, *args) -> None:  # type: ignore[no-untyped-def]
+        if not statement.lstrip().upper().startswith(("BEGIN", "COMMIT", "ROLLBACK", "PRAGMA")):
+            statements.append(statement)
+
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        search(client, data, f"Patient?identifier=urn:mrn|A-{data.tag}")
+        assert len(statements) == 1, statements
+        statements.clear()
+        search(client, data, "Patient?_count=1")
+        assert len(statements) == 1, statements
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
