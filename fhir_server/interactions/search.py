@@ -18,6 +18,8 @@ from functools import cache
 from typing import Any
 from urllib.parse import urlencode
 
+from sqlalchemy import and_, or_
+
 from fhir_server.fhir.definitions import load_json
 from fhir_server.fhir.outcome import FhirError, Issue, not_found, operation_outcome
 from fhir_server.interactions.base import FhirRequest, FhirResponse, InteractionContext
@@ -83,24 +85,32 @@ def search_compartment(
             f"No {compartment_type} compartment on this server",
             code="MSO-SEARCH-006",
         )
-    _known_type(ctx, target_type)
     params = compartment_params()
-    if target_type != "*" and target_type not in params:
-        raise FhirError(
-            400,
-            "invalid",
-            f"{target_type} is not in the {compartment_type} compartment",
-            code="MSO-SEARCH-007",
-        )
-    condition = compartment_condition(
-        ctx.repo.registry, params, compartment_type, compartment_id, target_type
-    )
+    registry = ctx.repo.registry
+    if target_type == "*":
+        types = tuple(t for t in sorted(params) if t in registry.resource_types)
+    else:
+        _known_type(ctx, target_type)
+        if target_type not in params:
+            raise FhirError(
+                400,
+                "invalid",
+                f"{target_type} is not in the {compartment_type} compartment",
+                code="MSO-SEARCH-007",
+            )
+        types = (target_type,)
+    per_type = {
+        t: compartment_condition(registry, params, compartment_type, compartment_id, t)
+        for t in types
+    }
+
+    def condition(r: Any) -> Any:
+        if len(types) == 1:
+            return per_type[types[0]](r)
+        return or_(*(and_(r.c.res_type == t, cond(r)) for t, cond in per_type.items()))
+
     return _search(
-        ctx,
-        req,
-        (target_type,),
-        f"{compartment_type}/{compartment_id}/{target_type}",
-        extra=[condition],
+        ctx, req, types, f"{compartment_type}/{compartment_id}/{target_type}", extra=[condition]
     )
 
 

@@ -561,11 +561,11 @@ def compartment_condition(
 
     def build(r: Any) -> ColumnElement[bool]:
         conds: list[ColumnElement[bool]] = []
+        if target_type == compartment_type:  # the owner is in its own compartment
+            conds.append(r.c.res_id == compartment_id)
         identities = []
         for code in codes:
             if code == "{def}":
-                if target_type == compartment_type:
-                    conds.append(r.c.res_id == compartment_id)
                 continue
             param = registry.get(target_type, code)
             if param is not None and param.type == "reference":

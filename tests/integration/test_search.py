@@ -333,6 +333,8 @@ def test_system_and_compartment_search(client, data: Data) -> None:
     assert ids_of(b) == keys(data, "o1", "o2")
     b = client.get(f"/fhir/Patient/{data.ids['anna']}/Observation?code=8867-4").json()
     assert ids_of(b) == keys(data, "o1")
+    b = client.get(f"/fhir/Patient/{data.ids['anna']}/*?_tag={data.t}").json()
+    assert ids_of(b) == keys(data, "anna", "o1", "o2", "enc")
     b = client.get(f"/fhir/Patient/{data.ids['anna']}/$everything").json()
     assert ids_of(b) >= keys(data, "anna", "o1", "o2", "enc")
     assert data.ids["o3"] not in ids_of(b)
