@@ -211,9 +211,7 @@ def _search(
     count = query.count if query.count is not None else settings.default_page_size
     count = min(count, settings.max_page_size)
     with _unit(ctx) as tx:
-        fire = getattr(tx, "_fire_search", None)
-        if fire is not None:
-            fire(types[0] if len(types) == 1 else "", params)
+        tx.fire_search(types[0] if len(types) == 1 else "", params)
         options = _options(ctx, tx)
         options.extra.extend(extra or [])
         if query.issues and not strict:

@@ -298,7 +298,7 @@ class Tx:
                 "Conditional interaction without search criteria",
                 code="MSO-REST-412",
             )
-        self._fire_search(res_type, params)
+        self.fire_search(res_type, params)
         pids = search_exec.find_pids(self.conn, self.repo.registry, res_type, params, limit=limit)
         return self.load(pids)
 
@@ -614,7 +614,8 @@ class Tx:
     def _fire_read(self, res_type: str, res_id: str) -> None:
         self._fire(HookPoint.BEFORE_READ, res_type, res_id, None)
 
-    def _fire_search(self, res_type: str, params: list[tuple[str, str]]) -> None:
+    def fire_search(self, res_type: str, params: list[tuple[str, str]]) -> None:
+        """Run the ``before_search`` hooks (access policy may refuse or narrow the search)."""
         hooks = self.repo.hooks
         if hooks.has(HookPoint.BEFORE_SEARCH):
             hooks.fire(

@@ -304,10 +304,7 @@ def decode_cursor(token: str) -> tuple[Position, int, int | None]:
 
 # -- ValueSets --------------------------------------------------------------------------------
 
-_SHARED_VALUESETS = (
-    Path(__file__).resolve().parents[1] / "fhir" / "r4" / "valuesets.json",
-    Path(__file__).resolve().parents[3] / "shared" / "fhir-r4" / "valuesets.json",
-)
+_SHARED_VALUESETS = (Path(__file__).resolve().parents[1] / "fhir" / "r4" / "valuesets.json",)
 
 
 @cache
