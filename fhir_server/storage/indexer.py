@@ -10,6 +10,7 @@ SQLite an update reads the stored rows of each table and writes only the differe
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from sqlalchemy import Connection, Table, delete, insert, select
@@ -50,15 +51,21 @@ def write_index(
         _replace(conn, table, pid, new)
 
 
-def _insert_head(table: Table) -> str:
-    cols = ("pid", *_VALUE_COLUMNS[table.name])
-    return f"INSERT INTO {table.name} ({', '.join(cols)}) VALUES "
+def _pg_array_type(column: Any) -> str:
+    """The PostgreSQL array type a column's values are sent as (``bigint[]``, ``text[]`` …)."""
+    from sqlalchemy.dialects import postgresql
+
+    name = column.type.compile(dialect=postgresql.dialect()).split(" COLLATE")[0]
+    return re.sub(r"\(.*\)", "", name).lower() + "[]"
 
 
-_INSERT_HEAD = {t.name: _insert_head(t) for t in INDEX_TABLES}
-_ROW_SQL = {
-    t.name: "(" + ", ".join(["%s"] * (1 + len(_VALUE_COLUMNS[t.name]))) + ")" for t in INDEX_TABLES
-}
+def _unnest_insert(table: Table) -> str:
+    cols = _VALUE_COLUMNS[table.name]
+    arrays = ", ".join(f"%s::{_pg_array_type(table.c[c])}" for c in cols)
+    return f"INSERT INTO {table.name} (pid, {', '.join(cols)}) SELECT %s, * FROM unnest({arrays})"
+
+
+_INSERT_SQL = {t.name: _unnest_insert(t) for t in INDEX_TABLES}
 _DELETE_SQL = {t.name: f"DELETE FROM {t.name} WHERE pid = %s" for t in INDEX_TABLES}
 
 
@@ -68,8 +75,9 @@ def _write_postgres(
     """PostgreSQL: every DELETE and INSERT of the write in one statement (one round trip).
 
     The statements are chained as data-modifying CTEs, which all see the same snapshot: each
-    DELETE removes only the resource's previous rows, never the ones inserted beside it, and
-    each table's rows go in as one multi-row INSERT rather than a statement per row.
+    DELETE removes only the resource's previous rows, never the ones inserted beside it. Each
+    table's rows go in as one ``INSERT … SELECT FROM unnest(<column arrays>)``, so the SQL text
+    depends only on which tables get rows: psycopg caches and prepares the few variants.
     """
     parts: list[str] = []
     params: list[Any] = []
@@ -79,13 +87,12 @@ def _write_postgres(
             params.append(pid)
         new = rows.get(table.name)
         if new:
-            cols = _VALUE_COLUMNS[table.name]
             unique_rows = _dedupe(table, new)
-            row_sql = _ROW_SQL[table.name]
-            parts.append(_INSERT_HEAD[table.name] + ", ".join([row_sql] * len(unique_rows)))
-            for row in unique_rows:
-                params.append(pid)
-                params.extend(row.get(c, 0 if c == "grp" else None) for c in cols)
+            parts.append(_INSERT_SQL[table.name])
+            params.append(pid)
+            for column in _VALUE_COLUMNS[table.name]:
+                default = 0 if column == "grp" else None
+                params.append([row.get(column, default) for row in unique_rows])
     if not parts:
         return
     *ctes, last = parts
@@ -95,7 +102,7 @@ def _write_postgres(
     raw = conn.connection.dbapi_connection
     assert raw is not None
     with raw.cursor() as cur:
-        cur.execute(f"{sql} {last}" if sql else last, params, prepare=False)
+        cur.execute(f"{sql} {last}" if sql else last, params)
 
 
 def _key(table: Table, row: dict[str, Any]) -> tuple[Any, ...]:
