@@ -483,15 +483,7 @@ class Tx:
         written while a client pages do not shift or duplicate entries.
         """
         h = resource_history.c
-        conditions = []
-        if res_type is not None:
-            conditions.append(h.res_type == res_type)
-        if res_id is not None:
-            conditions.append(h.res_id == res_id)
-        if since is not None:
-            conditions.append(h.last_updated >= since)
-        if snapshot is not None:
-            conditions.append(h.last_updated <= snapshot)
+        conditions = _history_filter(res_type, res_id, since, snapshot)
         if at is not None:
             # _at: per resource, the version current at that instant (the newest not after it).
             newer = resource_history.alias("newer")
@@ -529,16 +521,8 @@ class Tx:
         snapshot: datetime | None = None,
     ) -> int:
         """How many versions :meth:`history` would list over all pages."""
-        h = resource_history.c
         stmt = select(func.count()).select_from(resource_history)
-        if res_type is not None:
-            stmt = stmt.where(h.res_type == res_type)
-        if res_id is not None:
-            stmt = stmt.where(h.res_id == res_id)
-        if since is not None:
-            stmt = stmt.where(h.last_updated >= since)
-        if snapshot is not None:
-            stmt = stmt.where(h.last_updated <= snapshot)
+        stmt = stmt.where(*_history_filter(res_type, res_id, since, snapshot))
         return int(self.conn.execute(stmt).scalar_one())
 
     def exists_any(self, res_type: str, res_id: str) -> bool:
@@ -637,6 +621,23 @@ class Tx:
                     HookPoint.AFTER_COMMIT, res_type, res_id, body, previous, None, self.caller
                 )
             )
+
+
+def _history_filter(
+    res_type: str | None, res_id: str | None, since: datetime | None, snapshot: datetime | None
+) -> list[Any]:
+    """The WHERE conditions selecting a history listing (all optional)."""
+    h = resource_history.c
+    conditions: list[Any] = []
+    if res_type is not None:
+        conditions.append(h.res_type == res_type)
+    if res_id is not None:
+        conditions.append(h.res_id == res_id)
+    if since is not None:
+        conditions.append(h.last_updated >= since)
+    if snapshot is not None:
+        conditions.append(h.last_updated <= snapshot)
+    return conditions
 
 
 class _IdTaken(Exception):

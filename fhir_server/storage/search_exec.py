@@ -304,21 +304,24 @@ def decode_cursor(token: str) -> tuple[Position, int, int | None]:
 
 # -- ValueSets --------------------------------------------------------------------------------
 
-_SHARED_VALUESETS = (Path(__file__).resolve().parents[1] / "fhir" / "r4" / "valuesets.json",)
+_SPEC_TERMINOLOGY = Path(__file__).resolve().parents[1] / "fhir" / "r4" / "valuesets.json"
 
 
 @cache
+def _spec_terminology() -> dict[str, dict[str, dict[str, Any]]]:
+    """The R4 ValueSets and CodeSystems by resource type, then canonical URL (parsed once)."""
+    out: dict[str, dict[str, dict[str, Any]]] = {"ValueSet": {}, "CodeSystem": {}}
+    bundle = orjson.loads(_SPEC_TERMINOLOGY.read_bytes())
+    for entry in bundle.get("entry", []):
+        resource = entry.get("resource") or {}
+        by_url = out.get(resource.get("resourceType", ""))
+        if by_url is not None and "url" in resource:
+            by_url[resource["url"]] = resource
+    return out
+
+
 def _spec_valuesets() -> dict[str, dict[str, Any]]:
-    for path in _SHARED_VALUESETS:
-        if path.is_file():
-            bundle = orjson.loads(path.read_bytes())
-            return {
-                e["resource"]["url"]: e["resource"]
-                for e in bundle.get("entry", [])
-                if e.get("resource", {}).get("resourceType") == "ValueSet"
-                and "url" in e["resource"]
-            }
-    return {}
+    return _spec_terminology()["ValueSet"]
 
 
 def valueset_expander(conn: Connection, registry: SearchRegistry) -> Any:
@@ -376,18 +379,8 @@ def _contains(item: dict[str, Any], out: list[tuple[str | None, str | None]]) ->
 # -- CodeSystem hierarchies (:above / :below on tokens) ---------------------------------------
 
 
-@cache
 def _spec_codesystems() -> dict[str, dict[str, Any]]:
-    for path in _SHARED_VALUESETS:
-        if path.is_file():
-            bundle = orjson.loads(path.read_bytes())
-            return {
-                e["resource"]["url"]: e["resource"]
-                for e in bundle.get("entry", [])
-                if e.get("resource", {}).get("resourceType") == "CodeSystem"
-                and "url" in e["resource"]
-            }
-    return {}
+    return _spec_terminology()["CodeSystem"]
 
 
 def _parents(codesystem: dict[str, Any]) -> dict[str, set[str]]:
