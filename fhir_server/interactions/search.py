@@ -36,7 +36,9 @@ def _unit(ctx: InteractionContext) -> Iterator[Any]:
     if ctx.tx is not None:
         yield ctx.tx
     else:
-        with ctx.repo.unit(caller=ctx.caller) as tx:
+        # Autocommit: under PostgreSQL's READ COMMITTED each statement takes its own snapshot
+        # anyway, so BEGIN/COMMIT would only add two round trips to every search.
+        with ctx.repo.unit(caller=ctx.caller, snapshot=False) as tx:
             yield tx
 
 
