@@ -57,6 +57,7 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", ("metadata",), capabilities.capabilities, "system", None),
     Route("GET", (), search.search_system, "system", "search-system"),
     Route("POST", (), transaction.transaction_or_batch, "system", "transaction"),
+    Route("POST", ("_search",), search.search_system, "system", None),
     Route("GET", ("_history",), history.history, "system", "history-system"),
     Route("GET", ("{op}",), operations.invoke, "system", None),
     Route("POST", ("{op}",), operations.invoke, "system", None),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from typing import Any
+from urllib.parse import parse_qsl
 
 import orjson
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
@@ -20,7 +21,7 @@ from starlette.responses import Response, StreamingResponse
 from fhir_server.config import Settings
 from fhir_server.fhir import jsonio
 from fhir_server.fhir.outcome import FhirError
-from fhir_server.interactions import binary, create, read, update
+from fhir_server.interactions import binary, create, read, search, update
 from fhir_server.interactions.base import FhirRequest, FhirResponse, InteractionContext, Prefer
 from fhir_server.interactions.table import resolve
 from fhir_server.storage.blobs import BlobStore
@@ -37,6 +38,7 @@ _JSON_FORMATS = frozenset(
 _TRANSPORT_PARAMS = frozenset({"_format", "_pretty"})
 _METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
 _INLINE = (read.read, read.vread)
+_SEARCHES = (search.search_type, search.search_system)
 
 
 def _mime(value: str | None) -> str:
@@ -108,7 +110,7 @@ class FhirEndpoint:
                 406, "not-supported", "This server speaks FHIR JSON only", code="MSO-REST-406"
             )
         if method in ("POST", "PUT", "PATCH"):
-            await self._read_body(request, req)
+            await self._read_body(request, req, handler)
         if handler in _INLINE and self.settings.inline_reads:
             # A read by id is one indexed point lookup (well under a millisecond): handing it
             # to a worker thread costs more CPU than running it here.
@@ -154,7 +156,7 @@ class FhirEndpoint:
         if length is not None and length.isdigit() and int(length) > limit:
             raise _too_large(limit)
 
-    async def _read_body(self, request: Request, req: FhirRequest) -> None:
+    async def _read_body(self, request: Request, req: FhirRequest, handler: Any) -> None:
         limit = self.settings.max_resource_bytes
         self._check_length(request, limit)
         chunks: list[bytes] = []
@@ -166,10 +168,8 @@ class FhirEndpoint:
             chunks.append(chunk)
         raw = b"".join(chunks)
         content_type = _mime(request.headers.get("content-type"))
-        if content_type == FORM and req.method == "POST" and req.resource_id is None:
-            # POST [type]/_search: form parameters join the query's.
-            from urllib.parse import parse_qsl
-
+        if content_type == FORM and handler in _SEARCHES:
+            # POST [base]/[type]/_search: form parameters join the query's.
             req.params.extend(parse_qsl(raw.decode("utf-8", "replace"), keep_blank_values=True))
             return
         if not raw.strip():

@@ -355,3 +355,20 @@ def test_read_with_summary_and_elements(client, unique):
     elements = client.get(f"/fhir/Patient/{pid}", params={"_elements": "gender"}).json()
     assert elements["gender"] == "female" and "name" not in elements
     assert client.get(f"/fhir/Patient/{pid}", params={"_summary": "count"}).status_code == 400
+
+
+def test_post_search_with_form_parameters(client, unique):
+    post(client, patient(unique))
+    form = {"content-type": "application/x-www-form-urlencoded"}
+    found = client.post(
+        "/fhir/Patient/_search", content=f"identifier=urn:test|{unique}", headers=form
+    )
+    assert found.status_code == 200
+    assert len(found.json()["entry"]) == 1
+    system = client.post(
+        "/fhir/_search", content=f"_type=Patient&identifier=urn:test|{unique}", headers=form
+    )
+    assert system.status_code == 200
+    assert len(system.json()["entry"]) == 1
+    # A form body is not a resource: create refuses it rather than reading it as criteria.
+    assert client.post("/fhir/Patient", content="gender=male", headers=form).status_code == 415
