@@ -6,7 +6,7 @@ service requests and tasks; 19 resources per patient) into a fresh PostgreSQL da
 stages (``--small`` patients, then ``--patients``), and at each stage prints, per query:
 in-process latency p50/p95/p99 of the compiled SQL, its EXPLAIN cost, and the ratio to a
 hand-written SQL query over the same tables in the same run. At full size it also runs the
-HTTP throughput targets with ``wrk -t1 -c16`` against a uvicorn server, and measures the
+HTTP throughput targets with ``wrk -t1 -c16`` against ``mso serve``, and measures the
 index-write cost per created resource (create with vs without index extraction).
 Runs are bounded in count and time (the machine is shared).
 """
@@ -19,7 +19,6 @@ import random
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -31,6 +30,7 @@ import orjson
 from sqlalchemy import Connection, insert, text
 from sqlalchemy.dialects import postgresql
 
+from bench.common import running_server
 from fhir_server.search.compile import CompileOptions, compile_search
 from fhir_server.search.extract import extract_rows
 from fhir_server.search.query import parse_query
@@ -367,7 +367,6 @@ def main(argv: list[str] | None = None) -> int:
         with psycopg.connect(ADMIN, autocommit=True) as admin:
             admin.execute(f'CREATE DATABASE "{name}"')
     url = ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1) + f"/{name}"
-    server = None
     try:
         engine = build_engine(url)
         registry = SearchRegistry.load()
@@ -389,27 +388,13 @@ def main(argv: list[str] | None = None) -> int:
             )
             measure(engine, stage, args.runs)
         write_cost(engine, 60)
-        with tempfile.TemporaryDirectory() as tmp:
-            env = {
-                **os.environ,
-                "MSO_DATABASE_URL": url,
-                "MSO_DATA_DIR": tmp,
-                "MSO_BASE_URL": "http://127.0.0.1:8765/fhir",
-            }
-            server = subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", "--factory", "bench.search:_app", "--port", "8765",
-                 "--log-level", "warning", "--no-access-log", "--workers", str(args.workers)], env=env,
-            )  # fmt: skip
-            time.sleep(6 + 2 * args.workers)
+        with running_server(url, workers=args.workers) as live:
             print(
-                f"HTTP: uvicorn with {args.workers} worker(s), wrk -t1 -c16 -d{args.wrk_seconds}s"
+                f"HTTP: mso serve with {args.workers} worker(s), wrk -t1 -c16 -d{args.wrk_seconds}s"
             )
-            wrk("http://127.0.0.1:8765", args.patients, args.wrk_seconds)
+            wrk(live.base_url.removesuffix("/fhir"), args.patients, args.wrk_seconds)
         engine.dispose()
     finally:
-        if server is not None:
-            server.terminate()
-            server.wait(timeout=20)
         if not args.keep:
             from fhir_server.storage.engine import dispose_all
 
@@ -419,13 +404,6 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"kept database {name}")
     return 0
-
-
-def _app() -> Any:
-    from fhir_server.app import create_app
-    from fhir_server.config import Settings
-
-    return create_app(Settings())
 
 
 if __name__ == "__main__":
