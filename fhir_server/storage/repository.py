@@ -384,13 +384,7 @@ class Tx:
         version = current.version + 1
         now = max(utc_now(), current.last_updated)
         content = _stamp(body, current.res_id, version, now)
-        if not self._bump(current, version, now, content):
-            raise FhirError(
-                409,
-                "conflict",
-                f"{current.reference} was changed by another request; retry with its new version",
-                code="MSO-REST-409",
-            )
+        self._bump(current, version, now, content)
         stored = StoredResource(
             current.pid,
             current.res_type,
@@ -427,13 +421,7 @@ class Tx:
         self._fire(HookPoint.BEFORE_DELETE, res_type, res_id, None, previous=previous)
         version = current.version + 1
         now = max(utc_now(), current.last_updated)
-        if not self._bump(current, version, now, None):
-            raise FhirError(
-                409,
-                "conflict",
-                f"{current.reference} was changed concurrently",
-                code="MSO-REST-409",
-            )
+        self._bump(current, version, now, None)
         stored = StoredResource(current.pid, res_type, res_id, version, now, True, None, "DELETE")
         self._insert_history(stored)
         indexer.write_index(self.conn, self.repo.registry, stored.pid, res_type, None)
@@ -552,8 +540,8 @@ class Tx:
 
     def _bump(
         self, current: StoredResource, version: int, now: datetime, content: bytes | None
-    ) -> bool:
-        """Move the row to ``version`` unless another writer did first (``None``: deleted)."""
+    ) -> None:
+        """Move the row to ``version`` (``None``: deleted); 409 if another writer did first."""
         result = self.conn.execute(
             _BUMP_RESOURCE,
             {
@@ -565,7 +553,13 @@ class Tx:
                 "content": content,
             },
         )
-        return result.rowcount == 1
+        if result.rowcount != 1:
+            raise FhirError(
+                409,
+                "conflict",
+                f"{current.reference} was changed by another request; retry with its new version",
+                code="MSO-REST-409",
+            )
 
     def _insert_history(self, stored: StoredResource) -> None:
         self.conn.execute(

@@ -324,25 +324,32 @@ def _spec_valuesets() -> dict[str, dict[str, Any]]:
     return _spec_terminology()["ValueSet"]
 
 
+def _stored_canonical(
+    conn: Connection, registry: SearchRegistry, res_type: str, url: str
+) -> dict[str, Any] | None:
+    """A current ValueSet/CodeSystem stored on the server, found by its canonical ``url``."""
+    param = registry.get(res_type, "url")
+    if param is None:
+        return None
+    from fhir_server.search.types.uri import h_uri
+
+    row = conn.execute(
+        select(resource.c.content)
+        .select_from(resource.join(idx_uri, idx_uri.c.pid == resource.c.pid))
+        .where(
+            idx_uri.c.hash_uri == h_uri(param.identity(res_type), url),
+            resource.c.deleted.is_(False),
+        )
+        .limit(1)
+    ).first()
+    return orjson.loads(row[0]) if row and row[0] is not None else None
+
+
 def valueset_expander(conn: Connection, registry: SearchRegistry) -> Any:
     """A function url -> [(system, code)] (code ``None``: the whole system), or ``None``."""
 
     def stored(url: str) -> dict[str, Any] | None:
-        param = registry.get("ValueSet", "url")
-        if param is None:
-            return None
-        from fhir_server.search.types.uri import h_uri
-
-        row = conn.execute(
-            select(resource.c.content)
-            .select_from(resource.join(idx_uri, idx_uri.c.pid == resource.c.pid))
-            .where(
-                idx_uri.c.hash_uri == h_uri(param.identity("ValueSet"), url),
-                resource.c.deleted.is_(False),
-            )
-            .limit(1)
-        ).first()
-        return orjson.loads(row[0]) if row and row[0] is not None else None
+        return _stored_canonical(conn, registry, "ValueSet", url)
 
     def find(url: str) -> dict[str, Any] | None:
         url = url.split("|", 1)[0]
@@ -412,22 +419,8 @@ def subsumption(conn: Connection, registry: SearchRegistry) -> Any:
     """
 
     def find(system: str) -> dict[str, Any] | None:
-        param = registry.get("CodeSystem", "url")
-        if param is not None:
-            from fhir_server.search.types.uri import h_uri
-
-            row = conn.execute(
-                select(resource.c.content)
-                .select_from(resource.join(idx_uri, idx_uri.c.pid == resource.c.pid))
-                .where(
-                    idx_uri.c.hash_uri == h_uri(param.identity("CodeSystem"), system),
-                    resource.c.deleted.is_(False),
-                )
-                .limit(1)
-            ).first()
-            if row and row[0] is not None:
-                return orjson.loads(row[0])
-        return _spec_codesystems().get(system)
+        found = _stored_canonical(conn, registry, "CodeSystem", system)
+        return found if found is not None else _spec_codesystems().get(system)
 
     def related(system: str, code: str, below: bool) -> list[str] | None:
         cs = find(system)
