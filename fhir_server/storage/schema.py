@@ -77,3 +77,4 @@ binary_content = Table(
 )
 
 from fhir_server.storage import index_schema as _index_schema  # noqa: E402,F401  (registers idx_*)
+from fhir_server.storage import access_schema as _access_schema  # noqa: E402,F401
