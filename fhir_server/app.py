@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from fhir_server import __version__
+from fhir_server.auth.policy import AccessPolicy
 from fhir_server.config import Settings
 from fhir_server.fhir.validation import validate_resource
 from fhir_server.hooks import Hooks
@@ -24,8 +25,13 @@ from fhir_server.storage.repository import Repository
 def build_repository(settings: Settings) -> Repository:
     """The repository over the configured database, with validation and search registry."""
     engine = build_engine(settings.database_url, pool_size=settings.db_pool_size)
+    registry = SearchRegistry.load()
     return Repository(
-        engine, registry=SearchRegistry.load(), hooks=Hooks(), validator=validate_resource
+        engine,
+        registry=registry,
+        hooks=Hooks(),
+        validator=validate_resource,
+        policy=AccessPolicy(registry),
     )
 
 

@@ -2,7 +2,8 @@
 
 Needed after SearchParameters change (a new MSO parameter in ``profiles/``, an extraction
 fix): index rows are computed at write time (http://hl7.org/fhir/R4/search.html), so existing
-resources only gain rows for a new parameter when reindexed. Works in batches of pids, one
+resources only gain rows for a new parameter when reindexed. The access policy's membership rows
+(``access_scope`` / ``case_access``) are rebuilt with them. Works in batches of pids, one
 transaction each, so it can run beside a live server.
 """
 
@@ -13,9 +14,8 @@ from typing import Any
 import orjson
 from sqlalchemy import select
 
-from fhir_server.search.registry import SearchRegistry
 from fhir_server.storage import indexer
-from fhir_server.storage.engine import WRITE_OPTION, build_engine
+from fhir_server.storage.repository import StoredResource, as_utc
 from fhir_server.storage.schema import resource
 
 BATCH = 500
@@ -26,33 +26,46 @@ def reindex(settings: Any, resource_type: str | None, *, batch: int = BATCH) -> 
 
     Returns the number of resources reindexed.
     """
-    registry = SearchRegistry.load()
-    engine = build_engine(settings.database_url)
+    from fhir_server.app import build_repository
+
+    repo = build_repository(settings)
+    registry, policy = repo.registry, repo.policy
     done = 0
     last = 0
     try:
         while True:
-            with engine.connect() as conn:
-                conn.execution_options(**{WRITE_OPTION: True})
-                with conn.begin():
-                    stmt = (
-                        select(resource.c.pid, resource.c.res_type, resource.c.content)
-                        .where(resource.c.pid > last, resource.c.deleted.is_(False))
-                        .order_by(resource.c.pid)
-                        .limit(batch)
+            with repo.unit(write=True) as tx:
+                stmt = (
+                    select(
+                        resource.c.pid,
+                        resource.c.res_type,
+                        resource.c.res_id,
+                        resource.c.version,
+                        resource.c.last_updated,
+                        resource.c.content,
                     )
-                    if resource_type:
-                        stmt = stmt.where(resource.c.res_type == resource_type)
-                    rows = conn.execute(stmt).all()
-                    for row in rows:
-                        body = orjson.loads(row.content)
-                        meta = dict(body.get("meta") or {})
-                        meta["versionId"] = "reindex"  # never "1": diff against stored rows
-                        body["meta"] = meta
-                        indexer.write_index(conn, registry, row.pid, row.res_type, body)
+                    .where(resource.c.pid > last, resource.c.deleted.is_(False))
+                    .order_by(resource.c.pid)
+                    .limit(batch)
+                )
+                if resource_type:
+                    stmt = stmt.where(resource.c.res_type == resource_type)
+                rows = tx.conn.execute(stmt).all()
+                for row in rows:
+                    body = orjson.loads(row.content)
+                    meta = dict(body.get("meta") or {})
+                    meta["versionId"] = "reindex"  # never "1": diff against stored rows
+                    body["meta"] = meta
+                    indexer.write_index(tx.conn, registry, row.pid, row.res_type, body)
+                    if policy is not None:
+                        stored = StoredResource(
+                            row.pid, row.res_type, row.res_id, row.version,
+                            as_utc(row.last_updated), False, row.content, _parsed=body,
+                        )  # fmt: skip
+                        policy.on_write(tx, stored, created=False)
             if not rows:
                 return done
             done += len(rows)
             last = rows[-1].pid
     finally:
-        engine.dispose()
+        repo.engine.dispose()

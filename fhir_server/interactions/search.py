@@ -21,7 +21,7 @@ from urllib.parse import urlencode
 from sqlalchemy import and_, or_
 
 from fhir_server.fhir.definitions import load_json
-from fhir_server.fhir.outcome import FhirError, Issue, not_found, operation_outcome
+from fhir_server.fhir.outcome import FhirError, Issue, operation_outcome
 from fhir_server.interactions.base import FhirRequest, FhirResponse, InteractionContext
 from fhir_server.search import summary as summary_mod
 from fhir_server.search.compile import CompileOptions, Position, compartment_condition
@@ -131,9 +131,7 @@ def everything(ctx: InteractionContext, req: FhirRequest, patient_id: str | None
     limit = ctx.settings.max_page_size
     entries: list[dict[str, Any]] = []
     with _unit(ctx) as tx:
-        patient = tx.current("Patient", patient_id)
-        if patient is None or patient.deleted:
-            raise not_found("Patient", patient_id)
+        patient = tx.read("Patient", patient_id)
         entries.append(_entry(ctx, patient, "match"))
         for rtype in sorted(params):
             if rtype == "Patient" or (wanted and rtype not in wanted):

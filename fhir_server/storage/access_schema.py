@@ -3,13 +3,13 @@
 ``access_scope`` says what a resource belongs to, one row per membership, so that visibility is
 an indexed ``EXISTS`` in the same SQL statement as the read or search it guards:
 
-* ``PATIENT`` – the resource is in that Patient's compartment (a Patient is in its own);
-* ``CASE`` – it belongs to that case (references that ServiceRequest; a case issue Task
+* ``PATIENT`` - the resource is in that Patient's compartment (a Patient is in its own);
+* ``CASE`` - it belongs to that case (references that ServiceRequest; a case issue Task
   inherits the case of the Task it is part of);
-* ``OWNER`` – who created it (``org:<id>`` for a requester's organization, ``user:<name>``
+* ``OWNER`` - who created it (``org:<id>`` for a requester's organization, ``user:<name>``
   otherwise), for resources that belong to no case yet (an uploaded Binary, a new Patient);
-* ``CHAT`` – it is chat content (a Communication about a case): never shown to admins;
-* ``VIA`` – it is visible exactly when ``ref_type/ref_id`` is (Binary.securityContext).
+* ``CHAT`` - it is chat content (a Communication about a case): never shown to admins;
+* ``VIA`` - it is visible exactly when ``ref_type/ref_id`` is (Binary.securityContext).
 
 Rows survive a delete, so the history of a deleted resource stays visible to the same people.
 

@@ -36,6 +36,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import OperationalError
 
+from fhir_server.auth.scopes import Permission
 from fhir_server.fhir.outcome import FhirError, gone, not_found
 from fhir_server.hooks import HookEvent, HookPoint, Hooks
 from fhir_server.storage import indexer, search_exec
@@ -43,6 +44,7 @@ from fhir_server.storage.engine import WRITE_OPTION
 from fhir_server.storage.schema import binary_content, resource, resource_history
 
 if TYPE_CHECKING:
+    from fhir_server.auth.policy import AccessPolicy
     from fhir_server.search.registry import SearchRegistry
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
@@ -163,12 +165,18 @@ class Repository:
         registry: SearchRegistry,
         hooks: Hooks | None = None,
         validator: Validator | None = None,
+        policy: AccessPolicy | None = None,
     ) -> None:
         self.engine = engine
         self.registry = registry
         self.hooks = hooks or Hooks()
         self.validator = validator
+        self.policy = policy
         self.postgres = engine.dialect.name == "postgresql"
+
+    def search_access_filter(self, caller: Any) -> Any:
+        """The access condition searches apply for ``caller`` (``None``: no restriction)."""
+        return self.policy.search_filter(caller) if self.policy is not None else None
 
     @contextmanager
     def unit(
@@ -239,10 +247,11 @@ class Tx:
         return _stored(row) if row else None
 
     def read(self, res_type: str, res_id: str) -> StoredResource:
-        """The current version; 404 if unknown, 410 if deleted."""
+        """The current version; 404 if unknown (or not visible to the caller), 410 if deleted."""
+        self._require(res_type, Permission.READ)
         self._fire_read(res_type, res_id)
         found = self.current(res_type, res_id)
-        if found is None:
+        if found is None or not self.visible(found):
             raise not_found(res_type, res_id)
         if found.deleted:
             raise gone(res_type, res_id, found.version)
@@ -250,6 +259,7 @@ class Tx:
 
     def vread(self, res_type: str, res_id: str, version: int) -> StoredResource:
         """One version; 404 if that version does not exist, 410 if it is a deletion."""
+        self._require(res_type, Permission.READ)
         self._fire_read(res_type, res_id)
         stmt = (
             select(*_HISTORY_COLUMNS)
@@ -269,6 +279,8 @@ class Tx:
                 code="MSO-REST-405",
             )
         found = _stored(row)
+        if not self.visible(found):
+            raise not_found(res_type, res_id)
         if found.deleted:
             raise gone(res_type, res_id, version)
         return found
@@ -299,7 +311,14 @@ class Tx:
                 code="MSO-REST-412",
             )
         self.fire_search(res_type, params)
-        pids = search_exec.find_pids(self.conn, self.repo.registry, res_type, params, limit=limit)
+        pids = search_exec.find_pids(
+            self.conn,
+            self.repo.registry,
+            res_type,
+            params,
+            limit=limit,
+            access_filter=self.repo.search_access_filter(self.caller),
+        )
         return self.load(pids)
 
     def lock_criteria(self, res_type: str, params: list[tuple[str, str]]) -> None:
@@ -319,6 +338,7 @@ class Tx:
     ) -> StoredResource:
         """Store a new resource with a server id (or ``res_id`` for create-on-update)."""
         res_type = body["resourceType"]
+        self._require(res_type, Permission.CREATE)
         self._validate(body)
         self._fire(HookPoint.BEFORE_CREATE, res_type, res_id, body)
         res_id = res_id or new_id()
@@ -377,6 +397,8 @@ class Tx:
         self, current: StoredResource, body: dict[str, Any], *, if_match: int | None, method: str
     ) -> tuple[StoredResource, bool]:
         check_version(current, if_match)
+        self._require(current.res_type, Permission.UPDATE)
+        self._require_visible(current, Permission.UPDATE, after=False)
         previous = None if current.deleted else current.resource
         self._validate(body)
         point = HookPoint.BEFORE_UPDATE if previous is not None else HookPoint.BEFORE_CREATE
@@ -413,6 +435,8 @@ class Tx:
             if if_match is not None:
                 raise not_found(res_type, res_id)
             return None
+        self._require(res_type, Permission.DELETE)
+        self._require_visible(current, Permission.DELETE, after=False)
         if current.deleted:
             check_version(current, if_match)
             return None
@@ -471,7 +495,12 @@ class Tx:
         written while a client pages do not shift or duplicate entries.
         """
         h = resource_history.c
+        if res_type:
+            self._require(res_type, Permission.READ if res_id else Permission.SEARCH)
         conditions = _history_filter(res_type, res_id, since, snapshot)
+        access = self.history_filter()
+        if access is not None:
+            conditions.append(access)
         if at is not None:
             # _at: per resource, the version current at that instant (the newest not after it).
             newer = resource_history.alias("newer")
@@ -511,11 +540,42 @@ class Tx:
         """How many versions :meth:`history` would list over all pages."""
         stmt = select(func.count()).select_from(resource_history)
         stmt = stmt.where(*_history_filter(res_type, res_id, since, snapshot))
+        access = self.history_filter()
+        if access is not None:
+            stmt = stmt.where(access)
         return int(self.conn.execute(stmt).scalar_one())
 
     def exists_any(self, res_type: str, res_id: str) -> bool:
-        """True if the resource ever existed (deleted or not)."""
-        return self.current(res_type, res_id) is not None
+        """True if the resource ever existed (deleted or not) and the caller may see it."""
+        found = self.current(res_type, res_id)
+        return found is not None and self.visible(found)
+
+    # -- access policy ----------------------------------------------------------------------
+
+    def visible(self, stored: StoredResource, permission: Permission = Permission.READ) -> bool:
+        """True when the caller may see ``stored`` (always for internal work)."""
+        policy = self.repo.policy
+        if policy is None or self.caller is None:
+            return True
+        return policy.is_visible(self.conn, self.caller, stored.pid, permission)
+
+    def history_filter(self) -> Any:
+        """SQL condition on ``resource_history`` rows: their resource is visible to the caller."""
+        access = self.repo.search_access_filter(self.caller)
+        if access is None:
+            return None
+        r = resource.alias("hr")
+        return resource_history.c.pid.in_(select(r.c.pid).where(access(r)))
+
+    def _require(self, res_type: str, permission: Permission) -> None:
+        if self.repo.policy is not None and self.caller is not None:
+            self.repo.policy.require(self.caller, res_type, permission)
+
+    def _require_visible(
+        self, stored: StoredResource, permission: Permission, *, after: bool
+    ) -> None:
+        if self.repo.policy is not None and self.caller is not None:
+            self.repo.policy.require_visible(self, stored, permission, after=after)
 
     # -- internals --------------------------------------------------------------------------
 
@@ -535,6 +595,11 @@ class Tx:
         indexer.write_index(
             self.conn, self.repo.registry, stored.pid, stored.res_type, stored.resource
         )
+        policy = self.repo.policy
+        if policy is not None:
+            policy.on_write(self, stored, created=stored.version == 1)
+            permission = Permission.UPDATE if previous is not None else Permission.CREATE
+            self._require_visible(stored, permission, after=True)
         self._fire(point, stored.res_type, stored.res_id, stored.resource, previous=previous)
         self._queue_commit_event(stored.res_type, stored.res_id, stored.resource, previous)
 
@@ -593,7 +658,9 @@ class Tx:
         self._fire(HookPoint.BEFORE_READ, res_type, res_id, None)
 
     def fire_search(self, res_type: str, params: list[tuple[str, str]]) -> None:
-        """Run the ``before_search`` hooks (access policy may refuse or narrow the search)."""
+        """Check the caller may search ``res_type`` ('' for several types), run the hooks."""
+        if res_type:
+            self._require(res_type, Permission.SEARCH)
         hooks = self.repo.hooks
         if hooks.has(HookPoint.BEFORE_SEARCH):
             hooks.fire(

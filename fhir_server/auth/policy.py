@@ -1,0 +1,543 @@
+"""The MSO access policy: the one place that decides what a caller may see and touch.
+
+DESIGN.md (Access): every request is allowed by the intersection of its token's SMART scopes and
+the MSO rules —
+
+* requesters see their organization's cases and the patients in them;
+* a provider sees the cases assigned to it (losing them when it rejects or is reassigned) and
+  those patients' compartments;
+* admins see everything except chat content;
+* patients see their own compartment;
+* directory and conformance resources (organizations, practitioners, profiles, terminology …)
+  are readable by every authenticated caller.
+
+The rule is applied inside the repository: :meth:`AccessPolicy.visible` is a SQL condition on a
+``resource`` row that the repository ANDs into reads, searches (matches, ``_include``,
+``_revinclude``, chains, ``_has``, totals), ``_history``, conditional interactions and
+``$everything``, so no path can return what it excludes. Writes are allowed when the caller
+may see the resource before the write and will still see it after: nobody can create or move a
+resource out of their own reach (a requester cannot file a case for another organization).
+
+What a resource belongs to is kept in ``access_scope`` / ``case_access``
+(:mod:`fhir_server.storage.access_schema`), rewritten by :meth:`AccessPolicy.on_write` in the
+same transaction as every write.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from enum import IntEnum
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import (
+    Connection,
+    and_,
+    delete,
+    exists,
+    false,
+    insert,
+    literal,
+    not_,
+    or_,
+    select,
+    true,
+)
+from sqlalchemy.sql.elements import ColumnElement
+
+from fhir_server.auth.principal import Principal, Role
+from fhir_server.auth.scopes import Permission, ResourceScope
+from fhir_server.fhir.definitions import load_json
+from fhir_server.fhir.outcome import FhirError
+from fhir_server.storage.access_schema import access_scope, case_access
+from fhir_server.storage.index_schema import idx_reference
+from fhir_server.storage.schema import resource
+
+if TYPE_CHECKING:
+    from fhir_server.search.registry import SearchRegistry
+    from fhir_server.storage.repository import StoredResource, Tx
+
+
+class ScopeKind(IntEnum):
+    """Kinds of ``access_scope`` rows (see :mod:`fhir_server.storage.access_schema`)."""
+
+    PATIENT = 1
+    CASE = 2
+    OWNER = 3
+    CHAT = 4
+    VIA = 5
+
+
+# Directory, conformance and terminology resources: shared reference data of the platform.
+OPEN_TYPES = frozenset(
+    {
+        "Organization",
+        "Practitioner",
+        "PractitionerRole",
+        "Location",
+        "HealthcareService",
+        "Endpoint",
+        "CapabilityStatement",
+        "StructureDefinition",
+        "SearchParameter",
+        "OperationDefinition",
+        "CompartmentDefinition",
+        "ImplementationGuide",
+        "Questionnaire",
+        "CodeSystem",
+        "ValueSet",
+        "ConceptMap",
+        "NamingSystem",
+        "ChargeItemDefinition",
+        "ActivityDefinition",
+        "PlanDefinition",
+    }
+)
+# Only admins and system clients read the audit trail.
+AUDIT_TYPES = frozenset({"AuditEvent"})
+# The audit trail and provenance are append-only through the API.
+IMMUTABLE_TYPES = frozenset({"AuditEvent", "Provenance"})
+# Case-issue Tasks carry this code; they are not the case's workflow Task.
+CASE_ISSUE_CODE = "case-issue"
+# A provider keeps no access to a case it rejected.
+_LOST_STATUSES = ("rejected",)
+
+_PERMISSION_TEXT = {
+    Permission.CREATE: "create",
+    Permission.READ: "read",
+    Permission.UPDATE: "update",
+    Permission.DELETE: "delete",
+    Permission.SEARCH: "search",
+}
+
+ConditionOn = Callable[[Any], ColumnElement[bool]]
+
+
+def forbidden(message: str, code: str = "MSO-AUTH-403") -> FhirError:
+    """A 403 OperationOutcome."""
+    return FhirError(403, "forbidden", message, code=code)
+
+
+class AccessPolicy:
+    """Scope maintenance on write, visibility conditions and permission checks."""
+
+    def __init__(self, registry: SearchRegistry) -> None:
+        self.registry = registry
+
+    # -- what a resource belongs to (maintained on every write) ------------------------------
+
+    @cached_property
+    def _compartment_identities(self) -> dict[str, list[int]]:
+        """Per type, the hash identities of the reference parameters linking it to a Patient."""
+        definition = load_json("compartmentdefinition-patient.json")
+        out: dict[str, list[int]] = {}
+        for entry in definition.get("resource", ()):
+            rtype = entry["code"]
+            ids = [
+                param.identity(rtype)
+                for code in entry.get("param", ())
+                if (param := self.registry.get(rtype, code)) is not None
+                and param.type == "reference"
+            ]
+            if ids:
+                out[rtype] = ids
+        return out
+
+    def on_write(self, tx: Tx, stored: StoredResource, *, created: bool) -> None:
+        """Rewrite the ``access_scope`` rows of ``stored`` (and ``case_access`` for cases).
+
+        Called after the search index rows of the new version are written (the compartment
+        and case memberships are read from them). Owner rows are written once, at creation.
+        """
+        conn = tx.conn
+        pid, rtype, body = stored.pid, stored.res_type, stored.resource
+        conn.execute(
+            delete(access_scope).where(
+                access_scope.c.pid == pid, access_scope.c.kind != ScopeKind.OWNER
+            )
+        )
+        self._insert_index_scopes(conn, pid, rtype)
+        rows: list[dict[str, Any]] = []
+        if rtype == "Patient":
+            rows.append(_row(pid, ScopeKind.PATIENT, "Patient", stored.res_id))
+        if rtype == "ServiceRequest":
+            rows.append(_row(pid, ScopeKind.CASE, "ServiceRequest", stored.res_id))
+        if rtype == "Communication" and _references(body.get("basedOn"), "ServiceRequest"):
+            rows.append(_row(pid, ScopeKind.CHAT, None, ""))
+        if rtype == "Binary":
+            target = (body.get("securityContext") or {}).get("reference") or ""
+            if "/" in target:
+                ttype, tid = target.split("/")[-2:]
+                rows.append(_row(pid, ScopeKind.VIA, ttype, tid))
+                if ttype == "Communication":
+                    rows.append(_row(pid, ScopeKind.CHAT, None, ""))
+        if rtype == "Provenance":
+            for target in body.get("target") or ():
+                ref = (target or {}).get("reference") or ""
+                if "/" in ref:
+                    ttype, tid = ref.split("/_history/")[0].split("/")[-2:]
+                    rows.append(_row(pid, ScopeKind.VIA, ttype, tid))
+        caller = tx.caller
+        if created and isinstance(caller, Principal):
+            rows.append(_row(pid, ScopeKind.OWNER, None, owner_key(caller)))
+        if rows:
+            conn.execute(insert(access_scope), rows)
+        if rtype == "ServiceRequest":
+            self._index_case(tx, stored)
+        elif rtype == "Task":
+            self._index_case_task(tx, body)
+
+    def _insert_index_scopes(self, conn: Connection, pid: int, rtype: str) -> None:
+        """PATIENT rows from the compartment references, CASE rows from case references."""
+        ref = idx_reference.c
+        identities = self._compartment_identities.get(rtype)
+        if identities:
+            patients = (
+                select(ref.pid, literal(int(ScopeKind.PATIENT)), literal("Patient"), ref.target_id)
+                .where(
+                    ref.pid == pid,
+                    ref.target_type == "Patient",
+                    ref.target_id.is_not(None),
+                    ref.hash_identity.in_(identities),
+                )
+                .distinct()
+            )
+            conn.execute(_scope_from_select(patients))
+        cases = (
+            select(
+                ref.pid,
+                literal(int(ScopeKind.CASE)),
+                literal("ServiceRequest"),
+                ref.target_id,
+            )
+            .where(ref.pid == pid, ref.target_type == "ServiceRequest", ref.target_id.is_not(None))
+            .distinct()
+        )
+        conn.execute(_scope_from_select(cases))
+        # A resource referencing a Task (a case issue partOf the case Task, a Provenance of
+        # it …) belongs to that Task's cases.
+        parent = resource.alias("parent")
+        scope = access_scope.alias("parent_scope")
+        inherited = (
+            select(ref.pid, literal(int(ScopeKind.CASE)), literal("ServiceRequest"), scope.c.ref_id)
+            .select_from(
+                idx_reference.join(
+                    parent,
+                    and_(parent.c.res_type == ref.target_type, parent.c.res_id == ref.target_id),
+                ).join(scope, scope.c.pid == parent.c.pid)
+            )
+            .where(
+                ref.pid == pid,
+                ref.target_type == "Task",
+                parent.c.pid != pid,
+                scope.c.kind == ScopeKind.CASE,
+            )
+            .distinct()
+        )
+        conn.execute(_scope_from_select(inherited))
+
+    def _index_case(self, tx: Tx, stored: StoredResource) -> None:
+        body = stored.resource
+        requester = (body.get("requester") or {}).get("reference")
+        caller = tx.caller
+        org = self._organization_of(tx, requester)
+        if org is None and isinstance(caller, Principal) and caller.role is Role.REQUESTER:
+            org = caller.organization
+        performer = next(
+            (
+                ref.split("/")[-1]
+                for p in body.get("performer") or ()
+                if (ref := (p or {}).get("reference") or "").startswith("PractitionerRole/")
+            ),
+            None,
+        )
+        values: dict[str, Any] = {
+            "patient_id": _id_of((body.get("subject") or {}).get("reference"), "Patient"),
+            "requester_ref": requester,
+        }
+        if org is not None:
+            values["requester_org"] = org
+        if performer is not None:
+            values["provider_role"] = performer
+        _upsert_case(tx.conn, stored.res_id, values)
+
+    def _index_case_task(self, tx: Tx, body: dict[str, Any]) -> None:
+        """A case's workflow Task carries its assignment (owner) and status."""
+        if _has_code(body.get("code"), CASE_ISSUE_CODE) or body.get("partOf"):
+            return
+        case_id = _id_of((body.get("focus") or {}).get("reference"), "ServiceRequest")
+        if case_id is None:
+            case_id = next(
+                (
+                    cid
+                    for b in body.get("basedOn") or ()
+                    if (cid := _id_of((b or {}).get("reference"), "ServiceRequest"))
+                ),
+                None,
+            )
+        if case_id is None:
+            return
+        owner = _id_of((body.get("owner") or {}).get("reference"), "PractitionerRole")
+        _upsert_case(tx.conn, case_id, {"provider_role": owner, "status": body.get("status")})
+
+    def _organization_of(self, tx: Tx, reference: str | None) -> str | None:
+        if not reference or "/" not in reference:
+            return None
+        rtype, rid = reference.split("/")[-2:]
+        if rtype == "Organization":
+            return rid
+        if rtype == "PractitionerRole":
+            role = tx.current("PractitionerRole", rid)
+            if role is not None and not role.deleted:
+                org = (role.resource.get("organization") or {}).get("reference")
+                return _id_of(org, "Organization")
+        return None
+
+    # -- visibility ------------------------------------------------------------------------
+
+    def visible(
+        self, caller: Principal, r: Any, permission: Permission = Permission.READ
+    ) -> ColumnElement[bool]:
+        """SQL: the ``resource`` row ``r`` may be seen by ``caller`` (MSO rules AND scopes)."""
+        return and_(self._mso_rule(caller, r), self._scope_rule(caller, r, permission))
+
+    def search_filter(self, caller: Any) -> ConditionOn | None:
+        """The search access filter (compile seam) for ``caller``; ``None`` for internal work."""
+        if not isinstance(caller, Principal):
+            return None
+        return lambda r: self.visible(caller, r, Permission.SEARCH)
+
+    def is_visible(
+        self, conn: Connection, caller: Any, pid: int, permission: Permission = Permission.READ
+    ) -> bool:
+        """True when ``caller`` may see the resource row ``pid`` (always for internal work)."""
+        if not isinstance(caller, Principal):
+            return True
+        r = resource.alias("r")
+        stmt = select(literal(1)).where(r.c.pid == pid, self.visible(caller, r, permission))
+        return conn.execute(stmt).first() is not None
+
+    def _mso_rule(self, caller: Principal, r: Any) -> ColumnElement[bool]:
+        if caller.role in (Role.ADMIN, Role.SYSTEM) and not (
+            caller.role is Role.SYSTEM and caller.organization
+        ):
+            return not_(_has_scope(r, ScopeKind.CHAT))
+        audit_hidden = r.c.res_type.not_in(AUDIT_TYPES)
+        direct = self._direct(caller)
+        target = resource.alias("via_target")
+        via_scope = access_scope.alias("via_scope")
+        via = exists(
+            select(literal(1))
+            .select_from(
+                via_scope.join(
+                    target,
+                    and_(
+                        target.c.res_type == via_scope.c.ref_type,
+                        target.c.res_id == via_scope.c.ref_id,
+                    ),
+                )
+            )
+            .where(via_scope.c.pid == r.c.pid, via_scope.c.kind == ScopeKind.VIA, direct(target))
+        )
+        return and_(audit_hidden, or_(direct(r), via))
+
+    def _direct(self, caller: Principal) -> ConditionOn:
+        """Visibility by the resource's own memberships (no VIA), for a non-admin caller."""
+        owners = [owner_key(caller)]
+        if caller.role is Role.PATIENT:
+            patient = caller.patient or ""
+            own_cases = select(case_access.c.case_id).where(
+                case_access.c.requester_ref == f"Patient/{patient}"
+            )
+
+            def patient_rule(r: Any) -> ColumnElement[bool]:
+                return or_(
+                    r.c.res_type.in_(OPEN_TYPES),
+                    and_(
+                        _has_scope(r, ScopeKind.PATIENT, [patient]),
+                        not_(_has_scope(r, ScopeKind.CHAT)),
+                    ),
+                    _has_scope(r, ScopeKind.CASE, own_cases),
+                    _has_scope(r, ScopeKind.OWNER, owners),
+                )
+
+            return patient_rule
+        ca = case_access.c
+        if caller.role is Role.PROVIDER:
+            mine = and_(
+                ca.provider_role == (caller.practitioner_role or ""),
+                or_(ca.status.is_(None), ca.status.not_in(_LOST_STATUSES)),
+            )
+        elif caller.organization:
+            owners.append(f"org:{caller.organization}")
+            mine = ca.requester_org == caller.organization
+        else:
+            mine = ca.requester_ref == (caller.fhir_user or "")
+        cases = select(ca.case_id).where(mine)
+        patients = select(ca.patient_id).where(mine, ca.patient_id.is_not(None))
+
+        def rule(r: Any) -> ColumnElement[bool]:
+            return or_(
+                r.c.res_type.in_(OPEN_TYPES),
+                _has_scope(r, ScopeKind.CASE, cases),
+                and_(
+                    not_(_has_scope(r, ScopeKind.CASE)),
+                    or_(
+                        _has_scope(r, ScopeKind.PATIENT, patients),
+                        _has_scope(r, ScopeKind.OWNER, owners),
+                    ),
+                ),
+            )
+
+        return rule
+
+    def _scope_rule(self, caller: Principal, r: Any, permission: Permission) -> ColumnElement[bool]:
+        """SQL: some granted scope covers ``r`` for ``permission`` (context and restriction)."""
+        wanted = {permission}
+        if permission in (Permission.READ, Permission.SEARCH):
+            wanted = {Permission.READ, Permission.SEARCH}
+        parts: list[ColumnElement[bool]] = []
+        for scope in caller.scopes.resource_scopes:
+            if not scope.permissions & wanted:
+                continue
+            conds: list[ColumnElement[bool]] = []
+            if scope.resource_type != "*":
+                conds.append(r.c.res_type == scope.resource_type)
+            if scope.context == "patient":
+                conds.append(self._patient_context(caller, r))
+            if scope.restriction:
+                conds.append(self._restriction(scope, r))
+            if not conds:
+                return true()
+            parts.append(and_(*conds))
+        return or_(*parts) if parts else false()
+
+    def _patient_context(self, caller: Principal, r: Any) -> ColumnElement[bool]:
+        """A ``patient/`` scope reaches only the launch patient's compartment."""
+        if not caller.patient:
+            return false()
+        return or_(
+            r.c.res_type.in_(OPEN_TYPES),
+            _has_scope(r, ScopeKind.PATIENT, [caller.patient]),
+        )
+
+    def _restriction(self, scope: ResourceScope, r: Any) -> ColumnElement[bool]:
+        """A SMART v2 restriction (``?category=…``): the resource matches that search."""
+        from fhir_server.search.compile import CompileOptions, base_conditions
+        from fhir_server.search.query import parse_query
+
+        if scope.resource_type == "*":
+            return false()  # a restriction needs a type to be interpreted against
+        query = parse_query(self.registry, (scope.resource_type,), list(scope.restriction))
+        if query.issues:
+            return false()  # an uninterpretable restriction grants nothing
+        t = resource.alias()
+        matches = select(t.c.pid).where(*base_conditions(self.registry, query, CompileOptions(), t))
+        return r.c.pid.in_(matches)
+
+    # -- permission checks -----------------------------------------------------------------
+
+    def require(self, caller: Any, res_type: str, permission: Permission) -> None:
+        """403 unless the caller's scopes (and role) allow ``permission`` on ``res_type``."""
+        if not isinstance(caller, Principal):
+            return
+        if not caller.scopes.grants(res_type, permission):
+            raise forbidden(
+                f"The access token's scopes do not allow {_PERMISSION_TEXT[permission]} "
+                f"on {res_type}",
+                "MSO-AUTH-401",
+            )
+        if res_type in AUDIT_TYPES and caller.role not in (Role.ADMIN, Role.SYSTEM):
+            raise forbidden(f"Only administrators may access {res_type}", "MSO-AUTH-402")
+        if permission in (Permission.UPDATE, Permission.DELETE) and res_type in IMMUTABLE_TYPES:
+            raise FhirError(
+                405,
+                "not-supported",
+                f"{res_type} records cannot be changed or deleted",
+                code="MSO-AUTH-405",
+            )
+
+    def require_visible(
+        self, tx: Tx, stored: StoredResource, permission: Permission, *, after: bool
+    ) -> None:
+        """403 when the caller may not write ``stored`` (before: its current version; after:
+        the version just written, which must stay within the caller's reach)."""
+        caller = tx.caller
+        if not isinstance(caller, Principal):
+            return
+        if self.is_visible(tx.conn, caller, stored.pid, permission):
+            return
+        if after:
+            raise forbidden(
+                f"{stored.reference} would be outside what this user may access "
+                "(check its patient, case and requester)",
+                "MSO-AUTH-404",
+            )
+        raise forbidden(f"Not allowed to change {stored.reference}", "MSO-AUTH-403")
+
+
+def owner_key(caller: Principal) -> str:
+    """The OWNER key recorded on what ``caller`` creates."""
+    if caller.role is Role.REQUESTER and caller.organization:
+        return f"org:{caller.organization}"
+    return f"user:{caller.subject}"
+
+
+def _row(pid: int, kind: ScopeKind, ref_type: str | None, ref_id: str) -> dict[str, Any]:
+    return {"pid": pid, "kind": int(kind), "ref_type": ref_type, "ref_id": ref_id}
+
+
+def _has_scope(r: Any, kind: ScopeKind, refs: Any = None) -> ColumnElement[bool]:
+    """SQL: ``r`` has an ``access_scope`` row of ``kind`` (with ``ref_id`` in ``refs``)."""
+    s = access_scope.alias()
+    conds = [s.c.pid == r.c.pid, s.c.kind == int(kind)]
+    if refs is not None:
+        conds.append(s.c.ref_id.in_(refs))
+    return exists(select(literal(1)).select_from(s).where(*conds))
+
+
+def _scope_from_select(sel: Any) -> Any:
+    return insert(access_scope).from_select(["pid", "kind", "ref_type", "ref_id"], sel)
+
+
+def _references(refs: Any, rtype: str) -> bool:
+    return any(_id_of((ref or {}).get("reference"), rtype) for ref in refs or ())
+
+
+def _id_of(reference: str | None, rtype: str) -> str | None:
+    """The id in a ``Type/id`` (or absolute / versioned) reference of type ``rtype``."""
+    if not reference:
+        return None
+    parts = reference.split("/_history/")[0].split("/")
+    if len(parts) >= 2 and parts[-2] == rtype:
+        return parts[-1]
+    return None
+
+
+def _has_code(concept: Any, code: str) -> bool:
+    return any((c or {}).get("code") == code for c in (concept or {}).get("coding") or ())
+
+
+def _upsert_case(conn: Connection, case_id: str, values: dict[str, Any]) -> None:
+    """Insert or update the ``case_access`` row of ``case_id`` (only the given columns)."""
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    stmt = dialect_insert(case_access).values(case_id=case_id, **values)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[case_access.c.case_id],
+        set_={k: stmt.excluded[k] for k in values},
+    )
+    conn.execute(stmt)
+
+
+__all__ = [
+    "AUDIT_TYPES",
+    "IMMUTABLE_TYPES",
+    "OPEN_TYPES",
+    "AccessPolicy",
+    "ScopeKind",
+    "forbidden",
+    "owner_key",
+]
