@@ -84,6 +84,22 @@ ROUTES: tuple[Route, ...] = (
 SYSTEM_INTERACTIONS = ("transaction", "batch", "search-system", "history-system")
 
 
+def interaction_of(route: Route, req: FhirRequest) -> str:
+    """The RESTful interaction code a request performed (for audit records)."""
+    handler = route.handler
+    if handler is capabilities.capabilities:
+        return "capabilities"
+    if handler is operations.invoke:
+        return "operation"
+    if handler is _compartment_search:
+        return "search-compartment"
+    if handler in (search.search_type, search.search_system):
+        return "search-type" if route.level == "type" else "search-system"
+    if route.interaction == "transaction" and isinstance(req.body, dict):
+        return "batch" if req.body.get("type") == "batch" else "transaction"
+    return route.interaction or "operation"
+
+
 def _segment_matches(pattern: str, segment: str) -> bool:
     if pattern == "{op}":
         return segment.startswith("$") and len(segment) > 1
@@ -97,6 +113,11 @@ def resolve(method: str, path: str, req: FhirRequest) -> Handler:
 
     404 for a path no route has; 405 for a known path with another method.
     """
+    return resolve_route(method, path, req).handler
+
+
+def resolve_route(method: str, path: str, req: FhirRequest) -> Route:
+    """Like :func:`resolve`, returning the whole :class:`Route`."""
     segments = tuple(s for s in path.strip("/").split("/") if s) if path.strip("/") else ()
     allowed: list[str] = []
     for route in ROUTES:
@@ -118,7 +139,7 @@ def resolve(method: str, path: str, req: FhirRequest) -> Handler:
                 req.operation = segment[1:]
             elif pattern == "{ctype}":
                 req.compartment_type = segment
-        return route.handler
+        return route
     if allowed:
         raise FhirError(
             405,

@@ -5,6 +5,10 @@ Only transport concerns live here (http://hl7.org/fhir/R4/http.html#general): me
 names, streaming raw Binary content to the blob store, and turning every error into an
 OperationOutcome with its status. Routing uses the same table as transaction entries
 (:mod:`fhir_server.interactions.table`).
+
+Every request except ``metadata`` must carry a valid bearer token (SMART App Launch): the
+token's principal becomes the caller the repository applies the access policy to, before the
+body is even read. Every request that gets that far is audited (``fhir_server.audit``).
 """
 
 from __future__ import annotations
@@ -18,12 +22,14 @@ from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from fhir_server.audit.events import Interaction
+from fhir_server.auth.principal import Principal
 from fhir_server.config import Settings
 from fhir_server.fhir import jsonio
 from fhir_server.fhir.outcome import FhirError
-from fhir_server.interactions import binary, create, read, search, update
+from fhir_server.interactions import binary, capabilities, create, read, search, update
 from fhir_server.interactions.base import FhirRequest, FhirResponse, InteractionContext, Prefer
-from fhir_server.interactions.table import resolve
+from fhir_server.interactions.table import Route, interaction_of, resolve_route
 from fhir_server.storage.blobs import BlobStore
 from fhir_server.storage.repository import Repository
 
@@ -39,6 +45,21 @@ _TRANSPORT_PARAMS = frozenset({"_format", "_pretty"})
 _METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
 _INLINE = (read.read, read.vread)
 _SEARCHES = (search.search_type, search.search_system)
+# Search parameters whose values name the patient a search is about (audit entity).
+_PATIENT_PARAMS = frozenset({"patient", "subject", "_id"})
+# Searches whose values are not written to the audit trail (they could quote chat text).
+_PRIVATE_QUERY_TYPES = frozenset({"Communication"})
+
+
+class _Seen:
+    """What the audit record of a request needs, filled in as the request is handled."""
+
+    __slots__ = ("principal", "req", "route")
+
+    def __init__(self) -> None:
+        self.principal: Principal | None = None
+        self.route: Route | None = None
+        self.req: FhirRequest | None = None
 
 
 def _mime(value: str | None) -> str:
@@ -60,10 +81,20 @@ def _wants_fhir(request: Request) -> bool:
 class FhirEndpoint:
     """Holds what every request needs and handles them."""
 
-    def __init__(self, repo: Repository, settings: Settings, blobs: BlobStore) -> None:
+    def __init__(
+        self,
+        repo: Repository,
+        settings: Settings,
+        blobs: BlobStore,
+        *,
+        tokens: Any = None,
+        audit: Any = None,
+    ) -> None:
         self.repo = repo
         self.settings = settings
         self.blobs = blobs
+        self.tokens = tokens
+        self.audit = audit
 
     def base_url(self, request: Request) -> str:
         """The public FHIR base URL (configured, or derived from the request)."""
@@ -74,17 +105,55 @@ class FhirEndpoint:
     async def handle(self, request: Request, path: str) -> Response:
         """Serve one FHIR request; every failure becomes an OperationOutcome."""
         pretty = request.query_params.get("_pretty") == "true"
+        seen = _Seen()
+        message: str | None = None
         try:
-            return await self._handle(request, path, pretty)
+            response = await self._handle(request, path, pretty, seen)
         except FhirError as exc:
-            return _outcome_response(exc, pretty)
+            response = _outcome_response(exc, pretty)
+            message = exc.message
         except Exception:
             log.exception("Unhandled error serving %s %s", request.method, request.url.path)
-            return _outcome_response(
+            response = _outcome_response(
                 FhirError(500, "exception", "Internal server error", code="MSO-REST-500"), pretty
             )
+            message = "Internal server error"
+        if self.audit is not None and seen.route is not None and seen.req is not None:
+            self._audit(request, seen, response.status_code, message)
+        return response
 
-    async def _handle(self, request: Request, path: str, pretty: bool) -> Response:
+    def _audit(self, request: Request, seen: _Seen, status: int, message: str | None) -> None:
+        """Queue the AuditEvent of a request (never for ``metadata``)."""
+        route, req = seen.route, seen.req
+        assert route is not None and req is not None
+        if route.handler is capabilities.capabilities:
+            return
+        code = interaction_of(route, req)
+        query = None
+        patients: list[str] = []
+        if code.startswith(("search", "history")):
+            private = req.resource_type in _PRIVATE_QUERY_TYPES
+            query = "&".join(f"{k}={'…' if private else v}" for k, v in req.params)
+            patients = _patients_in(req)
+        if req.resource_type == "Patient" and req.resource_id:
+            patients.append(req.resource_id)
+        self.audit.interaction(
+            seen.principal,
+            Interaction(
+                interaction=code,
+                status=status,
+                resource_type=req.resource_type,
+                resource_id=req.resource_id,
+                version_id=req.version_id,
+                operation=req.operation,
+                query=query,
+                source=request.client.host if request.client else None,
+                message=message,
+                patients=sorted(set(patients)),
+            ),
+        )
+
+    async def _handle(self, request: Request, path: str, pretty: bool, seen: _Seen) -> Response:
         method = request.method
         params = [
             (k, v) for k, v in request.query_params.multi_items() if k not in _TRANSPORT_PARAMS
@@ -96,10 +165,18 @@ class FhirEndpoint:
             headers=headers,
             prefer=Prefer.parse(headers.get("prefer")),
         )
-        handler = resolve(method, path, req)
+        route = resolve_route(method, path, req)
+        handler = route.handler
+        seen.route, seen.req = route, req
         ctx = InteractionContext(
             repo=self.repo, settings=self.settings, base_url=self.base_url(request)
         )
+        if self.tokens is not None and handler is not capabilities.capabilities:
+            seen.principal = ctx.caller = self.tokens.authenticate(
+                headers.get("authorization"),
+                source=request.client.host if request.client else None,
+                audience=ctx.base_url,
+            )
         fhir_accept = _wants_fhir(request)
         if req.resource_type == "Binary":
             special = await self._binary(request, req, ctx, handler, fhir_accept)
@@ -213,6 +290,23 @@ class FhirEndpoint:
                 media_type=FHIR_JSON,
             )
         return Response(status_code=response.status, headers=headers)
+
+
+def _patients_in(req: FhirRequest) -> list[str]:
+    """Patient ids a search names (``patient=``, ``subject=Patient/…``, ``Patient?_id=``)."""
+    out: list[str] = []
+    for name, value in req.params:
+        if name not in _PATIENT_PARAMS:
+            continue
+        if name == "_id" and req.resource_type != "Patient":
+            continue
+        for item in value.split(","):
+            ref = item.strip()
+            if ref.startswith("Patient/"):
+                out.append(ref.split("/", 1)[1])
+            elif ref and "/" not in ref and (name != "subject"):
+                out.append(ref)
+    return out
 
 
 def _too_large(limit: int) -> FhirError:

@@ -552,6 +552,16 @@ class Tx:
 
     # -- access policy ----------------------------------------------------------------------
 
+    @contextmanager
+    def internal(self) -> Iterator[Tx]:
+        """Work done by the server itself (a Provenance, a case number …) inside a caller's
+        transaction: not subject to the caller's scopes and access rules."""
+        saved, self.caller = self.caller, None
+        try:
+            yield self
+        finally:
+            self.caller = saved
+
     def visible(self, stored: StoredResource, permission: Permission = Permission.READ) -> bool:
         """True when the caller may see ``stored`` (always for internal work)."""
         policy = self.repo.policy

@@ -1,0 +1,175 @@
+"""The audit log: writes AuditEvents in the background and Provenance inside every write.
+
+AuditEvents are queued by the request that caused them and stored in batches by one writer
+thread per process (one transaction a batch), so auditing a read costs the read no database
+round trip. The queue is bounded: when the writer falls behind, requests wait for room rather
+than events being dropped. ``close()`` (application shutdown) drains it. A hard crash can lose
+at most the events of the last flush interval; the Provenance of a write, by contrast, commits
+in the same transaction as the write itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from typing import Any
+
+from fhir_server.audit import events
+from fhir_server.audit.events import Interaction
+from fhir_server.auth.principal import Principal
+from fhir_server.hooks import HookEvent, HookPoint, Hooks
+from fhir_server.storage.repository import Repository, format_instant, utc_now
+
+log = logging.getLogger(__name__)
+
+# Resources whose own writes are not given a Provenance (it would recurse, or is the trail).
+_NO_PROVENANCE = frozenset({"Provenance", "AuditEvent"})
+_ACTIVITY = {
+    HookPoint.AFTER_CREATE: "CREATE",
+    HookPoint.AFTER_UPDATE: "UPDATE",
+    HookPoint.AFTER_DELETE: "DELETE",
+}
+
+
+def now_instant() -> str:
+    """The current instant as FHIR renders it."""
+    return format_instant(utc_now())
+
+
+class AuditLog:
+    """Queue of AuditEvents with a background writer, and the Provenance write hooks."""
+
+    def __init__(
+        self,
+        repo: Repository,
+        *,
+        flush_interval: float = 0.2,
+        batch_size: int = 200,
+        capacity: int = 20_000,
+    ) -> None:
+        self.repo = repo
+        self.flush_interval = flush_interval
+        self.batch_size = batch_size
+        self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue(maxsize=capacity)
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    # -- recording ---------------------------------------------------------------------------
+
+    def record(self, audit_event: dict[str, Any]) -> None:
+        """Queue one AuditEvent resource for storage."""
+        self._ensure_writer()
+        self._queue.put(audit_event)
+
+    def interaction(self, principal: Principal | None, event: Interaction) -> None:
+        """Audit one FHIR interaction."""
+        self.record(events.interaction_event(principal, event, now_instant()))
+
+    def auth_event(
+        self,
+        kind: str,
+        success: bool,
+        *,
+        subject: str | None = None,
+        client_id: str | None = None,
+        source: str | None = None,
+        detail: str | None = None,
+    ) -> None:
+        """Audit a login, logout or token event (``kind``: see ``events.AUTH_SUBTYPES``)."""
+        self.record(
+            events.auth_event(
+                kind,
+                success,
+                now_instant(),
+                subject=subject,
+                client_id=client_id,
+                source=source,
+                detail=detail,
+            )
+        )
+
+    # -- provenance --------------------------------------------------------------------------
+
+    def register(self, hooks: Hooks) -> None:
+        """Give every write made for an authenticated caller a Provenance in its transaction."""
+        for point in _ACTIVITY:
+            hooks.register(point, self._provenance)
+
+    def _provenance(self, event: HookEvent) -> None:
+        caller = event.caller
+        if not isinstance(caller, Principal) or event.resource_type in _NO_PROVENANCE:
+            return
+        if event.point is HookPoint.AFTER_DELETE:
+            previous = int(((event.previous or {}).get("meta") or {}).get("versionId") or 0)
+            version = str(previous + 1)
+        else:
+            version = ((event.resource or {}).get("meta") or {}).get("versionId") or "1"
+        target = f"{event.resource_type}/{event.resource_id}/_history/{version}"
+        body = events.provenance(caller, target, _ACTIVITY[event.point], now_instant())
+        with event.tx.internal():
+            event.tx.create(body)
+
+    # -- the writer --------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Block until every AuditEvent queued so far is stored."""
+        if self._thread is not None:
+            self._queue.join()
+
+    def close(self) -> None:
+        """Store what is queued and stop the writer."""
+        with self._lock:
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            self._queue.put(None)
+            thread.join(timeout=30)
+
+    def _ensure_writer(self) -> None:
+        if self._thread is not None:
+            return
+        with self._lock:
+            if self._thread is None:
+                thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
+                thread.start()
+                self._thread = thread
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                self._queue.task_done()
+                return
+            batch = [first]
+            stop = False
+            deadline = time.monotonic() + self.flush_interval
+            while len(batch) < self.batch_size:
+                try:
+                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                    break
+                batch.append(item)
+            self._store(batch)
+            for _ in range(len(batch) + stop):
+                self._queue.task_done()
+            if stop:
+                return
+
+    def _store(self, batch: list[dict[str, Any]]) -> None:
+        def work(tx: Any) -> None:
+            for audit_event in batch:
+                tx.create(dict(audit_event))
+
+        try:
+            self.repo.write(work, retries=5)
+        except Exception:
+            # One bad event must not lose the batch: store them one by one, log what fails.
+            for audit_event in batch:
+                try:
+                    self.repo.write(lambda tx, e=audit_event: tx.create(dict(e)), retries=5)
+                except Exception:
+                    log.exception("Could not store an AuditEvent")
