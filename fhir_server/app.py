@@ -12,6 +12,8 @@ from fastapi import FastAPI
 
 from fhir_server import __version__
 from fhir_server.auth.policy import AccessPolicy
+from fhir_server.auth.routes import router as auth_router
+from fhir_server.auth.server import build_auth_server
 from fhir_server.config import Settings
 from fhir_server.fhir.validation import validate_resource
 from fhir_server.hooks import Hooks
@@ -59,6 +61,9 @@ def create_app(settings: Settings | None = None) -> FrontDoor:
     app.state.repo = repo
     app.state.hooks = hooks
     app.state.blobs = blobs
+    app.state.auth = build_auth_server(engine, settings)
+    app.state.tokens = app.state.auth.tokens
+    app.include_router(auth_router)
     return FrontDoor(app, FhirASGI(FhirEndpoint(repo, settings, blobs)))
 
 
@@ -67,7 +72,8 @@ class FrontDoor:
     (and lifespan events) to the FastAPI application.
 
     The FHIR endpoint does its own routing, error handling and limits, so FastAPI's middleware
-    stack in front of it would only add cost to every FHIR request.
+    stack in front of it would only add cost to every FHIR request. ``/fhir/.well-known/*``
+    (SMART discovery relative to the FHIR base) is served by the authorization server routes.
     """
 
     def __init__(self, app: FastAPI, fhir: FhirASGI) -> None:
@@ -79,7 +85,9 @@ class FrontDoor:
         """Dispatch one ASGI event."""
         if scope["type"] == "http":
             path = scope["path"]
-            if path == "/fhir" or path.startswith("/fhir/"):
+            if (path == "/fhir" or path.startswith("/fhir/")) and not path.startswith(
+                "/fhir/.well-known/"
+            ):
                 await self.fhir(scope, receive, send)
                 return
         await self.app(scope, receive, send)

@@ -49,6 +49,37 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(16, description="Database connection pool size per process")
     seed_demo: bool = Field(False, description="Load demo data at start-up when the DB is empty")
 
+    # -- authorization server (SMART App Launch, fhir_server.auth) -------------------------------
+    auth_issuer: str | None = Field(
+        None,
+        description="Public URL of the authorization server (issuer); default: the FHIR base "
+        "URL without its trailing /fhir",
+    )
+    access_token_ttl: int = Field(300, description="Access token lifetime in seconds")
+    refresh_token_ttl: int = Field(
+        14 * 86400, description="Lifetime of an offline_access refresh token in seconds"
+    )
+    online_refresh_token_ttl: int = Field(
+        8 * 3600, description="Lifetime of an online_access refresh token in seconds"
+    )
+    auth_code_ttl: int = Field(60, description="Authorization code lifetime in seconds")
+    launch_ttl: int = Field(600, description="EHR launch id lifetime in seconds")
+    auth_flow_ttl: int = Field(
+        900, description="Seconds a user has to finish login, patient choice and consent"
+    )
+    login_max_failures: int = Field(
+        5, description="Failed logins per user name within the window before a lockout"
+    )
+    login_max_failures_per_source: int = Field(
+        20, description="Failed logins per client IP address within the window before a lockout"
+    )
+    login_failure_window: int = Field(900, description="Window counting failed logins (s)")
+    login_lockout: int = Field(900, description="How long a lockout lasts (s)")
+    allow_remote_jwks: bool = Field(
+        False,
+        description="Fetch backend clients' JWKS from non-loopback https URLs (off: loopback only)",
+    )
+
     @property
     def blob_path(self) -> Path:
         """Folder of the content-addressed blob store."""
