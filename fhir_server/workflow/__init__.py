@@ -1,0 +1,1 @@
+"""The MSO case workflow: case lifecycle, operations, issues, appointments and invoices."""
