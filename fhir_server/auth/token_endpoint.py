@@ -120,13 +120,14 @@ class TokenEndpoint:
     def _refresh_token(self, req: TokenRequest) -> TokenResult:
         client, _ = self.authenticate_client(req)
         token = _required(req.form, "refresh_token")
-        grant = self.grants.rotate_refresh_token(token, client_id=client.client_id)
-        scope = grant.scope
-        if req.form.get("scope"):
+        known = self.grants.find_refresh_token(token)
+        scope = known.scope if known else ""
+        if known and req.form.get("scope"):
             requested = req.form["scope"].split()
-            if not set(requested) <= set(grant.scope.split()):
+            if not set(requested) <= set(known.scope.split()):
                 raise InvalidScopeError(description="A refresh may only narrow the scopes")
             scope = " ".join(requested)
+        grant = self.grants.rotate_refresh_token(token, client_id=client.client_id)
         assert grant.username is not None
         user = self._active_user(grant.username, grant.family)
         return self._issue(
