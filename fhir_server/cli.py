@@ -1,10 +1,11 @@
-"""The ``mso`` command: ``serve``, ``migrate``, ``reindex``."""
+"""The ``mso`` command: ``serve``, ``migrate``, ``load-conformance``, ``reindex``, ``seed-demo``."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+from typing import TextIO
 
 from fhir_server.config import Settings
 
@@ -13,6 +14,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     from fhir_server.storage.migrate import upgrade
 
     upgrade(settings.database_url)
+    _load_conformance(settings)  # once here, before the workers start
     # Workers re-read settings from the environment: pass the command-line choices down.
     os.environ["MSO_DATABASE_URL"] = settings.database_url
     from fhir_server.serve import serve
@@ -31,6 +33,22 @@ def _migrate(args: argparse.Namespace, settings: Settings) -> int:
 
     upgrade(settings.database_url, args.revision)
     print(f"Database at {settings.database_url} is at revision {args.revision}")
+    if args.revision == "head":
+        _load_conformance(settings)
+    return 0
+
+
+def _load_conformance(settings: Settings, out: TextIO = sys.stderr) -> None:
+    from fhir_server.conformance import load_conformance
+
+    print(load_conformance(settings).summary().capitalize(), file=out)
+
+
+def _load_conformance_command(args: argparse.Namespace, settings: Settings) -> int:
+    from fhir_server.storage.migrate import upgrade
+
+    upgrade(settings.database_url)
+    _load_conformance(settings, sys.stdout)
     return 0
 
 
@@ -66,9 +84,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=False)
     serve.set_defaults(func=_serve)
 
-    migrate = sub.add_parser("migrate", help="apply database migrations")
+    migrate = sub.add_parser(
+        "migrate", help="apply database migrations (at head: and load the conformance resources)"
+    )
     migrate.add_argument("--revision", default="head")
     migrate.set_defaults(func=_migrate)
+
+    conformance = sub.add_parser(
+        "load-conformance",
+        help="store the MSO profiles, questionnaires and terminology (idempotent)",
+    )
+    conformance.set_defaults(func=_load_conformance_command)
 
     seed = sub.add_parser("seed-demo", help="load demo data (idempotent)")
     seed.set_defaults(func=_seed_demo)
