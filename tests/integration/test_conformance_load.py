@@ -198,23 +198,17 @@ def test_specialty_below_follows_the_mso_hierarchy(repo: Repository) -> None:
     assert above == set()
 
 
-def _auth_headers(db_url: str) -> dict[str, str]:
-    """A bearer token when the server enforces one (``tests.conftest.authorized``)."""
-    try:
-        from tests.conftest import authorized  # type: ignore[attr-defined]
-    except ImportError:
-        return {}
-    return authorized(db_url)
-
-
-def test_served_over_rest(repo: Repository, fresh_db_url: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("role", ["admin", "requester"])
+def test_served_over_rest(repo: Repository, fresh_db_url: str, tmp_path: Path, role: str) -> None:
     from fastapi.testclient import TestClient
 
     from fhir_server.app import create_app
+    from tests.auth_helpers import token_for
 
     install(repo)
     app = create_app(make_settings(fresh_db_url, tmp_path))
-    with TestClient(app, headers=_auth_headers(fresh_db_url)) as client:
+    token = token_for(app, role=role, organization="org-conformance-test")
+    with TestClient(app, headers={"Authorization": f"Bearer {token}"}) as client:
         found = client.get("/fhir/CodeSystem", params={"url": codes.CASE_STATUS_SYSTEM})
         assert found.status_code == 200, found.text
         (entry,) = found.json()["entry"]
