@@ -11,9 +11,11 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from fhir_server import __version__
+from fhir_server.audit.log import AuditLog
 from fhir_server.auth.policy import AccessPolicy
 from fhir_server.auth.routes import router as auth_router
 from fhir_server.auth.server import build_auth_server
+from fhir_server.auth.tokens import TokenService
 from fhir_server.config import Settings
 from fhir_server.fhir.validation import validate_resource
 from fhir_server.hooks import Hooks
@@ -43,10 +45,14 @@ def create_app(settings: Settings | None = None) -> FrontDoor:
     repo = build_repository(settings)
     engine, hooks = repo.engine, repo.hooks
     blobs = BlobStore(settings.blob_path)
+    tokens = TokenService(engine, settings)
+    audit = AuditLog(repo)
+    audit.register(hooks)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         yield
+        audit.close()
         engine.dispose()
 
     app = FastAPI(
@@ -61,10 +67,12 @@ def create_app(settings: Settings | None = None) -> FrontDoor:
     app.state.repo = repo
     app.state.hooks = hooks
     app.state.blobs = blobs
-    app.state.auth = build_auth_server(engine, settings)
-    app.state.tokens = app.state.auth.tokens
+    app.state.auth = build_auth_server(engine, settings, tokens=tokens)
     app.include_router(auth_router)
-    return FrontDoor(app, FhirASGI(FhirEndpoint(repo, settings, blobs)))
+    app.state.tokens = tokens
+    app.state.audit = audit
+    endpoint = FhirEndpoint(repo, settings, blobs, tokens=tokens, audit=audit)
+    return FrontDoor(app, FhirASGI(endpoint))
 
 
 class FrontDoor:

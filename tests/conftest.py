@@ -100,12 +100,48 @@ def app(db_url: str, tmp_path_factory: pytest.TempPathFactory):
     return create_app(make_settings(db_url, tmp_path_factory.mktemp("data")))
 
 
+def issue_token(
+    database_url: str,
+    audience: str = "http://testserver/fhir",
+    *,
+    role: str = "system",
+    scopes: str = "system/*.cruds",
+    **claims: str,
+) -> str:
+    """A real signed access token for the server on ``database_url`` (no OAuth flow).
+
+    The default is a backend-services token with full system scopes: the access policy still
+    applies to it (a system client sees everything but chat content).
+    """
+    from fhir_server.auth.tokens import TokenService
+    from fhir_server.config import Settings
+    from fhir_server.storage.engine import build_engine
+
+    service = TokenService(build_engine(database_url), Settings(database_url=database_url))
+    return service.issue_access_token(
+        client_id="test-suite",
+        scopes=scopes,
+        role=role,
+        audience=audience,
+        lifetime=86400,
+        **claims,
+    )
+
+
+def authorized(database_url: str, audience: str = "http://testserver/fhir", **kw: str) -> dict:
+    """``Authorization`` header of :func:`issue_token`."""
+    return {"Authorization": f"Bearer {issue_token(database_url, audience, **kw)}"}
+
+
 @pytest.fixture(scope="session")
 def client(app) -> Iterator:
-    """An HTTP client on the app; FHIR base is ``/fhir``."""
+    """An HTTP client on the app with a system token; FHIR base is ``/fhir``."""
     from fastapi.testclient import TestClient
 
-    with TestClient(app, base_url="http://testserver", follow_redirects=False) as test_client:
+    headers = authorized(app.state.settings.database_url)
+    with TestClient(
+        app, base_url="http://testserver", follow_redirects=False, headers=headers
+    ) as test_client:
         yield test_client
 
 

@@ -324,22 +324,7 @@ class AccessPolicy:
             return not_(_has_scope(r, ScopeKind.CHAT))
         audit_hidden = r.c.res_type.not_in(AUDIT_TYPES)
         direct = self._direct(caller)
-        target = resource.alias("via_target")
-        via_scope = access_scope.alias("via_scope")
-        via = exists(
-            select(literal(1))
-            .select_from(
-                via_scope.join(
-                    target,
-                    and_(
-                        target.c.res_type == via_scope.c.ref_type,
-                        target.c.res_id == via_scope.c.ref_id,
-                    ),
-                )
-            )
-            .where(via_scope.c.pid == r.c.pid, via_scope.c.kind == ScopeKind.VIA, direct(target))
-        )
-        return and_(audit_hidden, or_(direct(r), via))
+        return and_(audit_hidden, or_(direct(r), _via(direct, r)))
 
     def _direct(self, caller: Principal) -> ConditionOn:
         """Visibility by the resource's own memberships (no VIA), for a non-admin caller."""
@@ -416,9 +401,11 @@ class AccessPolicy:
         """A ``patient/`` scope reaches only the launch patient's compartment."""
         if not caller.patient:
             return false()
+        patient = [caller.patient]
         return or_(
             r.c.res_type.in_(OPEN_TYPES),
-            _has_scope(r, ScopeKind.PATIENT, [caller.patient]),
+            _has_scope(r, ScopeKind.PATIENT, patient),
+            _via(lambda t: _has_scope(t, ScopeKind.PATIENT, patient), r),
         )
 
     def _restriction(self, scope: ResourceScope, r: Any) -> ColumnElement[bool]:
@@ -481,6 +468,25 @@ def owner_key(caller: Principal) -> str:
     if caller.role is Role.REQUESTER and caller.organization:
         return f"org:{caller.organization}"
     return f"user:{caller.subject}"
+
+
+def _via(condition: ConditionOn, r: Any) -> ColumnElement[bool]:
+    """SQL: ``r`` is visible through a VIA row whose target satisfies ``condition``."""
+    target = resource.alias("via_target")
+    via_scope = access_scope.alias("via_scope")
+    return exists(
+        select(literal(1))
+        .select_from(
+            via_scope.join(
+                target,
+                and_(
+                    target.c.res_type == via_scope.c.ref_type,
+                    target.c.res_id == via_scope.c.ref_id,
+                ),
+            )
+        )
+        .where(via_scope.c.pid == r.c.pid, via_scope.c.kind == ScopeKind.VIA, condition(target))
+    )
 
 
 def _row(pid: int, kind: ScopeKind, ref_type: str | None, ref_id: str) -> dict[str, Any]:

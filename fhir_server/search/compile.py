@@ -231,13 +231,23 @@ def base_conditions(
 def matching_pids(
     registry: SearchRegistry, options: CompileOptions, types: tuple[str, ...], clause: Clause
 ) -> Select[Any]:
-    """``SELECT pid`` of live ``types`` resources matching ``clause`` (chains, ``_has``)."""
+    """``SELECT pid`` of live ``types`` resources matching ``clause`` (chains, ``_has``).
+
+    The access filter applies to them too: a criterion on a resource the caller may not see
+    must not decide what the caller gets back.
+    """
     t = resource.alias()
     return select(t.c.pid).where(
         t.c.res_type.in_(types),
         t.c.deleted.is_(False),
+        *_access(options, t),
         clause_condition(registry, options, types, clause, t),
     )
+
+
+def _access(options: CompileOptions, t: Any) -> list[ColumnElement[bool]]:
+    """The access filter on alias ``t`` (empty when there is none)."""
+    return [options.access_filter(t)] if options.access_filter is not None else []
 
 
 def clause_condition(
@@ -262,7 +272,7 @@ def clause_condition(
     if code == "_lastUpdated":
         return or_(*(_last_updated(options, v, r) for v in clause.values))
     if code == "_list":
-        return _list_condition(registry, clause, r)
+        return _list_condition(registry, options, clause, r)
     if code in special.CODES:
         preds = [special.predicate(code, v) for v in clause.values]
         cond = r.c.pid.in_(select(idx_text.c.pid).where(to_sql(any_of(*preds), idx_text)))
@@ -370,6 +380,7 @@ def _chain_condition(
             ref.c.hash_identity == param.identity(rtype),
             t.c.res_type.in_(clause.target_types),
             t.c.deleted.is_(False),
+            *_access(options, t),
             inner,
         )
     )
@@ -405,7 +416,9 @@ def _has_condition(
     return r.c.pid.in_(sub)
 
 
-def _list_condition(registry: SearchRegistry, clause: Clause, r: Any) -> ColumnElement[bool]:
+def _list_condition(
+    registry: SearchRegistry, options: CompileOptions, clause: Clause, r: Any
+) -> ColumnElement[bool]:
     """``_list=id``: the resource is an item of List/id."""
     item = registry.get("List", "item")
     assert item is not None
@@ -417,6 +430,7 @@ def _list_condition(registry: SearchRegistry, clause: Clause, r: Any) -> ColumnE
         .where(
             lst.c.res_type == "List",
             lst.c.deleted.is_(False),
+            *_access(options, lst),
             lst.c.res_id.in_([_unescape(v) for v in clause.values]),
             ref.c.hash_identity == item.identity("List"),
             ref.c.target_type == r.c.res_type,

@@ -21,6 +21,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+_SERVER_DB: dict[str, str] = {}
+
+
+def server_auth(base: str) -> dict[str, str]:
+    """A system ``Authorization`` header for the live server at ``base``."""
+    from tests.conftest import authorized
+
+    return authorized(_SERVER_DB[base], base)
+
+
 def start_server(db_url: str, data_dir: Path, *, workers: int = 2) -> tuple[subprocess.Popen, str]:
     """Start ``mso serve`` and wait until ``/fhir/metadata`` answers."""
     port = free_port()
@@ -48,6 +58,7 @@ def start_server(db_url: str, data_dir: Path, *, workers: int = 2) -> tuple[subp
             raise RuntimeError(f"server exited: {proc.stderr.read().decode()[-2000:]}")
         try:
             if httpx.get(f"{base}/metadata?_summary=true", timeout=2).status_code == 200:
+                _SERVER_DB[base] = db_url
                 return proc, base
         except httpx.HTTPError:
             time.sleep(0.2)

@@ -9,11 +9,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
+from tests.e2e.conftest import server_auth
+
 FHIR = {"content-type": "application/fhir+json"}
 
 
 def _client(base: str) -> httpx.Client:
-    return httpx.Client(base_url=base, headers=FHIR, timeout=30)
+    return httpx.Client(base_url=base, headers={**FHIR, **server_auth(base)}, timeout=30)
 
 
 def test_crud_round_trip(server, unique):

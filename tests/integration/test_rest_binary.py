@@ -64,10 +64,10 @@ def test_upload_over_limit_is_413_and_leaves_nothing(tmp_path, db_url):
     from fastapi.testclient import TestClient
 
     from fhir_server.app import create_app
-    from tests.conftest import make_settings
+    from tests.conftest import authorized, make_settings
 
     app = create_app(make_settings(db_url, tmp_path, max_binary_bytes=1000))
-    with TestClient(app) as small:
+    with TestClient(app, headers=authorized(db_url)) as small:
         response = small.post(
             "/fhir/Binary", content=b"x" * 5000, headers={"content-type": "image/png"}
         )
