@@ -87,7 +87,9 @@ def validate_request(
     if client.kind == "backend":
         raise fail(UnauthorizedClientError, "Backend clients cannot use the authorization code")
     if values.get("response_type") != "code":
-        raise fail(UnsupportedResponseTypeError, "response_type must be code")
+        raise UnsupportedResponseTypeError(
+            values.get("response_type", ""), state=state, redirect_uri=redirect_uri
+        )
     if not state:
         raise fail(InvalidRequestError, "state is required")
     aud = values.get("aud")

@@ -79,7 +79,7 @@ class TokenEndpoint:
         if not grant_type:
             raise InvalidRequestError(description="grant_type is required")
         if grant_type not in handlers:
-            raise UnsupportedGrantTypeError(description=f"Unsupported grant_type {grant_type}")
+            raise UnsupportedGrantTypeError(grant_type)
         return handlers[grant_type](req)
 
     def authenticate_client(self, req: TokenRequest) -> tuple[Client, str]:
