@@ -13,8 +13,10 @@ PASSWORD = "correct horse battery"
 
 
 @pytest.fixture
-def http(app) -> TestClient:
-    return TestClient(app, base_url="http://testserver", follow_redirects=False)
+def http(app, unique) -> TestClient:
+    return TestClient(
+        app, base_url="http://testserver", follow_redirects=False, client=(f"ip-{unique[:8]}", 1)
+    )
 
 
 @pytest.fixture

@@ -23,9 +23,11 @@ PASSWORD = "correct horse battery"
 
 
 @pytest.fixture
-def http(app) -> TestClient:
+def http(app, unique) -> TestClient:
     """A fresh browser: its own cookie jar, no Authorization header, redirects not followed."""
-    return TestClient(app, base_url="http://testserver", follow_redirects=False)
+    return TestClient(
+        app, base_url="http://testserver", follow_redirects=False, client=(f"ip-{unique[:8]}", 1)
+    )
 
 
 @pytest.fixture
