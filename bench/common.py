@@ -198,8 +198,11 @@ def running_server(
     server = Server(f"http://127.0.0.1:{port}/fhir", port, process, log_path)
     try:
         _wait_ready(server, startup_timeout)
+        token = mint_system_token(database_url, server.base_url)
+        _AUTHORIZATION["Authorization"] = f"Bearer {token}"
         yield server
     finally:
+        _AUTHORIZATION.clear()
         stop_server(server)
         with contextlib.suppress(OSError):
             log_path.unlink()
@@ -242,6 +245,31 @@ def stop_server(server: Server, grace: float = 15.0) -> None:
 _WARNED_REDIRECTS: set[tuple[str, str]] = set()
 
 
+# The bearer token of the server being measured (every FHIR request needs one): a backend
+# services token with system scopes, minted by :func:`running_server` once the server is up.
+_AUTHORIZATION: dict[str, str] = {}
+
+
+def mint_system_token(database_url: str, fhir_base: str) -> str:
+    """A day-long system-scoped access token for the server at ``fhir_base`` on ``database_url``."""
+    from fhir_server.auth.tokens import TokenService
+    from fhir_server.config import Settings
+    from fhir_server.storage.engine import build_engine
+
+    engine = build_engine(database_url)
+    try:
+        service = TokenService(engine, Settings(database_url=database_url))
+        return service.issue_access_token(
+            client_id="bench",
+            scopes="system/*.cruds",
+            role="system",
+            audience=fhir_base,
+            lifetime=86400,
+        )
+    finally:
+        engine.dispose()
+
+
 def http_json(
     method: str, url: str, body: Any = None, *, timeout: float = 300.0, redirects: int = 1
 ) -> tuple[int, Any]:
@@ -253,6 +281,8 @@ def http_json(
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(url, data=data, method=method)
     req.add_header("Accept", "application/fhir+json")
+    for name, value in _AUTHORIZATION.items():
+        req.add_header(name, value)
     if data is not None:
         req.add_header("Content-Type", "application/fhir+json")
     location = None
@@ -474,6 +504,8 @@ def run_wrk(
         "-s", str(script_path),
         url,
     ]  # fmt: skip
+    for name, value in _AUTHORIZATION.items():
+        cmd[1:1] = ["-H", f"{name}: {value}"]
     if script_args:
         cmd += ["--", *script_args]
     if cpu_watch:

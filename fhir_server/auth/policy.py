@@ -25,6 +25,7 @@ same transaction as every write.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from enum import IntEnum
 from functools import cached_property
@@ -33,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import (
     Connection,
     and_,
+    bindparam,
     delete,
     exists,
     false,
@@ -42,6 +44,7 @@ from sqlalchemy import (
     or_,
     select,
     true,
+    union_all,
 )
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -151,11 +154,8 @@ class AccessPolicy:
         """
         conn = tx.conn
         pid, rtype, body = stored.pid, stored.res_type, stored.resource
-        conn.execute(
-            delete(access_scope).where(
-                access_scope.c.pid == pid, access_scope.c.kind != ScopeKind.OWNER
-            )
-        )
+        if not created:
+            conn.execute(_DELETE_SCOPES, {"scope_pid": pid})
         self._insert_index_scopes(conn, pid, rtype)
         rows: list[dict[str, Any]] = []
         if rtype == "Patient":
@@ -189,10 +189,17 @@ class AccessPolicy:
 
     def _insert_index_scopes(self, conn: Connection, pid: int, rtype: str) -> None:
         """PATIENT rows from the compartment references, CASE rows from case references."""
+        conn.execute(self._index_scope_statement(rtype), {"scope_pid": pid})
+
+    @functools.cache  # noqa: B019  (one policy per process; the cache is per resource type)
+    def _index_scope_statement(self, rtype: str) -> Any:
+        """One ``INSERT … SELECT … UNION ALL …`` per type, built once (hot write path)."""
         ref = idx_reference.c
+        pid = bindparam("scope_pid")
+        parts: list[Any] = []
         identities = self._compartment_identities.get(rtype)
         if identities:
-            patients = (
+            parts.append(
                 select(ref.pid, literal(int(ScopeKind.PATIENT)), literal("Patient"), ref.target_id)
                 .where(
                     ref.pid == pid,
@@ -202,23 +209,16 @@ class AccessPolicy:
                 )
                 .distinct()
             )
-            conn.execute(_scope_from_select(patients))
-        cases = (
-            select(
-                ref.pid,
-                literal(int(ScopeKind.CASE)),
-                literal("ServiceRequest"),
-                ref.target_id,
-            )
+        parts.append(
+            select(ref.pid, literal(int(ScopeKind.CASE)), literal("ServiceRequest"), ref.target_id)
             .where(ref.pid == pid, ref.target_type == "ServiceRequest", ref.target_id.is_not(None))
             .distinct()
         )
-        conn.execute(_scope_from_select(cases))
         # A resource referencing a Task (a case issue partOf the case Task, a Provenance of
         # it …) belongs to that Task's cases.
         parent = resource.alias("parent")
         scope = access_scope.alias("parent_scope")
-        inherited = (
+        parts.append(
             select(ref.pid, literal(int(ScopeKind.CASE)), literal("ServiceRequest"), scope.c.ref_id)
             .select_from(
                 idx_reference.join(
@@ -234,7 +234,7 @@ class AccessPolicy:
             )
             .distinct()
         )
-        conn.execute(_scope_from_select(inherited))
+        return _scope_from_select(union_all(*parts))
 
     def _index_case(self, tx: Tx, stored: StoredResource) -> None:
         body = stored.resource
@@ -422,6 +422,18 @@ class AccessPolicy:
         matches = select(t.c.pid).where(*base_conditions(self.registry, query, CompileOptions(), t))
         return r.c.pid.in_(matches)
 
+    def _sees_all_but_chat(self, caller: Principal, res_type: str, permission: Permission) -> bool:
+        """True when only the chat rule can hide ``res_type`` from ``caller``: an admin or an
+        organization-less system client holding an unrestricted, non-patient scope for it."""
+        if caller.role not in (Role.ADMIN, Role.SYSTEM) or (
+            caller.role is Role.SYSTEM and caller.organization
+        ):
+            return False
+        return any(
+            not s.restriction and s.context != "patient"
+            for s in caller.scopes.grants(res_type, permission)
+        )
+
     # -- permission checks -----------------------------------------------------------------
 
     def require(self, caller: Any, res_type: str, permission: Permission) -> None:
@@ -452,7 +464,10 @@ class AccessPolicy:
         caller = tx.caller
         if not isinstance(caller, Principal):
             return
-        if self.is_visible(tx.conn, caller, stored.pid, permission):
+        if after and self._sees_all_but_chat(caller, stored.res_type, permission):
+            if not _has_chat_row(tx.conn, stored.pid):
+                return
+        elif self.is_visible(tx.conn, caller, stored.pid, permission):
             return
         if after:
             raise forbidden(
@@ -461,6 +476,18 @@ class AccessPolicy:
                 "MSO-AUTH-404",
             )
         raise forbidden(f"Not allowed to change {stored.reference}", "MSO-AUTH-403")
+
+
+def _has_chat_row(conn: Connection, pid: int) -> bool:
+    return conn.execute(_CHAT_ROW, {"chat_pid": pid}).first() is not None
+
+
+_DELETE_SCOPES = delete(access_scope).where(
+    access_scope.c.pid == bindparam("scope_pid"), access_scope.c.kind != int(ScopeKind.OWNER)
+)
+_CHAT_ROW = select(literal(1)).where(
+    access_scope.c.pid == bindparam("chat_pid"), access_scope.c.kind == int(ScopeKind.CHAT)
+)
 
 
 def owner_key(caller: Principal) -> str:
