@@ -102,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     reindex = sub.add_parser("reindex", help="rebuild search indexes")
     reindex.add_argument("--type", help="only this resource type")
     reindex.set_defaults(func=_reindex)
+
+    from fhir_server.auth.cli import add_auth_commands
+
+    add_auth_commands(sub)
     return parser
 
 
