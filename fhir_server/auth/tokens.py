@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass
@@ -242,7 +243,9 @@ class TokenService:
         if verified is None:
             verified = self._verify_signature(token)
             if len(self._verified) >= _CACHE_MAX:
-                self._verified.pop(next(iter(self._verified)), None)
+                # drop the oldest entry; another thread may be doing the same
+                with contextlib.suppress(RuntimeError, StopIteration):
+                    self._verified.pop(next(iter(self._verified)), None)
             self._verified[token] = verified
         claims = verified.claims
         if claims["exp"] + CLOCK_SKEW < time.time():
