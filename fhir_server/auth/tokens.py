@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import padding
 from joserfc import jwt
 from sqlalchemy import Engine, bindparam, insert, select, update
 
+from fhir_server.auth.discovery import issuer_for
 from fhir_server.auth.keys import SIGNING_ALG, KeyStore
 from fhir_server.auth.principal import Principal, Role
 from fhir_server.auth.scopes import ScopeSet
@@ -103,10 +104,7 @@ class TokenService:
 
     def issuer_for(self, fhir_base: str) -> str:
         """The issuer URL (the authorization server's root) belonging to ``fhir_base``."""
-        if self.settings.auth_issuer:
-            return self.settings.auth_issuer.rstrip("/")
-        base = fhir_base_without_slash(fhir_base)
-        return base[: -len("/fhir")] if base.endswith("/fhir") else base
+        return issuer_for(fhir_base, self.settings.auth_issuer)
 
     # -- issuing -----------------------------------------------------------------------------------
 

@@ -3,7 +3,13 @@
 The CapabilityStatement is generated from what the server really has: the route table
 (:mod:`fhir_server.interactions.table`), the operation registry, and the SearchParameter
 registry, never from a static file that could drift. ``?mode=full`` (the default) is the only
-mode; ``_summary=true`` drops the per-resource details.
+mode; ``_summary=true`` drops the per-resource details. ``rest[0].security`` declares SMART on
+FHIR with the OAuth endpoint URLs (:func:`fhir_server.auth.discovery.capability_security`).
+
+The bulk of the statement depends only on the search registry and is built once per registry;
+what depends on the base URL (configured, or the one the request came to) — ``implementation.url``
+and the OAuth URLs — is filled in per request, so that every base gets its own URLs and a client
+cannot grow the cache by sending many ``Host`` headers.
 """
 
 from __future__ import annotations
@@ -12,13 +18,15 @@ from datetime import UTC, datetime
 from typing import Any
 
 from fhir_server import __version__
+from fhir_server.auth.discovery import capability_security, issuer_for
 from fhir_server.fhir.definitions import FHIR_VERSION, resource_types
 from fhir_server.interactions.base import FhirRequest, FhirResponse, InteractionContext
 
 
 def capabilities(ctx: InteractionContext, req: FhirRequest) -> FhirResponse:
     """GET [base]/metadata."""
-    statement = _statement(ctx.base_url, ctx.repo.registry)
+    issuer = issuer_for(ctx.base_url, ctx.settings.auth_issuer)
+    statement = _for_base(_statement(ctx.repo.registry), ctx.base_url, issuer)
     if req.param("_summary") == "true":
         statement = {
             **statement,
@@ -27,8 +35,14 @@ def capabilities(ctx: InteractionContext, req: FhirRequest) -> FhirResponse:
     return FhirResponse(resource=statement)
 
 
-def build_statement(base_url: str, registry: Any) -> dict[str, Any]:
-    """The CapabilityStatement for a server at ``base_url`` with this search registry."""
+def build_statement(base_url: str, registry: Any, *, issuer: str | None = None) -> dict[str, Any]:
+    """The CapabilityStatement for a server at ``base_url`` with this search registry, whose
+    authorization server is ``issuer`` (default: derived from ``base_url``)."""
+    return _for_base(_build_core(registry), base_url, issuer or issuer_for(base_url))
+
+
+def _build_core(registry: Any) -> dict[str, Any]:
+    """Everything of the statement that does not depend on the base URL."""
     from fhir_server.interactions.operations import all_operations
     from fhir_server.interactions.table import ROUTES, SYSTEM_INTERACTIONS
 
@@ -81,7 +95,7 @@ def build_statement(base_url: str, registry: Any) -> dict[str, Any]:
         "publisher": "MSO",
         "kind": "instance",
         "software": {"name": "MSO FHIR Server", "version": __version__},
-        "implementation": {"description": "Medical Second Opinion FHIR server", "url": base_url},
+        "implementation": {"description": "Medical Second Opinion FHIR server"},
         "fhirVersion": FHIR_VERSION,
         "format": ["application/fhir+json", "json"],
         "patchFormat": ["application/json-patch+json", "application/fhir+json"],
@@ -104,14 +118,31 @@ def _search_params(registry: Any, res_type: str) -> list[dict[str, Any]]:
     return out
 
 
-_built: dict[tuple[str, int], tuple[Any, dict[str, Any]]] = {}
+def _for_base(core: dict[str, Any], base_url: str, issuer: str) -> dict[str, Any]:
+    """``core`` with the URLs of ``base_url`` and ``issuer``; shallow copies, ``core`` is shared."""
+    rest = core["rest"][0]
+    return {
+        **core,
+        "implementation": {**core["implementation"], "url": base_url},
+        "rest": [
+            {
+                "mode": rest["mode"],
+                "documentation": rest["documentation"],
+                "security": capability_security(issuer),
+                **rest,
+            }
+        ],
+    }
 
 
-def _statement(base_url: str, registry: Any) -> dict[str, Any]:
-    """The statement for this base URL and registry, built once."""
-    key = (base_url, id(registry))
+_built: dict[int, tuple[Any, dict[str, Any]]] = {}
+
+
+def _statement(registry: Any) -> dict[str, Any]:
+    """The base-independent part of the statement for this registry, built once."""
+    key = id(registry)
     hit = _built.get(key)
     if hit is None or hit[0] is not registry:
-        hit = (registry, build_statement(base_url, registry))
+        hit = (registry, _build_core(registry))
         _built[key] = hit
     return hit[1]
