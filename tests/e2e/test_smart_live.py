@@ -57,28 +57,21 @@ def test_fhirclient_standalone_launch_reads_the_patient(server, db_url, auth):
     auth.clients.create(client_id=client_id, kind="public", redirect_uris=[REDIRECT])
     patient_id = create_patient(db_url, server, f"Live{suffix}")
 
-    config = httpx.get(f"{server}/.well-known/smart-configuration").json()
-    assert config["issuer"] == root_of(server)
+    # fhirclient finds the OAuth endpoints itself, in the CapabilityStatement's security element
     smart = smart_client.FHIRClient(
-        state={
+        settings={
             "app_id": client_id,
+            "api_base": server,
+            "redirect_uri": REDIRECT,
             "scope": "openid fhirUser patient/*.rs",
-            "redirect": REDIRECT,
-            "server": {
-                "base_uri": f"{server}/",  # restored state is not normalized by fhirclient
-                "auth_type": "oauth2",
-                "auth": {
-                    "app_id": client_id,
-                    "aud": server,
-                    "authorize_uri": config["authorization_endpoint"],
-                    "token_uri": config["token_endpoint"],
-                    "redirect_uri": REDIRECT,
-                },
-            },
         }
     )
     authorize_url = smart.authorize_url
     assert "launch%2Fpatient" in authorize_url  # fhirclient asks for a patient itself
+    config = config_of(server)
+    assert config["issuer"] == root_of(server)
+    assert smart.server.auth.auth_type == "oauth2"
+    assert authorize_url.startswith(f"{config['authorization_endpoint']}?")
 
     with httpx.Client(base_url=root_of(server), follow_redirects=False) as browser:
         query = complete_authorization(
