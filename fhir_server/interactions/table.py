@@ -8,11 +8,13 @@ resource type, ``{id}`` a logical id, ``{vid}`` a version, ``{op}`` an ``$operat
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from fhir_server.fhir.outcome import FhirError
 from fhir_server.interactions import (
+    audit_events,
     capabilities,
     create,
     delete,
@@ -82,6 +84,20 @@ ROUTES: tuple[Route, ...] = (
 )
 
 SYSTEM_INTERACTIONS = ("transaction", "batch", "search-system", "history-system")
+# AuditEvents live in the audit trail's own table: these interactions are served from it.
+_AUDIT_HANDLERS: dict[Handler, Handler] = {
+    read.read: audit_events.read,
+    read.vread: audit_events.read,
+    search.search_type: audit_events.search,
+    create.create: audit_events.create,
+    history.history: audit_events.history,
+    update.update: audit_events.refuse_change,
+    update.conditional_update: audit_events.refuse_change,
+    patch.patch: audit_events.refuse_change,
+    patch.conditional_patch: audit_events.refuse_change,
+    delete.delete: audit_events.refuse_change,
+    delete.conditional_delete: audit_events.refuse_change,
+}
 
 
 def interaction_of(route: Route, req: FhirRequest) -> str:
@@ -139,6 +155,8 @@ def resolve_route(method: str, path: str, req: FhirRequest) -> Route:
                 req.operation = segment[1:]
             elif pattern == "{ctype}":
                 req.compartment_type = segment
+        if req.resource_type == audit_events.TYPE and route.handler in _AUDIT_HANDLERS:
+            return dataclasses.replace(route, handler=_AUDIT_HANDLERS[route.handler])
         return route
     if allowed:
         raise FhirError(

@@ -22,6 +22,7 @@ import orjson
 
 from fhir_server.fhir.definitions import is_resource_type
 from fhir_server.fhir.outcome import FhirError, Issue
+from fhir_server.interactions import audit_events
 from fhir_server.interactions.base import FhirRequest, FhirResponse, InteractionContext
 from fhir_server.interactions.common import write_response
 from fhir_server.storage.repository import Tx, check_id, new_id
@@ -245,6 +246,8 @@ def _post(ctx: InteractionContext, sub: FhirRequest, tx: Tx, entry: _Entry) -> F
         raise FhirError(
             400, "invalid", f"POST {res_type} needs a {res_type} resource", code="MSO-REST-004"
         )
+    if res_type == audit_events.TYPE:
+        return audit_events.create_in(ctx, sub, tx, body)
     stored = tx.create(body, res_id=entry.target_id)
     return write_response(ctx, sub, stored, status=201, message=f"Created {stored.reference}")
 

@@ -1,0 +1,154 @@
+"""Storage and search of AuditEvents in their own table (:mod:`fhir_server.storage.audit_schema`).
+
+The FHIR API serves them read-only (create allowed for admin and system clients feeding their
+own events) with the search parameters an auditor uses (IHE BALP): ``date``, ``patient``,
+``agent``, ``altid``, ``entity``, ``type``, ``subtype``, ``action``, ``outcome``, ``address``,
+``_id``, plus ``_count``, ``_total``, ``_sort=(-)date`` and keyset paging. Newest first.
+"""
+
+from __future__ import annotations
+
+import types
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+import orjson
+from sqlalchemy import Connection, func, insert, or_, select
+from sqlalchemy.sql.elements import ColumnElement
+
+from fhir_server.search.types.base import split_escaped, split_prefix, to_sql
+from fhir_server.search.types.date import date_range, now_ms, range_predicate
+from fhir_server.storage.audit_schema import audit_event
+
+SEARCH_PARAMS = {
+    "_id": "id",
+    "date": "recorded_ms",
+    "patient": "patient",
+    "agent": "agent",
+    "altid": "altid",
+    "entity": "entity",
+    "type": "type_code",
+    "subtype": "subtype",
+    "action": "action",
+    "outcome": "outcome",
+    "address": "address",
+}
+RESULT_PARAMS = frozenset({"_count", "_cursor", "_total", "_sort", "_format", "_pretty"})
+
+
+def _ms(instant: str) -> int:
+    return date_range(instant)[0]
+
+
+def columns_of(event: dict[str, Any]) -> dict[str, Any]:
+    """The searchable columns of one AuditEvent."""
+    requestor = next((a for a in event.get("agent", ()) if a.get("requestor")), {})
+    app = next((a for a in event.get("agent", ()) if not a.get("requestor")), {})
+    who = requestor.get("who") or {}
+    patient = None
+    entity = None
+    for item in event.get("entity", ()):
+        ref = ((item.get("what") or {}).get("reference") or "").split("/_history/")[0]
+        if not ref:
+            continue
+        if ref.startswith("Patient/") and patient is None:
+            patient = ref.split("/", 1)[1]
+        if entity is None:
+            entity = ref
+    return {
+        "recorded_ms": _ms(event["recorded"]),
+        "type_code": (event.get("type") or {}).get("code"),
+        "subtype": next((c.get("code") for c in event.get("subtype", ())), None),
+        "action": event.get("action"),
+        "outcome": event.get("outcome"),
+        "agent": who.get("reference"),
+        "altid": requestor.get("altId") or (who.get("identifier") or {}).get("value"),
+        "client": ((app.get("who") or {}).get("identifier") or {}).get("value"),
+        "address": (requestor.get("network") or {}).get("address"),
+        "patient": patient,
+        "entity": entity,
+    }
+
+
+def append(conn: Connection, events: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Store AuditEvents (an id and ``meta`` are assigned); returns them as stored."""
+    rows = []
+    stored = []
+    for event in events:
+        body = dict(event)
+        body["id"] = body.get("id") or str(uuid.uuid4())
+        body["meta"] = {**(body.get("meta") or {}), "versionId": "1"}
+        body["meta"]["lastUpdated"] = body["recorded"]
+        rows.append({"id": body["id"], **columns_of(body), "content": orjson.dumps(body)})
+        stored.append(body)
+    if rows:
+        conn.execute(insert(audit_event), rows)
+    return stored
+
+
+def get(conn: Connection, event_id: str) -> dict[str, Any] | None:
+    """One AuditEvent by id."""
+    row = conn.execute(select(audit_event.c.content).where(audit_event.c.id == event_id)).first()
+    return orjson.loads(row.content) if row else None
+
+
+def conditions(params: list[tuple[str, str]]) -> tuple[list[ColumnElement[bool]], list[str]]:
+    """SQL conditions of the search parameters, and the names of those that were not used.
+
+    Raises ``ValueError`` naming the parameter when a value is malformed.
+    """
+    where: list[ColumnElement[bool]] = []
+    unknown: list[str] = []
+    c = audit_event.c
+    for name, value in params:
+        base, _, modifier = name.partition(":")
+        if base in RESULT_PARAMS:
+            continue
+        column_name = SEARCH_PARAMS.get(base)
+        if column_name is None or (modifier and base != "subtype"):
+            unknown.append(name)
+            continue
+        column = c[column_name]
+        values = [v for v in split_escaped(value, ",") if v]
+        if base == "date":
+            for item in values:
+                prefix, text = split_prefix(item)
+                try:
+                    low, high = date_range(text)
+                except ValueError:
+                    raise ValueError(f"date: '{item}' is not a FHIR date") from None
+                target = types.SimpleNamespace(c={"low": column, "high": column})
+                where.append(to_sql(range_predicate(prefix, low, high, now_ms()), target))
+            continue
+        if base in ("patient",):
+            values = [v.split("/", 1)[1] if v.startswith("Patient/") else v for v in values]
+        if base in ("subtype", "type"):
+            values = [v.split("|", 1)[1] if "|" in v else v for v in values]
+        if base == "entity":
+            values = [v.split("/_history/")[0] for v in values]
+        where.append(or_(*(column == v for v in values)) if values else column.is_(None))
+    return where, unknown
+
+
+def search(
+    conn: Connection,
+    where: list[ColumnElement[bool]],
+    *,
+    count: int,
+    before: int | None,
+    ascending: bool,
+) -> tuple[list[tuple[int, dict[str, Any]]], bool]:
+    """A page of ``(seq, event)`` matching ``where``; and whether more follow."""
+    c = audit_event.c
+    stmt = select(c.seq, c.content).where(*where)
+    if before is not None:
+        stmt = stmt.where(c.seq > before if ascending else c.seq < before)
+    stmt = stmt.order_by(c.seq.asc() if ascending else c.seq.desc()).limit(count + 1)
+    rows = conn.execute(stmt).all()
+    return [(r.seq, orjson.loads(r.content)) for r in rows[:count]], len(rows) > count
+
+
+def total(conn: Connection, where: list[ColumnElement[bool]]) -> int:
+    """How many AuditEvents match ``where``."""
+    return int(conn.execute(select(func.count()).select_from(audit_event).where(*where)).scalar())
