@@ -1,4 +1,6 @@
-"""The ``mso`` command: ``serve``, ``migrate``, ``load-conformance``, ``reindex``, ``seed-demo``."""
+"""The ``mso`` command: ``serve``, ``migrate``, ``load-conformance``, ``reindex``, ``seed-demo``,
+and the authorization commands ``user``, ``client``, ``launch``, ``key``, ``token``
+(:mod:`fhir_server.auth.cli`)."""
 
 from __future__ import annotations
 

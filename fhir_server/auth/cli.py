@@ -1,8 +1,14 @@
-"""``mso user …``, ``mso client …``, ``mso launch create`` and ``mso key rotate``.
+"""``mso user …``, ``mso client …``, ``mso launch create``, ``mso key rotate`` and
+``mso token issue``.
 
 Secrets never go on the command line: passwords and client secrets are read from standard input
 (``--password-stdin``, ``--secret-stdin``) or prompted for; a generated client secret and a TOTP
 provisioning URI are printed once.
+
+``mso token issue`` is the operator's way to a bearer token without an OAuth flow (like
+``kubectl create token``): whoever can run it has the database anyway. The token is issued by
+:meth:`TokenService.issue_access_token` exactly as the token endpoint issues one, within the
+client's allowed scopes, and audited as a token event.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ from pathlib import Path
 
 import orjson
 
+from fhir_server.auth.principal import Role
+from fhir_server.auth.scopes import ScopeError, ScopeSet
 from fhir_server.auth.server import AuthServer, build_auth_server
 from fhir_server.config import Settings
 
@@ -36,7 +44,6 @@ def _server(settings: Settings) -> AuthServer:
 def _run(command: Command) -> Callable[[argparse.Namespace, Settings], int]:
     def run(args: argparse.Namespace, settings: Settings) -> int:
         from fhir_server.auth.clients import ClientError
-        from fhir_server.auth.scopes import ScopeError
         from fhir_server.auth.users import UserError
 
         server = _server(settings)
@@ -202,6 +209,133 @@ def _key_rotate(_args: argparse.Namespace, server: AuthServer) -> int:
     return 0
 
 
+# -- tokens ----------------------------------------------------------------------------------------
+
+MAX_TOKEN_LIFETIME = 86400
+BACKEND_SCOPE = "system/*.cruds"
+USER_SCOPE = "user/*.cruds openid fhirUser"
+PATIENT_SCOPE = "patient/*.cruds"
+
+
+def default_audience(settings: Settings) -> str:
+    """The FHIR base URL an operator's token is for: ``MSO_BASE_URL``, else where ``mso serve``
+    listens (``http://{MSO_HOST}:{MSO_PORT}/fhir``)."""
+    if settings.base_url:
+        return settings.base_url.rstrip("/")
+    return f"http://{settings.host}:{settings.port}/fhir"
+
+
+def _token_issue(args: argparse.Namespace, server: AuthServer) -> int:
+    try:
+        token, subject, scope, lifetime, audience = _issue_token(args, server)
+    except (CommandError, ScopeError) as exc:
+        _audit_token(server.settings, False, args.client_id, args.user, f"mso token issue: {exc}")
+        raise
+    _audit_token(server.settings, True, args.client_id, subject, "mso token issue")
+    print(token)
+    print(
+        f"Access token for {subject} (client {args.client_id}), scopes '{scope}', "
+        f"valid {lifetime} s, for {audience}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _issue_token(args: argparse.Namespace, server: AuthServer) -> tuple[str, str, str, int, str]:
+    """Check the request and issue the token; returns it with its subject, scope, lifetime and
+    audience."""
+    settings = server.settings
+    lifetime = args.lifetime if args.lifetime is not None else settings.access_token_ttl
+    if not 0 < lifetime <= MAX_TOKEN_LIFETIME:
+        raise CommandError(f"--lifetime must be 1 to {MAX_TOKEN_LIFETIME} seconds")
+    audience = (args.audience or default_audience(settings)).rstrip("/")
+    if not audience.startswith(("http://", "https://")):
+        raise CommandError("--audience must be an http(s) FHIR base URL")
+    client = server.clients.get(args.client_id)
+    if client is None:
+        raise CommandError(f"no client '{args.client_id}' (register it with mso client create)")
+    if client.disabled:
+        raise CommandError(f"client '{args.client_id}' is disabled")
+    user = None
+    if args.user is not None:
+        user = server.users.get(args.user)
+        if user is None:
+            raise CommandError(f"no user '{args.user}'")
+        if user.disabled:
+            raise CommandError(f"user '{args.user}' is disabled")
+        default = PATIENT_SCOPE if user.role is Role.PATIENT else USER_SCOPE
+    else:
+        default = BACKEND_SCOPE
+    requested = ScopeSet.parse(args.scope or default)
+    _check_contexts(requested, user_role=user.role if user else None)
+    granted = client.allowed_scopes.narrowed_to(requested)
+    refused = [s.text for s in requested.resource_scopes if s not in granted.resource_scopes]
+    refused += sorted(requested.other - granted.other)
+    if refused:
+        raise CommandError(
+            f"client '{client.client_id}' may not be granted {' '.join(refused)} "
+            f"(its scopes: {client.scope})"
+        )
+    scope = str(requested)
+    if user is None:
+        token = server.tokens.issue_access_token(
+            client_id=client.client_id,
+            scopes=scope,
+            role=Role.SYSTEM,
+            organization=client.organization,
+            audience=audience,
+            lifetime=lifetime,
+        )
+        return token, client.client_id, scope, lifetime, audience
+    token = server.tokens.issue_access_token(
+        client_id=client.client_id,
+        scopes=scope,
+        role=user.role,
+        username=user.username,
+        fhir_user=user.fhir_user,
+        practitioner_role=user.practitioner_role,
+        organization=user.organization,
+        patient=user.patient if user.role is Role.PATIENT else None,
+        audience=audience,
+        lifetime=lifetime,
+    )
+    return token, user.username, scope, lifetime, audience
+
+
+def _check_contexts(requested: ScopeSet, *, user_role: Role | None) -> None:
+    """A backend token carries only ``system/`` scopes; a user token none, and ``patient/``
+    scopes only for a patient user (nothing else here gives a token a patient context)."""
+    if not requested.resource_scopes:
+        raise CommandError("ask for at least one resource scope (e.g. system/*.rs)")
+    for scope in requested.resource_scopes:
+        if user_role is None and scope.context != "system":
+            raise CommandError(f"'{scope.text}': a token without --user takes system/ scopes")
+        if user_role is not None and scope.context == "system":
+            raise CommandError(f"'{scope.text}': system/ scopes are for tokens without --user")
+        if scope.context == "patient" and user_role is not Role.PATIENT:
+            raise CommandError(f"'{scope.text}': patient/ scopes are for patient users only")
+    if user_role is None and requested.other:
+        raise CommandError(
+            f"'{' '.join(sorted(requested.other))}': a token without --user takes system/ scopes"
+        )
+
+
+def _audit_token(
+    settings: Settings, success: bool, client_id: str, subject: str | None, detail: str
+) -> None:
+    """Record the token event in the audit trail, as the token endpoint does."""
+    from fhir_server.app import build_repository
+    from fhir_server.audit.log import AuditLog
+
+    repo = build_repository(settings)
+    audit = AuditLog(repo)
+    try:
+        audit.auth_event("token", success, subject=subject, client_id=client_id, detail=detail)
+    finally:
+        audit.close()
+        repo.engine.dispose()
+
+
 def _print_table(rows: list[tuple[str, ...]]) -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
@@ -214,7 +348,7 @@ def _print_table(rows: list[tuple[str, ...]]) -> None:
 
 
 def add_auth_commands(sub: argparse._SubParsersAction) -> None:
-    """Register ``user``, ``client``, ``launch`` and ``key`` on the ``mso`` parser."""
+    """Register ``user``, ``client``, ``launch``, ``key`` and ``token`` on the ``mso`` parser."""
     user = sub.add_parser("user", help="manage user accounts").add_subparsers(
         dest="user_command", required=True
     )
@@ -276,3 +410,34 @@ def add_auth_commands(sub: argparse._SubParsersAction) -> None:
     key.add_parser("rotate", help="start signing with a new key").set_defaults(
         func=_run(_key_rotate)
     )
+
+    token = sub.add_parser("token", help="access tokens for operators").add_subparsers(
+        dest="token_command", required=True
+    )
+    issue = token.add_parser(
+        "issue",
+        help="print a signed access token (backend token of a client, or acting as --user)",
+        description="Print a signed access token, issued directly (no OAuth flow) and audited. "
+        "Without --user it is a backend (system) token of the client; with --user it acts as "
+        "that user. The scopes must be within the client's allowed scopes.",
+    )
+    issue.add_argument("--client-id", required=True, help="a registered, enabled client")
+    issue.add_argument(
+        "--scope",
+        help=f"space-separated scopes (default: '{BACKEND_SCOPE}'; with --user "
+        f"'{USER_SCOPE}', or '{PATIENT_SCOPE}' for a patient user)",
+    )
+    issue.add_argument("--user", metavar="USERNAME", help="act as this (enabled) user")
+    issue.add_argument(
+        "--lifetime",
+        type=int,
+        metavar="SECONDS",
+        help=f"default: MSO_ACCESS_TOKEN_TTL; at most {MAX_TOKEN_LIFETIME} (24 h)",
+    )
+    issue.add_argument(
+        "--audience",
+        metavar="URL",
+        help="FHIR base URL the token is for (default: MSO_BASE_URL, else "
+        "http://{MSO_HOST}:{MSO_PORT}/fhir)",
+    )
+    issue.set_defaults(func=_run(_token_issue))
