@@ -162,15 +162,13 @@ class AccessPolicy:
             rows.append(_row(pid, ScopeKind.PATIENT, "Patient", stored.res_id))
         if rtype == "ServiceRequest":
             rows.append(_row(pid, ScopeKind.CASE, "ServiceRequest", stored.res_id))
-        if rtype == "Communication" and _references(body.get("basedOn"), "ServiceRequest"):
+        if is_chat(rtype, body):
             rows.append(_row(pid, ScopeKind.CHAT, None, ""))
         if rtype == "Binary":
             target = (body.get("securityContext") or {}).get("reference") or ""
             if "/" in target:
                 ttype, tid = target.split("/")[-2:]
                 rows.append(_row(pid, ScopeKind.VIA, ttype, tid))
-                if ttype == "Communication":
-                    rows.append(_row(pid, ScopeKind.CHAT, None, ""))
         if rtype == "Provenance":
             for target in body.get("target") or ():
                 ref = (target or {}).get("reference") or ""
@@ -465,7 +463,7 @@ class AccessPolicy:
         if not isinstance(caller, Principal):
             return
         if after and self._sees_all_but_chat(caller, stored.res_type, permission):
-            if not _has_chat_row(tx.conn, stored.pid):
+            if not is_chat(stored.res_type, stored.resource):
                 return
         elif self.is_visible(tx.conn, caller, stored.pid, permission):
             return
@@ -478,15 +476,21 @@ class AccessPolicy:
         raise forbidden(f"Not allowed to change {stored.reference}", "MSO-AUTH-403")
 
 
-def _has_chat_row(conn: Connection, pid: int) -> bool:
-    return conn.execute(_CHAT_ROW, {"chat_pid": pid}).first() is not None
+def is_chat(res_type: str, body: dict[str, Any]) -> bool:
+    """Chat content: a Communication about a case (basedOn its ServiceRequest), or a Binary
+    attached to a Communication (securityContext). Admins never see it."""
+    if res_type == "Communication":
+        return _references(body.get("basedOn"), "ServiceRequest")
+    if res_type == "Binary":
+        return (
+            _id_of((body.get("securityContext") or {}).get("reference"), "Communication")
+            is not None
+        )
+    return False
 
 
 _DELETE_SCOPES = delete(access_scope).where(
     access_scope.c.pid == bindparam("scope_pid"), access_scope.c.kind != int(ScopeKind.OWNER)
-)
-_CHAT_ROW = select(literal(1)).where(
-    access_scope.c.pid == bindparam("chat_pid"), access_scope.c.kind == int(ScopeKind.CHAT)
 )
 
 
