@@ -71,7 +71,10 @@ def create_app(settings: Settings | None = None) -> FrontDoor:
     app.include_router(auth_router)
     app.state.tokens = tokens
     app.state.audit = audit
-    endpoint = FhirEndpoint(repo, settings, blobs, tokens=tokens, audit=audit)
+    app.state.services = {}
+    endpoint = FhirEndpoint(
+        repo, settings, blobs, tokens=tokens, audit=audit, services=app.state.services
+    )
     return FrontDoor(app, FhirASGI(endpoint))
 
 

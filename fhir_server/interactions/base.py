@@ -89,10 +89,11 @@ class FhirResponse:
 
 @dataclass(slots=True)
 class InteractionContext:
-    """What a handler needs: the repository, settings, the base URL and (later) the caller.
+    """What a handler needs: the repository, settings, the base URL and the caller.
 
     ``tx`` is set when the handler runs inside a transaction Bundle: handlers then use it instead
-    of opening their own unit of work.
+    of opening their own unit of work. ``services`` holds the application's domain services by
+    name (e.g. ``"workflow"``) for operations that need them.
     """
 
     repo: Repository
@@ -100,3 +101,4 @@ class InteractionContext:
     base_url: str
     tx: Tx | None = None
     caller: Any = None
+    services: dict[str, Any] = field(default_factory=dict)

@@ -89,12 +89,14 @@ class FhirEndpoint:
         *,
         tokens: Any = None,
         audit: Any = None,
+        services: dict[str, Any] | None = None,
     ) -> None:
         self.repo = repo
         self.settings = settings
         self.blobs = blobs
         self.tokens = tokens
         self.audit = audit
+        self.services = services if services is not None else {}
 
     def base_url(self, request: Request) -> str:
         """The public FHIR base URL (configured, or derived from the request)."""
@@ -169,7 +171,10 @@ class FhirEndpoint:
         handler = route.handler
         seen.route, seen.req = route, req
         ctx = InteractionContext(
-            repo=self.repo, settings=self.settings, base_url=self.base_url(request)
+            repo=self.repo,
+            settings=self.settings,
+            base_url=self.base_url(request),
+            services=self.services,
         )
         if self.tokens is not None and handler is not capabilities.capabilities:
             seen.principal = ctx.caller = self.tokens.authenticate(
