@@ -55,6 +55,7 @@ from fhir_server.fhir.outcome import FhirError
 from fhir_server.storage.access_schema import access_scope, case_access
 from fhir_server.storage.index_schema import idx_reference
 from fhir_server.storage.schema import resource
+from fhir_server.workflow.codes import COMMUNICATION_CATEGORY_SYSTEM, COMMUNICATION_NOTIFICATION
 
 if TYPE_CHECKING:
     from fhir_server.search.registry import SearchRegistry
@@ -69,6 +70,7 @@ class ScopeKind(IntEnum):
     OWNER = 3
     CHAT = 4
     VIA = 5
+    RECIPIENT = 6
 
 
 # Directory, conformance and terminology resources: shared reference data of the platform.
@@ -98,6 +100,9 @@ OPEN_TYPES = frozenset(
 )
 # Only admins and system clients read the audit trail.
 AUDIT_TYPES = frozenset({"AuditEvent"})
+# What a requesting organization is billed is not the provider's business: a provider reads
+# its ChargeItems, never the Invoice or the payment.
+PROVIDER_HIDDEN_TYPES = frozenset({"Invoice", "PaymentNotice", "PaymentReconciliation"})
 # The audit trail and provenance are append-only through the API.
 IMMUTABLE_TYPES = frozenset({"AuditEvent", "Provenance"})
 # Case-issue Tasks carry this code; they are not the case's workflow Task.
@@ -164,6 +169,12 @@ class AccessPolicy:
             rows.append(_row(pid, ScopeKind.CASE, "ServiceRequest", stored.res_id))
         if is_chat(rtype, body):
             rows.append(_row(pid, ScopeKind.CHAT, None, ""))
+        if is_notification(rtype, body):
+            for recipient in body.get("recipient") or ():
+                ref = (recipient or {}).get("reference") or ""
+                if ref.count("/") == 1:
+                    ttype, tid = ref.split("/")
+                    rows.append(_row(pid, ScopeKind.RECIPIENT, ttype, tid))
         if rtype == "Binary":
             target = (body.get("securityContext") or {}).get("reference") or ""
             if "/" in target:
@@ -327,6 +338,7 @@ class AccessPolicy:
     def _direct(self, caller: Principal) -> ConditionOn:
         """Visibility by the resource's own memberships (no VIA), for a non-admin caller."""
         owners = [owner_key(caller)]
+        addressed = _addressed_to(caller)
         if caller.role is Role.PATIENT:
             patient = caller.patient or ""
             own_cases = select(case_access.c.case_id).where(
@@ -342,6 +354,7 @@ class AccessPolicy:
                     ),
                     _has_scope(r, ScopeKind.CASE, own_cases),
                     _has_scope(r, ScopeKind.OWNER, owners),
+                    addressed(r),
                 )
 
             return patient_rule
@@ -359,9 +372,12 @@ class AccessPolicy:
         cases = select(ca.case_id).where(mine)
         patients = select(ca.patient_id).where(mine, ca.patient_id.is_not(None))
 
+        hidden = PROVIDER_HIDDEN_TYPES if caller.role is Role.PROVIDER else frozenset()
+
         def rule(r: Any) -> ColumnElement[bool]:
-            return or_(
+            mine = or_(
                 r.c.res_type.in_(OPEN_TYPES),
+                addressed(r),
                 _has_scope(r, ScopeKind.CASE, cases),
                 and_(
                     not_(_has_scope(r, ScopeKind.CASE)),
@@ -371,6 +387,7 @@ class AccessPolicy:
                     ),
                 ),
             )
+            return and_(r.c.res_type.not_in(hidden), mine) if hidden else mine
 
         return rule
 
@@ -474,6 +491,40 @@ class AccessPolicy:
                 "MSO-AUTH-404",
             )
         raise forbidden(f"Not allowed to change {stored.reference}", "MSO-AUTH-403")
+
+
+def is_notification(res_type: str, body: dict[str, Any]) -> bool:
+    """An in-app notification: a Communication of the MSO category ``notification``."""
+    if res_type != "Communication":
+        return False
+    return any(
+        (c or {}).get("system") == COMMUNICATION_CATEGORY_SYSTEM
+        and (c or {}).get("code") == COMMUNICATION_NOTIFICATION
+        for concept in body.get("category") or ()
+        for c in (concept or {}).get("coding") or ()
+    )
+
+
+def _addressed_to(caller: Principal) -> ConditionOn:
+    """SQL on ``r``: a notification addressed to the caller's FHIR identity."""
+    if not caller.fhir_user or caller.fhir_user.count("/") != 1:
+        return lambda r: false()
+    ttype, tid = caller.fhir_user.split("/")
+
+    def condition(r: Any) -> ColumnElement[bool]:
+        s = access_scope.alias()
+        return exists(
+            select(literal(1))
+            .select_from(s)
+            .where(
+                s.c.pid == r.c.pid,
+                s.c.kind == int(ScopeKind.RECIPIENT),
+                s.c.ref_type == ttype,
+                s.c.ref_id == tid,
+            )
+        )
+
+    return condition
 
 
 def is_chat(res_type: str, body: dict[str, Any]) -> bool:

@@ -42,6 +42,10 @@ EXPECTED: dict[str, frozenset[str]] = {
     "chatA1": frozenset({"reqA", "prov1"}),
     "binChat": frozenset({"reqA", "prov1"}),
     "binDoc": frozenset({"reqA", "prov1", "admin", "patP1"}),
+    # an in-app notification: its recipient (and admins)
+    "noteA": frozenset({"reqA", "admin"}),
+    # billing: the requester side reads the Invoice, the provider does not
+    "invA1": frozenset({"reqA", "admin", "patP1"}),
 }
 TYPES = {
     "orgA": "Organization",
@@ -62,6 +66,8 @@ TYPES = {
     "chatA1": "Communication",
     "binChat": "Binary",
     "binDoc": "Binary",
+    "noteA": "Communication",
+    "invA1": "Invoice",
 }
 
 
@@ -84,9 +90,17 @@ def _token(app: Any, username: str, role: str, scopes: str, **claims: str) -> st
     from fhir_server.auth.users import UserStore
 
     engine = app.state.repo.engine
-    UserStore(engine).create(username=username, password="correct horse", role=role, **claims)
+    users = UserStore(engine)
+    users.create(username=username, password="correct horse", role=role, **claims)
+    user = users.get(username)
+    assert user is not None
     return app.state.tokens.issue_access_token(
-        client_id="matrix", scopes=scopes, role=role, username=username, **claims
+        client_id="matrix",
+        scopes=scopes,
+        role=role,
+        username=username,
+        fhir_user=user.fhir_user,
+        **claims,
     )
 
 
@@ -222,10 +236,39 @@ def _build(app: Any, client: TestClient) -> World:
             },
         ),
     ]
+    notification = {
+        "system": "https://mso.example.org/fhir/CodeSystem/communication-category",
+        "code": "notification",
+    }
+    resources += [
+        (
+            "Communication",
+            ids["noteA"],
+            {
+                "resourceType": "Communication",
+                "status": "completed",
+                "category": [{"coding": [notification]}],
+                "recipient": [_ref("PractitionerRole", role_a)],
+                "about": [_ref("ServiceRequest", ids["caseA1"])],
+                "payload": [{"contentString": "Case updated"}],
+            },
+        ),
+        (
+            "Invoice",
+            ids["invA1"],
+            {
+                "resourceType": "Invoice",
+                "status": "issued",
+                "subject": _ref("Patient", ids["p1"]),
+                "recipient": _ref("Organization", ids["orgA"]),
+            },
+        ),
+    ]
     # Chat is written by its participants: a system client (like an admin) cannot reach it.
     chat = [r for r in resources if r[1] in (ids["chatA1"], ids["binChat"])]
-    response = client.post("/fhir", json=_transaction([r for r in resources if r not in chat]))
-    assert response.status_code == 200, response.text
+    # The world is set up as server work (like the workflow's own writes): case Tasks in any
+    # status, owners assigned, without going through the case operations.
+    _store(app, [r for r in resources if r not in chat])
 
     scopes = "user/*.cruds openid fhirUser"
     tokens = {
@@ -257,6 +300,14 @@ def _build(app: Any, client: TestClient) -> World:
     )
     assert created.status_code == 201, created.text
     return World(ids, clients, secret)
+
+
+def _store(app: Any, resources: list[tuple[str, str, dict[str, Any]]]) -> None:
+    def work(tx: Any) -> None:
+        for rtype, rid, body in resources:
+            tx.update(rtype, rid, {**body, "id": rid})
+
+    app.state.repo.write(work)
 
 
 def _transaction(resources: list[tuple[str, str, dict[str, Any]]]) -> dict[str, Any]:
@@ -482,3 +533,21 @@ def test_requests_without_a_valid_token_are_401(app) -> None:
     bad = http.get("/fhir/Patient", headers={"Authorization": "Bearer not-a-token"})
     assert bad.status_code == 401
     assert 'error="invalid_token"' in bad.headers["www-authenticate"]
+
+
+def test_reassignment_moves_the_case_between_providers(app, client, world: World) -> None:
+    """A provider loses a case when an admin gives it to another provider."""
+    task_ref = world.ref("taskB1")
+    case_ref = world.ref("caseB1")
+    task = client.get(f"/fhir/{task_ref}").json()
+    prov1_role = world.clients["prov1"].get(f"/fhir/{world.ref('taskA1')}").json()["owner"]
+    assert world.clients["prov1"].get(f"/fhir/{case_ref}").status_code == 404
+    rid = world.ids["taskB1"]
+    _store(app, [("Task", rid, {**task, "owner": prov1_role})])
+    try:
+        assert world.clients["prov1"].get(f"/fhir/{case_ref}").status_code == 200
+        assert world.clients["prov2"].get(f"/fhir/{case_ref}").status_code == 404
+        assert world.clients["prov2"].get(f"/fhir/{world.ref('docB1')}").status_code == 404
+    finally:
+        _store(app, [("Task", rid, task)])
+    assert world.clients["prov2"].get(f"/fhir/{case_ref}").status_code == 200
