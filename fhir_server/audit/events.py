@@ -50,6 +50,7 @@ ACTIONS = {
 AUTH_SUBTYPES = {
     "login": (DCM, "110122", "Login"),
     "logout": (DCM, "110123", "Logout"),
+    "authorize": (MSO_SUBTYPE, "authorize", "Authorization request"),
     "token": (MSO_SUBTYPE, "token-issue", "Access token issued"),
     "refresh": (MSO_SUBTYPE, "token-refresh", "Access token refreshed"),
     "introspect": (MSO_SUBTYPE, "token-introspect", "Token introspected"),

@@ -80,6 +80,10 @@ def _issuer(request: Request) -> str:
     return _auth(request).tokens.issuer_for(_fhir_base(request))
 
 
+def _param(params: list[tuple[str, str]], name: str) -> str | None:
+    return next((v for k, v in params if k == name), None)
+
+
 def _source(request: Request) -> str | None:
     return request.client.host if request.client else None
 
@@ -242,8 +246,15 @@ async def authorize(request: Request) -> Response:
             fhir_base=_fhir_base(request),
         )
     except authz.PageError as exc:
+        await _audit(
+            request, "authorize", False, client_id=_param(params, "client_id"), detail=str(exc)
+        )
         return _error_page(str(exc))
     except OAuth2Error as exc:
+        detail = f"{exc.error}: {exc.description}"
+        await _audit(
+            request, "authorize", False, client_id=_param(params, "client_id"), detail=detail
+        )
         return _redirect_error(exc, 303 if request.method == "POST" else 302)
     sid = request.cookies.get(SESSION_COOKIE) or auth.flows.new_session_id()
     return _flow_page(

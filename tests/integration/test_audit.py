@@ -149,3 +149,42 @@ def test_chat_search_values_never_reach_the_trail(app, admin) -> None:
     text = admin.get("/fhir/AuditEvent", params={"altid": user}).text
     assert secret not in text
     assert base64.b64encode(f"_content={secret}".encode()).decode() not in text
+
+
+def test_rejected_oauth_requests_are_audited(app, admin) -> None:
+    """A wrong redirect at /auth/authorize and a bad grant at /auth/token leave a failure."""
+    client_id = f"ghost-{uuid.uuid4().hex[:8]}"
+    http = TestClient(app, follow_redirects=False)
+    page = http.get(
+        "/auth/authorize",
+        params={
+            "response_type": "code",
+            "client_id": client_id,
+            "redirect_uri": "https://evil.example/cb",
+            "scope": "openid",
+            "state": "s",
+            "aud": "http://testserver/fhir",
+        },
+    )
+    assert page.status_code == 400 and "location" not in page.headers
+    token = http.post(
+        "/auth/token",
+        data={"grant_type": "authorization_code", "code": "nope", "client_id": client_id},
+    )
+    assert token.status_code in (400, 401)
+    app.state.audit.flush()
+    failures = _events(admin, app, outcome="4", date=f"ge{_today()}", _count="1000")
+    mine = [
+        e
+        for e in failures
+        if any(
+            (a.get("who") or {}).get("identifier", {}).get("value") == client_id for a in e["agent"]
+        )
+    ]
+    assert {e["subtype"][0]["code"] for e in mine} >= {"authorize", "token-issue"}
+
+
+def _today() -> str:
+    from datetime import UTC, datetime
+
+    return datetime.now(UTC).strftime("%Y-%m-%d")
