@@ -18,8 +18,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from fhir_server import __version__
+from fhir_server.audit import store as audit_store
 from fhir_server.auth.discovery import capability_security, issuer_for
 from fhir_server.fhir.definitions import FHIR_VERSION, resource_types
+from fhir_server.interactions import audit_events
 from fhir_server.interactions.base import FhirRequest, FhirResponse, InteractionContext
 
 
@@ -66,6 +68,9 @@ def _build_core(registry: Any) -> dict[str, Any]:
             "referencePolicy": ["literal", "logical"],
         }
         params = _search_params(registry, res_type)
+        if res_type == audit_events.TYPE:
+            entry.update(_audit_event_capabilities(params))
+            params = entry.pop("searchParam")
         if params:
             entry["searchParam"] = params
         ops = [
@@ -100,6 +105,33 @@ def _build_core(registry: Any) -> dict[str, Any]:
         "format": ["application/fhir+json", "json"],
         "patchFormat": ["application/json-patch+json", "application/fhir+json"],
         "rest": [rest],
+    }
+
+
+def _audit_event_capabilities(params: list[dict[str, Any]]) -> dict[str, Any]:
+    """AuditEvent is append-only, served from the audit trail with the BALP parameters."""
+    supported = set(audit_store.SEARCH_PARAMS)
+    return {
+        "interaction": [
+            {"code": code}
+            for code in (
+                "read",
+                "vread",
+                "search-type",
+                "create",
+                "history-instance",
+                "history-type",
+            )
+        ],  # fmt: skip
+        "versioning": "versioned",
+        "updateCreate": False,
+        "conditionalCreate": False,
+        "conditionalRead": "not-supported",
+        "conditionalUpdate": False,
+        "conditionalDelete": "not-supported",
+        "searchParam": [p for p in params if p["name"] in supported],
+        "documentation": "The audit trail: append-only (update, patch and delete are 405); "
+        "readable by administrators and system clients only",
     }
 
 
