@@ -122,7 +122,7 @@ def _audit_event_capabilities(params: list[dict[str, Any]]) -> dict[str, Any]:
                 "history-instance",
                 "history-type",
             )
-        ],  # fmt: skip
+        ],
         "versioning": "versioned",
         "updateCreate": False,
         "conditionalCreate": False,
