@@ -34,6 +34,7 @@ auth_user = Table(
     Column("practitioner_role", String(64), nullable=True),
     Column("organization", String(64), nullable=True),
     Column("patient", String(64), nullable=True),
+    Column("email", String(320), nullable=True),  # notification emails (fhir_server.messaging)
     Column("totp_secret", String(64), nullable=True),
     Column("disabled", Boolean, nullable=False, default=False),
     Column("created", DateTime(timezone=True), nullable=False),

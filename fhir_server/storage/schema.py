@@ -80,3 +80,4 @@ from fhir_server.storage import access_schema as _access_schema  # noqa: E402,F4
 from fhir_server.storage import audit_schema as _audit_schema  # noqa: E402,F401
 from fhir_server.storage import auth_schema as _auth_schema  # noqa: E402,F401  (registers auth_*)
 from fhir_server.storage import index_schema as _index_schema  # noqa: E402,F401  (registers idx_*)
+from fhir_server.storage import messaging_schema as _messaging_schema  # noqa: E402,F401
