@@ -24,6 +24,7 @@ from fhir_server.search.registry import SearchRegistry
 from fhir_server.storage.blobs import BlobStore
 from fhir_server.storage.engine import build_engine
 from fhir_server.storage.repository import Repository
+from fhir_server.workflow import amendments
 
 
 def build_repository(settings: Settings) -> Repository:
@@ -48,6 +49,7 @@ def create_app(settings: Settings | None = None) -> FrontDoor:
     tokens = TokenService(engine, settings)
     audit = AuditLog(repo)
     audit.register(hooks)
+    amendments.register(hooks)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:

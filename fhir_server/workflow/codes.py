@@ -168,6 +168,8 @@ FAMILY_HISTORY_VALUESET = _vs("family-history")
 TASK_STATUS_SYSTEM = "http://hl7.org/fhir/task-status"
 REQUEST_PRIORITY_SYSTEM = "http://hl7.org/fhir/request-priority"
 SNOMED_SYSTEM = "http://snomed.info/sct"
+EXT_EVENT_STATUS_REASON = "http://hl7.org/fhir/StructureDefinition/event-statusReason"
+"""R4 core extension carrying the reason of an amended (or retracted) DiagnosticReport."""
 
 # -- questionnaires -------------------------------------------------------------------------------
 
