@@ -24,7 +24,7 @@ from fhir_server.search.registry import SearchRegistry
 from fhir_server.storage.blobs import BlobStore
 from fhir_server.storage.engine import build_engine
 from fhir_server.storage.repository import Repository
-from fhir_server.workflow import amendments
+from fhir_server.workflow import amendments, billing
 
 
 def build_repository(settings: Settings) -> Repository:
@@ -74,6 +74,7 @@ def create_app(settings: Settings | None = None) -> FrontDoor:
     app.state.tokens = tokens
     app.state.audit = audit
     app.state.services = {}
+    billing.install(app.state.services, settings)  # subscribes to services["case_events"]
     endpoint = FhirEndpoint(
         repo, settings, blobs, tokens=tokens, audit=audit, services=app.state.services
     )

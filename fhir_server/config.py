@@ -48,6 +48,11 @@ class Settings(BaseSettings):
     )
     db_pool_size: int = Field(16, description="Database connection pool size per process")
     seed_demo: bool = Field(False, description="Load demo data at start-up when the DB is empty")
+    currency: str = Field(
+        "EUR",
+        pattern=r"^[A-Z]{3}$",
+        description="ISO 4217 currency of invoices; ChargeItemDefinition prices are in it",
+    )
 
     # -- authorization server (SMART App Launch, fhir_server.auth) -------------------------------
     auth_issuer: str | None = Field(

@@ -214,6 +214,21 @@ PROFILE_CASE_DOCUMENT = _sd("case-document")
 PROFILE_CHAT_MESSAGE = _sd("chat-message")
 """Communication: a message in a case's chat."""
 
+# -- billing (ChargeItem, Invoice, PaymentNotice) ------------------------------------------------
+
+EXT_CASE_REFERENCE = _sd("case-reference")
+"""Extension on ChargeItem, Invoice and PaymentNotice: the case ServiceRequest they belong to."""
+BILLING_CASE_PARAM = "case"
+"""Code of the MSO search parameter indexing :data:`EXT_CASE_REFERENCE` (``Invoice?case=…``)."""
+BILLING_CASE_SEARCH_PARAMETER = f"{CANONICAL_BASE}/SearchParameter/billing-case"
+INVOICE_NUMBER_SYSTEM = f"{CANONICAL_BASE}/sid/invoice-number"
+"""``Identifier.system`` of invoice numbers (``INV-`` and the case number's six characters)."""
+CHARGE_DEFINITION_DEFAULT = f"{CANONICAL_BASE}/ChargeItemDefinition/second-opinion"
+"""The ChargeItemDefinition pricing cases whose specialty has no definition of its own."""
+USAGE_CONTEXT_TYPE_SYSTEM = "http://terminology.hl7.org/CodeSystem/usage-context-type"
+USAGE_CONTEXT_FOCUS = "focus"
+"""``useContext.code`` under which a ChargeItemDefinition lists the specialties it prices."""
+
 
 def coding(system: str, code: str, display: str | None = None) -> dict[str, Any]:
     """A FHIR Coding as JSON."""

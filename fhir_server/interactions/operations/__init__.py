@@ -80,7 +80,11 @@ def _load_builtin() -> None:
     """Import the built-in operation modules so that they register themselves (once)."""
     global _loaded
     if not _loaded:
-        from fhir_server.interactions.operations import everything, validate  # noqa: F401
+        from fhir_server.interactions.operations import (  # noqa: F401
+            everything,
+            record_payment,
+            validate,
+        )
 
         _loaded = True
 
