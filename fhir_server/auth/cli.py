@@ -84,6 +84,7 @@ def _user_create(args: argparse.Namespace, server: AuthServer) -> int:
         organization=args.organization,
         patient=args.patient,
         totp=args.totp,
+        email=args.email,
     )
     print(f"Created user {user.username} ({user.role.value})")
     if totp_uri:
@@ -365,6 +366,7 @@ def add_auth_commands(sub: argparse._SubParsersAction) -> None:
     create.add_argument("--patient", help="Patient id (patient users)")
     create.add_argument("--fhir-user", help="Type/id of the user's FHIR resource (fhirUser)")
     create.add_argument("--totp", action="store_true", help="require a TOTP one-time code")
+    create.add_argument("--email", help="address for notification emails when offline")
     create.set_defaults(func=_run(_user_create))
     user.add_parser("list", help="list users").set_defaults(func=_run(_user_list))
     for name in ("disable", "enable"):

@@ -22,6 +22,8 @@ from fhir_server.storage.repository import ID_PATTERN, utc_now
 USER_ROLES = (Role.ADMIN, Role.REQUESTER, Role.PROVIDER, Role.PATIENT)
 FHIR_USER_TYPES = ("Patient", "Practitioner", "PractitionerRole", "RelatedPerson", "Person")
 _USERNAME = re.compile(r"^[A-Za-z0-9._@+\-]{1,128}$")
+# One address, no display name, nothing that could break out of an email header.
+_EMAIL = re.compile(r"^[^@\s<>,;:\"()\[\]]+@[^@\s<>,;:\"()\[\]]+\.[^@\s<>,;:\"()\[\]]+$")
 TOTP_ISSUER = "MSO"
 
 
@@ -41,6 +43,7 @@ class User:
     patient: str | None
     has_totp: bool
     disabled: bool
+    email: str | None = None
 
 
 def check_fhir_user(value: str) -> None:
@@ -65,6 +68,7 @@ def _user(row) -> User:  # type: ignore[no-untyped-def]
         patient=row.patient,
         has_totp=row.totp_secret is not None,
         disabled=row.disabled,
+        email=row.email,
     )
 
 
@@ -85,6 +89,7 @@ class UserStore:
         organization: str | None = None,
         patient: str | None = None,
         totp: bool = False,
+        email: str | None = None,
     ) -> tuple[User, str | None]:
         """Create an account; returns it and, with ``totp``, the provisioning URI to scan."""
         if not _USERNAME.match(username):
@@ -105,6 +110,8 @@ class UserStore:
             ("patient", patient),
         ):
             _check_id(name, value)
+        if email is not None and (len(email) > 320 or not _EMAIL.match(email)):
+            raise UserError(f"'{email}' is not an email address")
         if role is Role.PATIENT and not patient:
             raise UserError("a patient user needs --patient (the Patient id they are)")
         if fhir_user is None:
@@ -126,6 +133,7 @@ class UserStore:
                         practitioner_role=practitioner_role,
                         organization=organization,
                         patient=patient,
+                        email=email,
                         totp_secret=secret,
                         disabled=False,
                         created=utc_now(),
