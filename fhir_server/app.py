@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 
@@ -19,6 +20,7 @@ from fhir_server.auth.tokens import TokenService
 from fhir_server.config import Settings
 from fhir_server.fhir.validation import validate_resource
 from fhir_server.hooks import Hooks
+from fhir_server.messaging.service import Messaging
 from fhir_server.rest.fhir import FhirASGI, FhirEndpoint
 from fhir_server.search.registry import SearchRegistry
 from fhir_server.storage.blobs import BlobStore
@@ -50,10 +52,14 @@ def create_app(settings: Settings | None = None) -> FrontDoor:
     audit = AuditLog(repo)
     audit.register(hooks)
     amendments.register(hooks)
+    services: dict[str, Any] = {}
+    messaging = Messaging(engine, settings, services)  # creates services["case_events"]
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        messaging.start()
         yield
+        messaging.stop()
         audit.close()
         engine.dispose()
 
@@ -73,7 +79,8 @@ def create_app(settings: Settings | None = None) -> FrontDoor:
     app.include_router(auth_router)
     app.state.tokens = tokens
     app.state.audit = audit
-    app.state.services = {}
+    app.state.messaging = messaging
+    app.state.services = services
     billing.install(app.state.services, settings)  # subscribes to services["case_events"]
     endpoint = FhirEndpoint(
         repo, settings, blobs, tokens=tokens, audit=audit, services=app.state.services

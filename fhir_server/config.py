@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -84,6 +84,46 @@ class Settings(BaseSettings):
         False,
         description="Fetch backend clients' JWKS from non-loopback https URLs (off: loopback only)",
     )
+
+    # -- notifications and email (fhir_server.messaging) ----------------------------------------
+    public_url: str | None = Field(
+        None,
+        description="Public URL of the web front end, for deep links in emails "
+        "(default: the FHIR base URL without its trailing /fhir)",
+    )
+    presence_window: int = Field(
+        300,
+        description="A user who made an authenticated request within this many seconds is "
+        "online and gets in-app notifications only, no email",
+    )
+    smtp_host: str | None = Field(
+        None, description="SMTP server for notification emails (unset: emails stay queued)"
+    )
+    smtp_port: int = Field(587, description="SMTP server port")
+    smtp_user: str | None = Field(None, description="SMTP login (unset: no AUTH)")
+    smtp_password: SecretStr | None = Field(None, description="SMTP password")
+    smtp_starttls: bool = Field(True, description="Upgrade the SMTP connection with STARTTLS")
+    smtp_from: str = Field("MSO <no-reply@localhost>", description="From address of emails")
+    smtp_timeout: float = Field(30.0, description="SMTP connect/command timeout in seconds")
+    smtp_max_attempts: int = Field(
+        8, description="Delivery attempts of one email before it is marked failed"
+    )
+    smtp_retry_base: float = Field(
+        30.0, description="Seconds before the first retry; doubled after each failed attempt"
+    )
+    smtp_retry_max: float = Field(3600.0, description="Longest wait between two retries (s)")
+    mail_worker: bool = Field(
+        True, description="Run the email outbox worker thread in each server process"
+    )
+    mail_poll_interval: float = Field(
+        5.0, description="Seconds between two looks at the email outbox"
+    )
+
+    # -- case workflow (fhir_server.workflow) ---------------------------------------------------
+    sla_hours_routine: int = Field(72, description="Hours a routine case may take (SLA due)")
+    sla_hours_urgent: int = Field(24, description="Hours an urgent case may take (SLA due)")
+    sla_hours_asap: int = Field(8, description="Hours an asap case may take (SLA due)")
+    sla_hours_stat: int = Field(4, description="Hours a stat case may take (SLA due)")
 
     @property
     def blob_path(self) -> Path:

@@ -1,0 +1,127 @@
+"""Delivery over SMTP (RFC 5321) with :mod:`smtplib`: one connection per batch of emails.
+
+:class:`SmtpConfig` comes from the ``MSO_SMTP_*`` settings. STARTTLS (RFC 3207) verifies the
+server's certificate with the system's trust store. Errors are sorted into permanent ones (the
+server refused this message or recipient with a 5xx reply: retrying cannot help) and transient
+ones (connection trouble, 4xx replies, authentication or configuration problems that an
+operator can fix): see :func:`is_permanent`.
+"""
+
+from __future__ import annotations
+
+import smtplib
+import ssl
+from dataclasses import dataclass
+from email.message import EmailMessage
+from email.utils import formatdate, parseaddr
+from types import TracebackType
+
+from fhir_server.config import Settings
+
+
+@dataclass(frozen=True, slots=True)
+class SmtpConfig:
+    """Where and how to send."""
+
+    host: str
+    port: int = 587
+    user: str | None = None
+    password: str | None = None
+    starttls: bool = True
+    sender: str = "MSO <no-reply@localhost>"
+    timeout: float = 30.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SmtpConfig | None:
+        """The configuration of ``settings``; ``None`` when no SMTP host is set."""
+        if not settings.smtp_host:
+            return None
+        password = settings.smtp_password.get_secret_value() if settings.smtp_password else None
+        return cls(
+            host=settings.smtp_host,
+            port=settings.smtp_port,
+            user=settings.smtp_user,
+            password=password,
+            starttls=settings.smtp_starttls,
+            sender=settings.smtp_from,
+            timeout=settings.smtp_timeout,
+        )
+
+    @property
+    def sender_domain(self) -> str:
+        """The domain of the From address (for Message-IDs)."""
+        return parseaddr(self.sender)[1].rpartition("@")[2] or "mso.invalid"
+
+
+def build_message(
+    config: SmtpConfig, *, to_addr: str, subject: str, body: str, message_id: str
+) -> EmailMessage:
+    """A plain-text message marked as automatically generated (RFC 3834)."""
+    message = EmailMessage()
+    message["From"] = config.sender
+    message["To"] = to_addr
+    message["Subject"] = subject
+    message["Date"] = formatdate(localtime=False, usegmt=True)
+    message["Message-ID"] = message_id
+    message["Auto-Submitted"] = "auto-generated"
+    message.set_content(body)
+    return message
+
+
+class SmtpSession:
+    """One SMTP connection (context manager): connect, STARTTLS, AUTH, then :meth:`send`."""
+
+    def __init__(self, config: SmtpConfig) -> None:
+        self.config = config
+        self._smtp: smtplib.SMTP | None = None
+
+    def __enter__(self) -> SmtpSession:
+        config = self.config
+        smtp = smtplib.SMTP(config.host, config.port, timeout=config.timeout)
+        try:
+            smtp.ehlo()
+            if config.starttls:
+                smtp.starttls(context=ssl.create_default_context())
+                smtp.ehlo()
+            if config.user:
+                smtp.login(config.user, config.password or "")
+        except BaseException:
+            smtp.close()
+            raise
+        self._smtp = smtp
+        return self
+
+    def send(self, message: EmailMessage) -> None:
+        """Hand ``message`` to the server; returns once it accepted it for every recipient."""
+        assert self._smtp is not None, "use SmtpSession as a context manager"
+        refused = self._smtp.send_message(message)
+        if refused:  # some recipients refused: there is only one, so this is unreachable
+            raise smtplib.SMTPRecipientsRefused(refused)
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        smtp, self._smtp = self._smtp, None
+        if smtp is None:
+            return
+        try:
+            smtp.quit()
+        except (smtplib.SMTPException, OSError):
+            smtp.close()
+
+
+def is_permanent(exc: BaseException) -> bool:
+    """True when the server refused the message itself (5xx on recipient, sender or data)."""
+    if isinstance(exc, smtplib.SMTPRecipientsRefused):
+        return all(code >= 500 for code, _ in exc.recipients.values())
+    if isinstance(exc, smtplib.SMTPDataError):
+        return exc.smtp_code >= 500
+    return False
+
+
+def describe(exc: BaseException) -> str:
+    """A short, log-safe description of a delivery error."""
+    return f"{type(exc).__name__}: {exc}"[:2000]
