@@ -18,14 +18,8 @@ from fhir_server.storage.schema import resource_history
 from fhir_server.workflow import codes
 from tests.conftest import make_settings
 
-CANONICAL_TYPES = (
-    "CodeSystem",
-    "ValueSet",
-    "ConceptMap",
-    "StructureDefinition",
-    "Questionnaire",
-    "SearchParameter",
-)
+CANONICAL_TYPES = tuple(sorted({r.res_type for r in read_resources()}))
+"""Every type the conformance files hold (CodeSystem, ValueSet, ChargeItemDefinition …)."""
 
 
 def _repository(db_url: str, tmp_path: Path) -> Repository:

@@ -26,6 +26,7 @@ from fhir_server.interactions.base import FhirRequest, FhirResponse, Interaction
 from fhir_server.interactions.common import run_write
 from fhir_server.interactions.operations import Operation, register
 from fhir_server.workflow.billing import SERVICE_KEY, Billing
+from fhir_server.workflow.codes import OPERATION_RECORD_PAYMENT
 from fhir_server.workflow.events import CaseEvents
 
 
@@ -129,7 +130,7 @@ register(
         name="record-payment",
         levels=frozenset({"instance"}),
         handler=_record_payment,
-        definition="https://mso.example.org/fhir/OperationDefinition/Invoice-record-payment",
+        definition=OPERATION_RECORD_PAYMENT,
         resource_types=frozenset({"Invoice"}),
         idempotent=False,
         documentation="Admin: record the payment of an invoice (PaymentNotice; Invoice balanced)",
