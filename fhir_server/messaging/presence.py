@@ -1,10 +1,12 @@
 """Who is online: the last authenticated request of each user, recorded cheaply.
 
 The REST layer calls :func:`touch_presence` after authenticating a user's request. Each process
-writes a user's ``user_presence`` row at most once per :data:`TOUCH_INTERVAL` (an in-memory
-dictionary lookup otherwise), so presence costs one small UPSERT per user
-per minute per process, whatever the request rate. A user is online when that row is younger
-than ``Settings.presence_window``; online users get in-app notifications but no email.
+writes a user's ``user_presence`` row at most once per :data:`TOUCH_INTERVAL` (a dictionary
+lookup otherwise), so presence costs one small UPSERT per user per minute per process, whatever
+the request rate. The UPSERT runs on a background thread: a request (possibly on the event
+loop) never waits for it, not even behind a long SQLite write lock. A user is online when the
+row is younger than ``Settings.presence_window``; online users get in-app notifications but no
+email.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timedelta
 
 from sqlalchemy import Connection, Engine, select
@@ -29,12 +32,16 @@ TOUCH_INTERVAL = 60.0
 
 _touched: dict[tuple[int, str], float] = {}
 _lock = threading.Lock()
+_writer: ThreadPoolExecutor | None = None
 
 
-def touch_presence(engine: Engine, username: str, *, now: datetime | None = None) -> bool:
-    """Record that ``username`` made an authenticated request now; True if a row was written.
+def touch_presence(
+    engine: Engine, username: str, *, now: datetime | None = None, wait: bool = False
+) -> bool:
+    """Record that ``username`` made an authenticated request now; True if a write was queued.
 
-    Never raises: presence is a hint for email, not worth failing a request over.
+    Returns at once (``wait``: once the row is written). Never raises: presence is a hint for
+    email, not worth failing a request over.
     """
     key = (id(engine), username)
     tick = time.monotonic()
@@ -43,15 +50,23 @@ def touch_presence(engine: Engine, username: str, *, now: datetime | None = None
         if last is not None and tick - last < TOUCH_INTERVAL:
             return False
         _touched[key] = tick  # claimed before writing: concurrent requests do not all write
+        global _writer
+        if _writer is None:
+            _writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="presence")
+        future: Future[None] = _writer.submit(_write, engine, username, now or utc_now())
+    if wait:
+        future.result()
+    return True
+
+
+def _write(engine: Engine, username: str, seen: datetime) -> None:
     try:
         with engine.connect() as conn:
             conn.execution_options(**{WRITE_OPTION: True})
             with conn.begin():
-                _upsert(conn, username, now or utc_now())
+                _upsert(conn, username, seen)
     except SQLAlchemyError:
         log.warning("Could not record the presence of user %s", username, exc_info=True)
-        return False
-    return True
 
 
 def _upsert(conn: Connection, username: str, seen: datetime) -> None:

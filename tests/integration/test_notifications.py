@@ -358,7 +358,7 @@ def test_rolled_back_event_leaves_no_notification_and_no_email(world):
 
 
 def test_online_users_get_no_email(world):
-    assert touch_presence(world.engine, "prov") is True
+    assert touch_presence(world.engine, "prov", wait=True) is True
     assert touch_presence(world.engine, "prov") is False  # throttled: once a minute per process
     world.emit(K.ASSIGNED, actor="admin1")
     assert recipients_of(world.notifications()) == {
@@ -370,7 +370,7 @@ def test_online_users_get_no_email(world):
 
 def test_presence_older_than_the_window_counts_as_offline(world):
     old = utc_now() - timedelta(seconds=world.settings.presence_window + 5)
-    assert touch_presence(world.engine, "prov", now=old)
+    assert touch_presence(world.engine, "prov", now=old, wait=True)
     world.emit(K.ASSIGNED, actor="admin1")
     assert {row.username for row in world.outbox_rows()} == {"prov", "req"}
 
