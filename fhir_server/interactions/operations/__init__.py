@@ -81,6 +81,7 @@ def _load_builtin() -> None:
     global _loaded
     if not _loaded:
         from fhir_server.interactions.operations import (  # noqa: F401
+            case_workflow,
             everything,
             record_payment,
             validate,

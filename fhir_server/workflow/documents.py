@@ -1,0 +1,259 @@
+"""Case documents: categories, content types checked by content, size and count limits.
+
+DESIGN.md (FHIR model, uploaded document): a case document is a DocumentReference whose
+``context.related`` is the case ServiceRequest, with ``category`` doctors-letter, image,
+lab-report or other, and one or more ``content.attachment`` s whose bytes are a Binary on this
+server (``url`` = ``Binary/<id>``, its bytes inline or in the blob store) or inline ``data``.
+
+* the type is decided by the bytes (magic numbers), never by the name or the declared
+  ``contentType``: PDF, DOCX (a ZIP holding ``[Content_Types].xml`` and ``word/``), JPEG, PNG,
+  TIFF, DICOM (``DICM`` after the 128-byte preamble); the declared type must agree;
+* at most :data:`~fhir_server.workflow.codes.MAX_DOCUMENT_BYTES` a file (actual and declared);
+* at most :data:`~fhir_server.workflow.codes.MAX_DOCUMENTS_PER_CASE` documents a case;
+* added or changed only while the case is New, Assigned or Returned (409 otherwise).
+
+A violation is a 422 (409 for the case status) naming the document (its title or
+description) and the rule, so a transaction Bundle fails as a whole with the entry named.
+Errors: ``MSO-DOC-420`` category, ``MSO-DOC-421`` content type / disguised file,
+``MSO-DOC-422`` size, ``MSO-DOC-423`` too many documents, ``MSO-DOC-424`` content missing
+or not on this server, ``MSO-DOC-409`` case status, ``MSO-DOC-410`` a case document's Binary
+replaced.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import zipfile
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from fhir_server.fhir.outcome import FhirError
+from fhir_server.workflow.codes import (
+    DOCUMENT_CATEGORY_SYSTEM,
+    DOCUMENT_CONTENT_TYPES,
+    MAX_DOCUMENT_BYTES,
+    MAX_DOCUMENTS_PER_CASE,
+    PROFILE_CASE_DOCUMENT,
+    DocumentCategory,
+)
+from fhir_server.workflow.status import ref_id
+
+if TYPE_CHECKING:
+    from fhir_server.storage.blobs import BlobStore
+    from fhir_server.storage.repository import Tx
+
+PDF = "application/pdf"
+DOCX = "application/vnd.openxmlformats-officedocument.wordprocessingml.document"
+JPEG = "image/jpeg"
+PNG = "image/png"
+TIFF = "image/tiff"
+DICOM = "application/dicom"
+SNIFF_BYTES = 132
+"""How many leading bytes decide the type (the DICOM preamble and its ``DICM``)."""
+
+
+def sniff(head: bytes, open_zip: Callable[[], zipfile.ZipFile] | None = None) -> str | None:
+    """The media type the leading bytes ``head`` show (``None``: not an accepted type).
+
+    ``open_zip`` opens the whole file as a ZIP, to tell a DOCX from any other ZIP.
+    """
+    if head.startswith(b"%PDF-"):
+        return PDF
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return PNG
+    if head.startswith(b"\xff\xd8\xff"):
+        return JPEG
+    if head.startswith((b"II*\x00", b"MM\x00*")):
+        return TIFF
+    if len(head) >= 132 and head[128:132] == b"DICM":
+        return DICOM
+    if head.startswith(b"PK\x03\x04") and open_zip is not None:
+        try:
+            with open_zip() as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError, ValueError):
+            return None
+        if "[Content_Types].xml" in names and any(n.startswith("word/") for n in names):
+            return DOCX
+    return None
+
+
+def is_case_document(body: dict[str, Any]) -> bool:
+    """A DocumentReference about a case (related to a ServiceRequest) or claiming the profile."""
+    related = (body.get("context") or {}).get("related") or ()
+    if any(ref_id(r, "ServiceRequest") for r in related):
+        return True
+    return PROFILE_CASE_DOCUMENT in ((body.get("meta") or {}).get("profile") or ())
+
+
+def case_ids(body: dict[str, Any]) -> list[str]:
+    """The case ServiceRequests a DocumentReference belongs to."""
+    related = (body.get("context") or {}).get("related") or ()
+    return [cid for r in related if (cid := ref_id(r, "ServiceRequest"))]
+
+
+def document_name(body: dict[str, Any], index: int | None = None) -> str:
+    """How errors name a document: its attachment title, description or id."""
+    contents = body.get("content") or ()
+    if index is not None and index < len(contents):
+        title = ((contents[index] or {}).get("attachment") or {}).get("title")
+        if title:
+            return f"'{title}'"
+    for content in contents:
+        title = ((content or {}).get("attachment") or {}).get("title")
+        if title:
+            return f"'{title}'"
+    if body.get("description"):
+        return f"'{body['description']}'"
+    return f"DocumentReference/{body['id']}" if body.get("id") else "the DocumentReference"
+
+
+def _invalid(code: str, message: str, expression: str) -> FhirError:
+    return FhirError(422, "business-rule", message, code=code, expression=[expression])
+
+
+def check_category(body: dict[str, Any]) -> None:
+    """Exactly one MSO document category."""
+    codes = [
+        (c or {}).get("code")
+        for concept in body.get("category") or ()
+        for c in (concept or {}).get("coding") or ()
+        if (c or {}).get("system") == DOCUMENT_CATEGORY_SYSTEM
+    ]
+    allowed = {c.value for c in DocumentCategory}
+    if len(codes) != 1 or codes[0] not in allowed:
+        raise _invalid(
+            "MSO-DOC-420",
+            f"Document {document_name(body)}: category must be one of "
+            f"{', '.join(sorted(allowed))} ({DOCUMENT_CATEGORY_SYSTEM})",
+            "DocumentReference.category",
+        )
+
+
+class ContentReader:
+    """Reads an attachment's bytes: inline ``data``, or the Binary its ``url`` names."""
+
+    def __init__(self, tx: Tx, blobs: BlobStore) -> None:
+        self.tx = tx
+        self.blobs = blobs
+
+    def inspect(self, attachment: dict[str, Any], name: str, where: str) -> tuple[str | None, int]:
+        """(sniffed media type, size in bytes) of an attachment's content."""
+        if attachment.get("data") is not None:
+            return self._inline(attachment["data"], name, where)
+        url = attachment.get("url") or ""
+        binary_id = ref_id(url, "Binary")
+        if binary_id is None:
+            raise _invalid(
+                "MSO-DOC-424",
+                f"Document {name}: the content must be inline data or a Binary on this server",
+                where,
+            )
+        with self.tx.internal():
+            stored = self.tx.current("Binary", binary_id)
+        if stored is None or stored.deleted:
+            raise _invalid(
+                "MSO-DOC-424",
+                f"Document {name}: Binary/{binary_id} is not known (in a transaction Bundle, "
+                "put the Binary entry before its DocumentReference)",
+                where,
+            )
+        blob = self.tx.blob_of(stored)
+        if blob is None:
+            return self._inline(stored.resource.get("data") or "", name, where)
+        path = self.blobs.path_of(blob.sha256)
+        with path.open("rb") as handle:
+            head = handle.read(SNIFF_BYTES)
+        return sniff(head, lambda: zipfile.ZipFile(path)), int(blob.size)
+
+    def _inline(self, data: str, name: str, where: str) -> tuple[str | None, int]:
+        try:
+            raw = base64.b64decode(data, validate=False)
+        except (binascii.Error, ValueError):
+            raise _invalid("MSO-DOC-421", f"Document {name}: data is not base64", where) from None
+        return sniff(raw[:SNIFF_BYTES], lambda: zipfile.ZipFile(io.BytesIO(raw))), len(raw)
+
+
+def check_contents(body: dict[str, Any], reader: ContentReader) -> None:
+    """Every attachment: an accepted type by content agreeing with its declaration; sizes."""
+    contents = body.get("content") or ()
+    if not contents:
+        raise _invalid(
+            "MSO-DOC-424", f"Document {document_name(body)} has no content", "DocumentReference"
+        )
+    for index, content in enumerate(contents):
+        attachment = (content or {}).get("attachment") or {}
+        name = document_name(body, index)
+        where = f"DocumentReference.content[{index}].attachment"
+        declared = attachment.get("contentType")
+        if declared not in DOCUMENT_CONTENT_TYPES:
+            raise _invalid(
+                "MSO-DOC-421",
+                f"Document {name}: content type '{declared}' is not accepted (PDF, DOCX, JPEG, "
+                "PNG, TIFF or DICOM)",
+                f"{where}.contentType",
+            )
+        size = attachment.get("size")
+        if isinstance(size, int) and size > MAX_DOCUMENT_BYTES:
+            raise _too_large(name, size, where)
+        sniffed, actual = reader.inspect(attachment, name, where)
+        if actual > MAX_DOCUMENT_BYTES:
+            raise _too_large(name, actual, where)
+        if sniffed is None:
+            raise _invalid(
+                "MSO-DOC-421",
+                f"Document {name}: its content is not a PDF, DOCX, JPEG, PNG, TIFF or DICOM "
+                "file (the type is checked by content, not by name)",
+                where,
+            )
+        if sniffed != declared:
+            raise _invalid(
+                "MSO-DOC-421",
+                f"Document {name}: declared as '{declared}' but its content is '{sniffed}'",
+                f"{where}.contentType",
+            )
+
+
+def _too_large(name: str, size: int, where: str) -> FhirError:
+    return _invalid(
+        "MSO-DOC-422",
+        f"Document {name} is {size} bytes; the limit is {MAX_DOCUMENT_BYTES} bytes a file",
+        where,
+    )
+
+
+def check_count(tx: Tx, case_id: str, body: dict[str, Any]) -> None:
+    """At most :data:`MAX_DOCUMENTS_PER_CASE` documents in a case, counting this one."""
+    with tx.internal():
+        existing = tx.find(
+            "DocumentReference",
+            [("related", f"ServiceRequest/{case_id}")],
+            limit=MAX_DOCUMENTS_PER_CASE + 1,
+        )
+    others = [d for d in existing if d.res_id != body.get("id")]
+    if len(others) + 1 > MAX_DOCUMENTS_PER_CASE:
+        raise _invalid(
+            "MSO-DOC-423",
+            f"Document {document_name(body)}: a case holds at most {MAX_DOCUMENTS_PER_CASE} "
+            "documents",
+            "DocumentReference.context.related",
+        )
+
+
+def documents_pointing_at(tx: Tx, binary_id: str) -> bool:
+    """True when a DocumentReference's attachment names ``Binary/<binary_id>``."""
+    with tx.internal():
+        return bool(tx.find("DocumentReference", [("location", f"Binary/{binary_id}")], limit=1))
+
+
+def binary_replaced(binary_id: str) -> FhirError:
+    """The error for replacing the content of a case document's Binary."""
+    return FhirError(
+        409,
+        "business-rule",
+        f"Binary/{binary_id} is the content of a case document and cannot be replaced; "
+        "upload a new Binary and DocumentReference",
+        code="MSO-DOC-410",
+    )
