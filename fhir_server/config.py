@@ -118,6 +118,9 @@ class Settings(BaseSettings):
     mail_poll_interval: float = Field(
         5.0, description="Seconds between two looks at the email outbox"
     )
+    mail_retention_days: float = Field(
+        30.0, description="Sent emails are deleted from the outbox after this many days"
+    )
 
     # -- case workflow (fhir_server.workflow) ---------------------------------------------------
     sla_hours_routine: int = Field(72, description="Hours a routine case may take (SLA due)")

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 
-from sqlalchemy import Connection, Engine, func, insert, select, update
+from sqlalchemy import Connection, Engine, delete, func, insert, select, update
 from sqlalchemy.sql.elements import ColumnElement
 
 from fhir_server.storage.engine import WRITE_OPTION
@@ -188,6 +188,14 @@ def release(engine: Engine, mails: Iterable[ClaimedMail], *, now: datetime | Non
     now = now or utc_now()
     for mail in mails:
         _settle(engine, mail, status=MailStatus.PENDING.value, attempts=_o.attempts - 1, due=now)
+
+
+def purge_sent(engine: Engine, *, older_than: float, now: datetime | None = None) -> int:
+    """Delete sent rows older than ``older_than`` seconds (failed rows stay for inspection)."""
+    cutoff = (now or utc_now()) - timedelta(seconds=older_than)
+    stmt = delete(mail_outbox).where(_o.status == MailStatus.SENT.value, _o.sent < cutoff)
+    with _write(engine) as conn, conn.begin():
+        return conn.execute(stmt).rowcount
 
 
 def counts(conn: Connection) -> dict[str, int]:

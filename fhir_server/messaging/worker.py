@@ -9,7 +9,8 @@ processes that should not send.
 Each round claims a small batch, opens one SMTP connection, sends and settles the emails one by
 one, and releases what it did not attempt when asked to stop. When a round finds nothing, the
 thread sleeps ``mail_poll_interval`` seconds (or until :meth:`MailWorker.wake`). Without an
-SMTP host it does not start: emails stay queued and a warning is logged once.
+SMTP host it does not start: emails stay queued and a warning is logged once. About once an
+hour it deletes sent emails older than ``mail_retention_days`` (failed ones stay).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import logging
 import smtplib
 import threading
+import time
 
 from sqlalchemy import Engine
 
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 
 # Errors that concern one message; the connection stays usable for the next one.
 _MESSAGE_ERRORS = (smtplib.SMTPRecipientsRefused, smtplib.SMTPSenderRefused, smtplib.SMTPDataError)
+PURGE_INTERVAL = 3600.0
 
 
 class MailWorker:
@@ -93,9 +96,14 @@ class MailWorker:
         return self._thread is not None and self._thread.is_alive()
 
     def _run(self) -> None:
+        next_purge = time.monotonic()
         while not self._stop.is_set():
             try:
                 busy = self.run_once() > 0
+                if time.monotonic() >= next_purge:
+                    next_purge = time.monotonic() + PURGE_INTERVAL
+                    retention = self.settings.mail_retention_days * 86400.0
+                    outbox.purge_sent(self.engine, older_than=retention)
             except Exception:
                 log.exception("Mail outbox round failed")
                 busy = False

@@ -505,6 +505,18 @@ def test_expired_claim_is_taken_over(world):
     assert outbox.mark_sent(world.engine, again) is True
 
 
+def test_old_sent_emails_are_purged_failed_ones_kept(world):
+    world.emit(K.REJECTED, actor="prov")  # to req and admin1
+    first, second = outbox.claim(world.engine, limit=5, lease=300)
+    long_ago = utc_now() - timedelta(days=40)
+    assert outbox.mark_sent(world.engine, first, now=long_ago)
+    outbox.mark_failed(
+        world.engine, second, "550", permanent=True, max_attempts=5, retry_base=1, retry_max=1
+    )
+    assert outbox.purge_sent(world.engine, older_than=30 * 86400) == 1
+    assert [row.status for row in world.outbox_rows()] == ["failed"]
+
+
 def test_stop_releases_unsent_claims(world):
     world.emit(K.ACCEPTED, actor="prov")
     [claimed] = outbox.claim(world.engine, limit=5, lease=300)
