@@ -19,8 +19,8 @@ configured one): they are in ``Settings.currency`` (``MSO_CURRENCY``, default EU
 
 **On Done** (:class:`~fhir_server.workflow.events.CaseEventKind` ``DONE``), in the transaction
 that completes the case: a ChargeItem (status billable; subject the patient; performer the
-provider's PractitionerRole; service the recommendation DiagnosticReport when the event names
-it; ``priceOverride`` the computed price, ``overrideReason`` naming the definition and
+provider's PractitionerRole; service the recommendation DiagnosticReport the event names as its
+``subject``; ``priceOverride`` the computed price, ``overrideReason`` naming the definition and
 priority; ``definitionCanonical`` the definition's ``url|version``) and an Invoice (status
 issued; recipient the requester's Organization, or the Patient for a self-request; one line
 item referencing the ChargeItem; ``totalNet`` = ``totalGross``), then ``INVOICE_ISSUED``. A
@@ -409,9 +409,10 @@ class Billing:
             f"Priced by ChargeItemDefinition {price.definition} (priority {price.priority})"
         )
         item["enteredDate"] = now
-        report = event.detail.get("report")
-        if isinstance(report, str) and report.startswith("DiagnosticReport/"):
-            item["service"] = [{"reference": report}]
+        for report in (event.subject, event.detail.get("report")):
+            if isinstance(report, str) and report.startswith("DiagnosticReport/"):
+                item["service"] = [{"reference": report}]
+                break
         return item
 
     def _invoice(

@@ -106,7 +106,20 @@ def _make_case(
             tx.update(body["resourceType"], body["id"], body)
 
     app.state.repo.write(work)
+    app.state.repo.write(lambda tx: _finish_task(tx, case))
     return case
+
+
+def _finish_task(tx: Any, case: Case) -> None:
+    """Bring the case Task the workflow created to Done, owned by the provider (server work)."""
+    (task,) = tx.find("Task", [("focus", case.ref)])
+    body = {
+        **task.resource,
+        "status": "completed",
+        "businessStatus": codes.concept(codes.CASE_STATUS_SYSTEM, codes.CaseStatus.DONE),
+        "owner": {"reference": f"PractitionerRole/{case.provider_role}"},
+    }
+    tx.update("Task", task.res_id, body)
 
 
 def _done(app: Any, case: Case, *, report: str | None = None) -> None:
@@ -116,7 +129,7 @@ def _done(app: Any, case: Case, *, report: str | None = None) -> None:
         case_id=case.case_id,
         case_number=case.case_number,
         provider=f"PractitionerRole/{case.provider_role}",
-        detail={"report": report} if report else {},
+        subject=report,
     )
     app.state.repo.write(lambda tx: events.emit(tx, event))
 
@@ -395,3 +408,116 @@ def test_final_report_is_amended_not_edited(billing_app: Any, client: TestClient
     history = client.get(f"{url}/_history").json()
     statuses = [e["resource"]["status"] for e in history["entry"]]
     assert statuses[0] == "amended" and "final" in statuses[1:]
+
+
+# -- end to end: $complete bills the case --------------------------------------------------------
+
+
+def _op(http: TestClient, task_id: str, name: str, **refs: str) -> Any:
+    params = [{"name": k, "valueReference": {"reference": v}} for k, v in refs.items()]
+    return http.post(
+        f"/fhir/Task/{task_id}/${name}", json={"resourceType": "Parameters", "parameter": params}
+    )
+
+
+def test_complete_finalizes_the_report_and_bills_the_case(billing_app: Any) -> None:
+    import base64
+    import io
+
+    from pypdf import PdfReader
+
+    u = secrets.token_hex(6)
+    case = Case(f"case-{u}", "", f"pat-{u}", f"reqorg-{u}", f"role-{u}", f"prov-{u}")
+    resources = [
+        {"resourceType": "Organization", "id": case.requester_org, "name": f"Hospital {u}"},
+        {"resourceType": "Practitioner", "id": f"dr-{u}", "name": [{"family": "Ødegård"}]},
+        {
+            "resourceType": "PractitionerRole",
+            "id": case.provider_role,
+            "active": True,
+            "practitioner": {"reference": f"Practitioner/dr-{u}"},
+            "specialty": [codes.concept(codes.SPECIALTY_SYSTEM, "oncology")],
+        },
+        {"resourceType": "Patient", "id": case.patient, "name": [{"family": "Zoë"}]},
+        {
+            "resourceType": "ServiceRequest",
+            "id": case.case_id,
+            "status": "active",
+            "intent": "order",
+            "priority": "stat",
+            "category": [codes.concept(codes.CASE_CATEGORY_SYSTEM, "second-opinion")],
+            "code": codes.concept(codes.SPECIALTY_SYSTEM, "oncology"),
+            "subject": {"reference": f"Patient/{case.patient}"},
+            "requester": {"reference": f"Organization/{case.requester_org}"},
+            "note": [{"text": "Adjuvant therapy?"}],
+        },
+    ]
+
+    def work(tx: Any) -> str:
+        for body in resources:
+            tx.update(body["resourceType"], body["id"], body)
+        (task,) = tx.find("Task", [("focus", case.ref)])
+        return task.res_id
+
+    task_id = billing_app.state.repo.write(work)
+    admin = _admin(billing_app)
+    provider = _http(
+        billing_app, token_for(billing_app, role="provider", practitioner_role=case.provider_role)
+    )
+    response = _op(admin, task_id, "assign", provider=f"PractitionerRole/{case.provider_role}")
+    assert response.status_code == 200, response.text
+    for name in ("accept", "start"):
+        assert _op(provider, task_id, name).status_code == 200
+    draft = provider.post(
+        "/fhir/DiagnosticReport",
+        json={
+            "resourceType": "DiagnosticReport",
+            "basedOn": [{"reference": case.ref}],
+            "status": "preliminary",
+            "code": codes.concept(codes.REPORT_TYPE_SYSTEM, codes.REPORT_TYPE_RECOMMENDATION),
+            "subject": {"reference": f"Patient/{case.patient}"},
+            "conclusion": "Adjuvant chemotherapy is recommended.",
+        },
+    )
+    assert draft.status_code == 201, draft.text
+    report_id = draft.json()["id"]
+    done = _op(provider, task_id, "complete", report=f"DiagnosticReport/{report_id}")
+    assert done.status_code == 200, done.text
+
+    (charge,) = _find(billing_app, "ChargeItem", case)
+    (invoice,) = _find(billing_app, "Invoice", case)
+    assert invoice["totalGross"] == {"value": 1100, "currency": "EUR"}  # oncology, stat
+    assert charge["service"] == [{"reference": f"DiagnosticReport/{report_id}"}]
+    final = provider.get(f"/fhir/DiagnosticReport/{report_id}").json()
+    assert final["status"] == "final"
+    (form,) = final["presentedForm"]
+    text = PdfReader(io.BytesIO(base64.b64decode(form["data"]))).pages[0].extract_text()
+    case_number = _find_case_number(billing_app, case)
+    assert case_number in text and "Adjuvant chemotherapy is recommended." in text
+
+    # The provider amends the final report; editing it is refused.
+    url = f"/fhir/DiagnosticReport/{report_id}"
+    edited = provider.put(url, json={**final, "conclusion": "No chemotherapy."})
+    assert edited.status_code == 409 and _error_code(edited) == "MSO-REPORT-001"
+    amended = with_amendment_reason(
+        {**final, "status": "amended", "conclusion": "No chemotherapy."}, "Late pathology result"
+    )
+    assert provider.put(url, json=amended).status_code == 200
+    # The requester organization reads and the admin settles the invoice.
+    requester = _http(
+        billing_app, token_for(billing_app, role="requester", organization=case.requester_org)
+    )
+    assert requester.get(f"/fhir/Invoice/{invoice['id']}").status_code == 200
+    paid = admin.post(f"/fhir/Invoice/{invoice['id']}/$record-payment", json=_payment(1100))
+    assert paid.status_code == 200, paid.text
+    assert requester.get(f"/fhir/Invoice/{invoice['id']}").json()["status"] == "balanced"
+
+
+def _find_case_number(app: Any, case: Case) -> str:
+    def work(tx: Any) -> str:
+        body = tx.read("ServiceRequest", case.case_id).resource
+        return next(
+            i["value"] for i in body["identifier"] if i["system"] == codes.CASE_NUMBER_SYSTEM
+        )
+
+    return app.state.repo.read_only(work)
