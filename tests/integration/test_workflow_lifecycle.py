@@ -393,3 +393,25 @@ def test_case_issues(world: World) -> None:
     assert delete.status_code == 403
     delete = world.client.delete(f"/fhir/Task/{created['id']}", headers=world.as_("prov1"))
     assert delete.status_code in (200, 204)
+
+
+def test_events_carry_the_case(world: World) -> None:
+    from fhir_server.workflow.events import CaseEventKind
+
+    recorded: list[Any] = []
+    bus = world.app.state.services["case_events"]
+    bus.subscribe(lambda _tx, event: recorded.append(event))
+
+    def seen_mine() -> list[Any]:
+        return [e for e in recorded if e.requester == f"PractitionerRole/{world.req_role}"]
+
+    sr_id, task_id = world.submit()
+    world.op("admin", task_id, "assign", provider=f"PractitionerRole/{world.prov1}")
+    events = seen_mine()
+    assert [e.kind for e in events] == [CaseEventKind.SUBMITTED, CaseEventKind.ASSIGNED]
+    for event in events:
+        assert event.case_id == sr_id and event.task_id == task_id
+        assert event.case_number == case_number(world, sr_id)
+        assert event.requester_org == world.org
+    assert events[1].provider == f"PractitionerRole/{world.prov1}"
+    assert events[1].actor.role.value == "admin"
