@@ -55,7 +55,11 @@ from fhir_server.fhir.outcome import FhirError
 from fhir_server.storage.access_schema import access_scope, case_access
 from fhir_server.storage.index_schema import idx_reference
 from fhir_server.storage.schema import resource
-from fhir_server.workflow.codes import COMMUNICATION_CATEGORY_SYSTEM, COMMUNICATION_NOTIFICATION
+from fhir_server.workflow.codes import (
+    COMMUNICATION_CATEGORY_SYSTEM,
+    COMMUNICATION_NOTIFICATION,
+    USERNAME_SYSTEM,
+)
 
 if TYPE_CHECKING:
     from fhir_server.search.registry import SearchRegistry
@@ -119,6 +123,8 @@ _PERMISSION_TEXT = {
 }
 
 ConditionOn = Callable[[Any], ColumnElement[bool]]
+# RECIPIENT rows naming a user account rather than a FHIR identity.
+_USER = "user"
 
 
 def forbidden(message: str, code: str = "MSO-AUTH-403") -> FhirError:
@@ -172,9 +178,12 @@ class AccessPolicy:
         if is_notification(rtype, body):
             for recipient in body.get("recipient") or ():
                 ref = (recipient or {}).get("reference") or ""
+                ident = (recipient or {}).get("identifier") or {}
                 if ref.count("/") == 1:
                     ttype, tid = ref.split("/")
                     rows.append(_row(pid, ScopeKind.RECIPIENT, ttype, tid))
+                elif ident.get("system") == USERNAME_SYSTEM and ident.get("value"):
+                    rows.append(_row(pid, ScopeKind.RECIPIENT, _USER, ident["value"]))
         if rtype == "Binary":
             target = (body.get("securityContext") or {}).get("reference") or ""
             if "/" in target:
@@ -339,6 +348,14 @@ class AccessPolicy:
         """Visibility by the resource's own memberships (no VIA), for a non-admin caller."""
         owners = [owner_key(caller)]
         addressed = _addressed_to(caller)
+
+        def addressed_or(r: Any, *memberships: ColumnElement[bool]) -> ColumnElement[bool]:
+            # A notification is for its recipients only, whatever else it belongs to.
+            return or_(
+                addressed(r),
+                and_(not_(_has_scope(r, ScopeKind.RECIPIENT)), or_(*memberships)),
+            )
+
         if caller.role is Role.PATIENT:
             patient = caller.patient or ""
             own_cases = select(case_access.c.case_id).where(
@@ -346,7 +363,8 @@ class AccessPolicy:
             )
 
             def patient_rule(r: Any) -> ColumnElement[bool]:
-                return or_(
+                return addressed_or(
+                    r,
                     r.c.res_type.in_(OPEN_TYPES),
                     and_(
                         _has_scope(r, ScopeKind.PATIENT, [patient]),
@@ -354,7 +372,6 @@ class AccessPolicy:
                     ),
                     _has_scope(r, ScopeKind.CASE, own_cases),
                     _has_scope(r, ScopeKind.OWNER, owners),
-                    addressed(r),
                 )
 
             return patient_rule
@@ -375,9 +392,9 @@ class AccessPolicy:
         hidden = PROVIDER_HIDDEN_TYPES if caller.role is Role.PROVIDER else frozenset()
 
         def rule(r: Any) -> ColumnElement[bool]:
-            mine = or_(
+            mine = addressed_or(
+                r,
                 r.c.res_type.in_(OPEN_TYPES),
-                addressed(r),
                 _has_scope(r, ScopeKind.CASE, cases),
                 and_(
                     not_(_has_scope(r, ScopeKind.CASE)),
@@ -479,6 +496,12 @@ class AccessPolicy:
         caller = tx.caller
         if not isinstance(caller, Principal):
             return
+        if (
+            caller.role not in (Role.ADMIN, Role.SYSTEM)
+            and stored.content is not None
+            and is_notification(stored.res_type, stored.resource)
+        ):
+            raise forbidden("Notifications are written by the server", "MSO-AUTH-406")
         if after and self._sees_all_but_chat(caller, stored.res_type, permission):
             if not is_chat(stored.res_type, stored.resource):
                 return
@@ -506,10 +529,11 @@ def is_notification(res_type: str, body: dict[str, Any]) -> bool:
 
 
 def _addressed_to(caller: Principal) -> ConditionOn:
-    """SQL on ``r``: a notification addressed to the caller's FHIR identity."""
-    if not caller.fhir_user or caller.fhir_user.count("/") != 1:
-        return lambda r: false()
-    ttype, tid = caller.fhir_user.split("/")
+    """SQL on ``r``: a notification addressed to the caller (FHIR identity or user name)."""
+    identities = [(_USER, caller.subject)]
+    if caller.fhir_user and caller.fhir_user.count("/") == 1:
+        ttype, tid = caller.fhir_user.split("/")
+        identities.append((ttype, tid))
 
     def condition(r: Any) -> ColumnElement[bool]:
         s = access_scope.alias()
@@ -519,8 +543,7 @@ def _addressed_to(caller: Principal) -> ConditionOn:
             .where(
                 s.c.pid == r.c.pid,
                 s.c.kind == int(ScopeKind.RECIPIENT),
-                s.c.ref_type == ttype,
-                s.c.ref_id == tid,
+                or_(*(and_(s.c.ref_type == t, s.c.ref_id == i) for t, i in identities)),
             )
         )
 

@@ -26,15 +26,12 @@ from fhir_server.messaging.recipients import Recipient, resolve
 from fhir_server.messaging.rules import RULES
 from fhir_server.storage.repository import Tx, format_instant, utc_now
 from fhir_server.workflow.codes import (
-    CANONICAL_BASE,
     COMMUNICATION_CATEGORY_SYSTEM,
     COMMUNICATION_NOTIFICATION,
+    USERNAME_SYSTEM,
     concept,
 )
 from fhir_server.workflow.events import CaseEvent, CaseEvents
-
-USERNAME_SYSTEM = f"{CANONICAL_BASE}/sid/username"
-"""``Identifier.system`` of MSO user names (recipients without a FHIR identity)."""
 
 
 def notification(event: CaseEvent, text: str, recipient: dict[str, Any], sent: str) -> dict:

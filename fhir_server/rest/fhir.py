@@ -23,13 +23,14 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from fhir_server.audit.events import Interaction
-from fhir_server.auth.principal import Principal
+from fhir_server.auth.principal import Principal, Role
 from fhir_server.config import Settings
 from fhir_server.fhir import jsonio
 from fhir_server.fhir.outcome import FhirError
 from fhir_server.interactions import binary, capabilities, create, read, search, update
 from fhir_server.interactions.base import FhirRequest, FhirResponse, InteractionContext, Prefer
 from fhir_server.interactions.table import Route, interaction_of, resolve_route
+from fhir_server.messaging.presence import touch_presence
 from fhir_server.storage.blobs import BlobStore
 from fhir_server.storage.repository import Repository
 
@@ -182,6 +183,9 @@ class FhirEndpoint:
                 source=request.client.host if request.client else None,
                 audience=ctx.base_url,
             )
+            if seen.principal.role is not Role.SYSTEM:
+                # "online" for notifications: a user seen lately gets no email (cheap, async)
+                touch_presence(self.repo.engine, seen.principal.subject)
         fhir_accept = _wants_fhir(request)
         if req.resource_type == "Binary":
             special = await self._binary(request, req, ctx, handler, fhir_accept)

@@ -33,6 +33,9 @@ def _sd(name: str) -> str:
 
 CASE_NUMBER_SYSTEM = f"{CANONICAL_BASE}/sid/case-number"
 """``Identifier.system`` of case numbers (``ServiceRequest.identifier``)."""
+USERNAME_SYSTEM = f"{CANONICAL_BASE}/sid/username"
+"""``Identifier.system`` naming a user account (a notification's recipient without a FHIR
+identity)."""
 CASE_NUMBER_PATTERN = re.compile(r"^CASE-[0-9A-Z]{6}$")
 """A case number: ``CASE-`` and six digits or capital letters (invariant ``mso-case-1``)."""
 

@@ -16,6 +16,8 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from fhir_server.workflow.codes import USERNAME_SYSTEM
+
 ROLES = ("reqA", "reqB", "prov1", "prov2", "admin", "patP1")
 ALL = frozenset(ROLES)
 
@@ -44,6 +46,10 @@ EXPECTED: dict[str, frozenset[str]] = {
     "binDoc": frozenset({"reqA", "prov1", "admin", "patP1"}),
     # an in-app notification: its recipient (and admins)
     "noteA": frozenset({"reqA", "admin"}),
+    # for its recipient only, although the patient's compartment holds it
+    "noteP1": frozenset({"patP1", "admin"}),
+    # addressed to a user account rather than a FHIR identity
+    "noteUserB": frozenset({"reqB", "admin"}),
     # billing: the requester side reads the Invoice, the provider does not
     "invA1": frozenset({"reqA", "admin", "patP1"}),
 }
@@ -67,6 +73,8 @@ TYPES = {
     "binChat": "Binary",
     "binDoc": "Binary",
     "noteA": "Communication",
+    "noteP1": "Communication",
+    "noteUserB": "Communication",
     "invA1": "Invoice",
 }
 
@@ -250,6 +258,28 @@ def _build(app: Any, client: TestClient) -> World:
                 "category": [{"coding": [notification]}],
                 "recipient": [_ref("PractitionerRole", role_a)],
                 "about": [_ref("ServiceRequest", ids["caseA1"])],
+                "payload": [{"contentString": "Case updated"}],
+            },
+        ),
+        (
+            "Communication",
+            ids["noteP1"],
+            {
+                "resourceType": "Communication",
+                "status": "completed",
+                "category": [{"coding": [notification]}],
+                "recipient": [_ref("Patient", ids["p1"])],
+                "payload": [{"contentString": "Your case was updated"}],
+            },
+        ),
+        (
+            "Communication",
+            ids["noteUserB"],
+            {
+                "resourceType": "Communication",
+                "status": "completed",
+                "category": [{"coding": [notification]}],
+                "recipient": [{"identifier": {"system": USERNAME_SYSTEM, "value": f"reqb-{u}"}}],
                 "payload": [{"contentString": "Case updated"}],
             },
         ),
@@ -551,3 +581,26 @@ def test_reassignment_moves_the_case_between_providers(app, client, world: World
     finally:
         _store(app, [("Task", rid, task)])
     assert world.clients["prov2"].get(f"/fhir/{case_ref}").status_code == 200
+
+
+def test_only_the_server_writes_notifications(world: World) -> None:
+    fake = {
+        "resourceType": "Communication",
+        "status": "completed",
+        "category": [
+            {
+                "coding": [
+                    {
+                        "system": "https://mso.example.org/fhir/CodeSystem/communication-category",
+                        "code": "notification",
+                    }
+                ]
+            }
+        ],
+        "recipient": [{"reference": world.ref("p1")}],
+        "payload": [{"contentString": "Case assigned to you"}],
+    }
+    response = world.clients["reqA"].post("/fhir/Communication", json=fake)
+    assert response.status_code == 403
+    mine = world.clients["reqA"].get(f"/fhir/{world.ref('noteA')}").json()
+    assert world.clients["reqA"].put(f"/fhir/{world.ref('noteA')}", json=mine).status_code == 403
