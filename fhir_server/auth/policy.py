@@ -107,6 +107,10 @@ AUDIT_TYPES = frozenset({"AuditEvent"})
 # What a requesting organization is billed is not the provider's business: a provider reads
 # its ChargeItems, never the Invoice or the payment.
 PROVIDER_HIDDEN_TYPES = frozenset({"Invoice", "PaymentNotice", "PaymentReconciliation"})
+# Billing is written by the server (on Done) and by administrators (payments), nobody else.
+ADMIN_WRITTEN_TYPES = frozenset(
+    {"ChargeItem", "Invoice", "PaymentNotice", "PaymentReconciliation", "ChargeItemDefinition"}
+)
 # The audit trail and provenance are append-only through the API.
 IMMUTABLE_TYPES = frozenset({"AuditEvent", "Provenance"})
 # Case-issue Tasks carry this code; they are not the case's workflow Task.
@@ -480,6 +484,12 @@ class AccessPolicy:
             )
         if res_type in AUDIT_TYPES and caller.role not in (Role.ADMIN, Role.SYSTEM):
             raise forbidden(f"Only administrators may access {res_type}", "MSO-AUTH-402")
+        if (
+            permission in (Permission.CREATE, Permission.UPDATE, Permission.DELETE)
+            and res_type in ADMIN_WRITTEN_TYPES
+            and caller.role not in (Role.ADMIN, Role.SYSTEM)
+        ):
+            raise forbidden(f"{res_type} is written by the server and administrators only")
         if permission in (Permission.UPDATE, Permission.DELETE) and res_type in IMMUTABLE_TYPES:
             raise FhirError(
                 405,

@@ -604,3 +604,13 @@ def test_only_the_server_writes_notifications(world: World) -> None:
     assert response.status_code == 403
     mine = world.clients["reqA"].get(f"/fhir/{world.ref('noteA')}").json()
     assert world.clients["reqA"].put(f"/fhir/{world.ref('noteA')}", json=mine).status_code == 403
+
+
+def test_billing_is_written_by_administrators_only(world: World) -> None:
+    invoice = world.clients["reqA"].get(f"/fhir/{world.ref('invA1')}").json()
+    paid = {**invoice, "status": "balanced"}
+    assert world.clients["reqA"].put(f"/fhir/{world.ref('invA1')}", json=paid).status_code == 403
+    fresh = {k: v for k, v in invoice.items() if k not in ("id", "meta")}
+    assert world.clients["reqA"].post("/fhir/Invoice", json=fresh).status_code == 403
+    assert world.clients["reqA"].delete(f"/fhir/{world.ref('invA1')}").status_code == 403
+    assert world.clients["admin"].get(f"/fhir/{world.ref('invA1')}").json()["status"] == "issued"
