@@ -14,7 +14,7 @@ run: install
 
 ## Install the test dependencies and run the whole suite (SQLite and PostgreSQL).
 test: install
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -n auto
 
 lint:
 	ruff check . && ruff format --check .
