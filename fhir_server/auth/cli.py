@@ -288,15 +288,10 @@ def _issue_token(args: argparse.Namespace, server: AuthServer) -> tuple[str, str
             lifetime=lifetime,
         )
         return token, client.client_id, scope, lifetime, audience
-    token = server.tokens.issue_access_token(
+    token = server.tokens.issue_for_user(
+        user,
         client_id=client.client_id,
         scopes=scope,
-        role=user.role,
-        username=user.username,
-        fhir_user=user.fhir_user,
-        practitioner_role=user.practitioner_role,
-        organization=user.organization,
-        patient=user.patient if user.role is Role.PATIENT else None,
         audience=audience,
         lifetime=lifetime,
     )

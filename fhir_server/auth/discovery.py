@@ -15,6 +15,7 @@ from typing import Any
 
 from fhir_server.auth.assertions import ASSERTION_ALGS
 from fhir_server.auth.keys import SIGNING_ALG
+from fhir_server.auth.scopes import NON_RESOURCE_SCOPES
 
 CAPABILITIES = [
     "launch-ehr",
@@ -37,14 +38,7 @@ CAPABILITIES = [
     "authorize-post",
 ]
 SCOPES_SUPPORTED = [
-    "openid",
-    "fhirUser",
-    "profile",
-    "launch",
-    "launch/patient",
-    "launch/encounter",
-    "offline_access",
-    "online_access",
+    *sorted(NON_RESOURCE_SCOPES),
     "patient/*.cruds",
     "patient/*.rs",
     "patient/*.read",

@@ -196,14 +196,10 @@ class TokenEndpoint:
         scopes = ScopeSet.parse(scope, strict=False)
         patient = user.patient if user.role is Role.PATIENT else context.get("patient")
         encounter = context.get("encounter")
-        access = self.tokens.issue_access_token(
+        access = self.tokens.issue_for_user(
+            user,
             client_id=client.client_id,
             scopes=scope,
-            role=user.role,
-            username=user.username,
-            fhir_user=user.fhir_user,
-            practitioner_role=user.practitioner_role,
-            organization=user.organization,
             patient=patient,
             encounter=encounter,
             audience=req.fhir_base,

@@ -166,6 +166,38 @@ class TokenService:
             )
         return token
 
+    def issue_for_user(
+        self,
+        user: Any,
+        *,
+        client_id: str,
+        scopes: str,
+        patient: str | None = None,
+        encounter: str | None = None,
+        audience: str | None = None,
+        lifetime: int | None = None,
+        family: str | None = None,
+    ) -> str:
+        """An access token acting as ``user`` (a :class:`~fhir_server.auth.users.User`).
+
+        A patient user is always its own patient; other users carry ``patient`` (a launch
+        context) when given.
+        """
+        return self.issue_access_token(
+            client_id=client_id,
+            scopes=scopes,
+            role=user.role,
+            username=user.username,
+            fhir_user=user.fhir_user,
+            practitioner_role=user.practitioner_role,
+            organization=user.organization,
+            patient=user.patient if user.role is Role.PATIENT else patient,
+            encounter=encounter,
+            audience=audience,
+            lifetime=lifetime,
+            family=family,
+        )
+
     def issue_id_token(
         self,
         *,
