@@ -14,7 +14,6 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
-from fastapi.testclient import TestClient
 from joserfc import jwt
 from joserfc.jwk import ECKey, RSAKey
 
@@ -22,18 +21,6 @@ from fhir_server.auth.principal import Role
 
 TOKEN_URL = "http://testserver/auth/token"
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
-
-
-@pytest.fixture
-def http(app, unique) -> TestClient:
-    return TestClient(
-        app, base_url="http://testserver", follow_redirects=False, client=(f"ip-{unique[:8]}", 1)
-    )
-
-
-@pytest.fixture
-def auth(app):
-    return app.state.auth
 
 
 def b64url(data: bytes) -> str:

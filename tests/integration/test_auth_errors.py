@@ -13,18 +13,6 @@ PASSWORD = "correct horse battery"
 
 
 @pytest.fixture
-def http(app, unique) -> TestClient:
-    return TestClient(
-        app, base_url="http://testserver", follow_redirects=False, client=(f"ip-{unique[:8]}", 1)
-    )
-
-
-@pytest.fixture
-def auth(app):
-    return app.state.auth
-
-
-@pytest.fixture
 def user(auth, unique):
     name = f"u-{unique[:10]}"
     auth.users.create(username=name, password=PASSWORD, role="provider", practitioner_role="pr1")

@@ -4,7 +4,6 @@ standalone launch with the patient picker, EHR launch, refresh rotation, OpenID 
 from __future__ import annotations
 
 import pytest
-from fastapi.testclient import TestClient
 from joserfc import jwt
 from joserfc.jwk import KeySet
 
@@ -20,19 +19,6 @@ from tests.auth_helpers import (
 BASE = "http://testserver/fhir"
 REDIRECT = "https://app.example.org/callback"
 PASSWORD = "correct horse battery"
-
-
-@pytest.fixture
-def http(app, unique) -> TestClient:
-    """A fresh browser: its own cookie jar, no Authorization header, redirects not followed."""
-    return TestClient(
-        app, base_url="http://testserver", follow_redirects=False, client=(f"ip-{unique[:8]}", 1)
-    )
-
-
-@pytest.fixture
-def auth(app):
-    return app.state.auth
 
 
 @pytest.fixture

@@ -22,11 +22,6 @@ def browser(app, source: str) -> TestClient:
 
 
 @pytest.fixture
-def auth(app):
-    return app.state.auth
-
-
-@pytest.fixture
 def client_id(auth, unique):
     cid = f"app-{unique[:10]}"
     auth.clients.create(client_id=cid, kind="public", redirect_uris=[REDIRECT])

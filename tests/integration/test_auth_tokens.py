@@ -25,11 +25,6 @@ def http(app) -> TestClient:
 
 
 @pytest.fixture
-def auth(app):
-    return app.state.auth
-
-
-@pytest.fixture
 def tokens(app):
     return app.state.tokens
 
