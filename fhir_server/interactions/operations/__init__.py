@@ -83,6 +83,7 @@ def _load_builtin() -> None:
         from fhir_server.interactions.operations import (  # noqa: F401
             case_workflow,
             everything,
+            mso_stats,
             record_payment,
             validate,
         )
