@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from fhir_server.storage.repository import Tx
+    from fhir_server.workflow.status import CaseState
 
 
 class CaseEventKind(StrEnum):
@@ -81,3 +82,26 @@ class CaseEvents:
             for kind, subscriber in self._subscribers:
                 if kind is None or kind is event.kind:
                     subscriber(tx, event)
+
+
+def case_event(
+    kind: CaseEventKind,
+    case: CaseState,
+    *,
+    actor: Any,
+    subject: str | None = None,
+    detail: dict[str, Any] | None = None,
+) -> CaseEvent:
+    """The :class:`CaseEvent` of ``kind`` about ``case`` (its requester and assigned provider)."""
+    return CaseEvent(
+        kind=kind,
+        case_id=case.case_id,
+        case_number=case.case_number,
+        task_id=case.task_id,
+        actor=actor,
+        requester=case.requester_ref,
+        requester_org=case.requester_org,
+        provider=f"PractitionerRole/{case.owner}" if case.owner else None,
+        subject=subject,
+        detail=detail or {},
+    )
