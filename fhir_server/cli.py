@@ -63,12 +63,19 @@ def _reindex(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _seed_demo(args: argparse.Namespace, settings: Settings) -> int:
-    from fhir_server.demo import seed_demo
+    from fhir_server.auth.cli import default_audience
+    from fhir_server.demo import credentials_text, seed_demo
     from fhir_server.storage.migrate import upgrade
 
     upgrade(settings.database_url)
-    created = seed_demo(settings)
-    print(f"Demo data loaded ({created} resources created)")
+    result = seed_demo(settings)
+    users = sum(1 for _, created in result.users if created)
+    print(
+        f"Demo data loaded: {result.resources} resources, {users} users, "
+        f"{int(result.client_created)} client, {result.cases_submitted} cases submitted, "
+        f"{result.moves} case operations run"
+    )
+    print(credentials_text(result, default_audience(settings)))
     return 0
 
 
