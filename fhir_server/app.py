@@ -26,7 +26,7 @@ from fhir_server.search.registry import SearchRegistry
 from fhir_server.storage.blobs import BlobStore
 from fhir_server.storage.engine import build_engine
 from fhir_server.storage.repository import Repository
-from fhir_server.workflow import amendments, appointments, billing
+from fhir_server.workflow import amendments, appointments, billing, feedback
 from fhir_server.workflow.service import Workflow
 
 
@@ -85,6 +85,7 @@ def create_app(settings: Settings | None = None) -> FrontDoor:
     billing.install(app.state.services, settings)  # subscribes to services["case_events"]
     Workflow.install(app.state.services, hooks, settings=settings, blobs=blobs)
     appointments.install(app.state.services, hooks)
+    feedback.install(app.state.services, hooks)
     endpoint = FhirEndpoint(
         repo, settings, blobs, tokens=tokens, audit=audit, services=app.state.services
     )
