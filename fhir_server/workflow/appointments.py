@@ -17,9 +17,11 @@ transaction Bundles and every other path obey them (writes by the server itself,
   PractitionerRole, or the Patient of a self-request) and the provider's PractitionerRole. The
   server sets the proposer's participation ``accepted`` and the other's ``needs-action``.
 * **Answering** (create an AppointmentResponse): each party answers for its own participation,
-  ``accepted`` or ``declined``. The server then updates the Appointment: ``booked`` once every
-  participant accepted, ``cancelled`` when one declines. A booked appointment may still be
-  declined (cancelled) by either party.
+  ``accepted`` or ``declined``; the server puts the case in the answer (extension
+  ``case-reference``, search parameter ``AppointmentResponse?case=``) so both parties see it.
+  The server then updates the Appointment: ``booked`` once every participant accepted,
+  ``cancelled`` when one declines. A booked appointment may still be declined (cancelled) by
+  either party.
 * **Conflicts**: an appointment overlapping another ``booked`` (arrived, checked-in)
   appointment of the same provider is refused (409 naming the other appointment's time), when
   proposed and again when it would become booked, under a per-provider lock
@@ -51,7 +53,7 @@ from fhir_server.fhir.outcome import FhirError
 from fhir_server.hooks import HookEvent, HookPoint, Hooks
 from fhir_server.storage.repository import as_utc, format_instant, utc_now
 from fhir_server.workflow.cases import current, state_of_case
-from fhir_server.workflow.codes import CaseStatus
+from fhir_server.workflow.codes import EXT_CASE_REFERENCE, CaseStatus
 from fhir_server.workflow.events import CaseEventKind, CaseEvents, case_event
 from fhir_server.workflow.service import CASE_EVENTS
 from fhir_server.workflow.status import CaseState, Party, parties_of, ref_id
@@ -346,6 +348,14 @@ def check_plain_write(
     )
 
 
+def stamp_case(response: dict[str, Any], case_id: str) -> None:
+    """Put the case in an AppointmentResponse (extension ``case-reference``, indexed by the MSO
+    search parameter ``case``), so that the access policy gives the answer to both parties."""
+    extensions = [e for e in response.get("extension") or () if e.get("url") != EXT_CASE_REFERENCE]
+    case_ref = {"reference": f"ServiceRequest/{case_id}"}
+    response["extension"] = [*extensions, {"url": EXT_CASE_REFERENCE, "valueReference": case_ref}]
+
+
 # -- hooks ------------------------------------------------------------------------------------
 
 
@@ -432,6 +442,7 @@ class Appointments:
             return
         updated, responder = answered(tx, case, stored, response, caller=caller, now=utc_now())
         response.setdefault("actor", {"reference": responder})
+        stamp_case(response, case.case_id)
         with tx.internal():
             tx.update("Appointment", appointment_id, updated, if_match=stored.version)
         detail = {"answer": response.get("participantStatus"), "status": updated.get("status")}

@@ -220,7 +220,8 @@ PROFILE_CHAT_MESSAGE = _sd("chat-message")
 # -- billing (ChargeItem, Invoice, PaymentNotice) ------------------------------------------------
 
 EXT_CASE_REFERENCE = _sd("case-reference")
-"""Extension on ChargeItem, Invoice and PaymentNotice: the case ServiceRequest they belong to."""
+"""Extension on ChargeItem, Invoice, PaymentNotice and AppointmentResponse: the case
+ServiceRequest they belong to."""
 BILLING_CASE_PARAM = "case"
 """Code of the MSO search parameter indexing :data:`EXT_CASE_REFERENCE` (``Invoice?case=…``)."""
 BILLING_CASE_SEARCH_PARAMETER = f"{CANONICAL_BASE}/SearchParameter/billing-case"

@@ -129,6 +129,12 @@ def test_requester_proposes_provider_accepts(world: World) -> None:
     response = answer(world, "prov1", appointment_id, "accepted")
     assert response.status_code == 201, response.text
     assert response.json()["actor"] == {"reference": f"PractitionerRole/{world.prov1}"}
+    # the answer belongs to the case: the requester reads it, the second provider does not
+    response_id = response.json()["id"]
+    assert world.get("reqA", f"AppointmentResponse/{response_id}").status_code == 200
+    assert world.get("prov2", f"AppointmentResponse/{response_id}").status_code == 404
+    answers = world.get("reqA", "AppointmentResponse", params={"case": f"ServiceRequest/{sr_id}"})
+    assert [e["resource"]["id"] for e in answers.json()["entry"]] == [response_id]
     result = world.get("reqA", f"Appointment/{appointment_id}").json()
     assert result["status"] == "booked"
     assert set(part_status(result).values()) == {"accepted"}
