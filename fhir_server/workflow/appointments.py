@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any
 from fhir_server.fhir.outcome import FhirError
 from fhir_server.hooks import HookEvent, HookPoint, Hooks
 from fhir_server.storage.repository import as_utc, format_instant, utc_now
-from fhir_server.workflow.cases import current, state_of_case
+from fhir_server.workflow.cases import case_number_of, current, is_case_request, state_of_case
 from fhir_server.workflow.codes import EXT_CASE_REFERENCE, CaseStatus
 from fhir_server.workflow.events import CaseEventKind, CaseEvents, case_event
 from fhir_server.workflow.service import CASE_EVENTS
@@ -450,14 +450,20 @@ class Appointments:
         self._emit(tx, CaseEventKind.APPOINTMENT_ANSWERED, case, caller, subject, detail)
 
     def _case(self, tx: Tx, appointment: dict[str, Any]) -> CaseState | None:
-        """The case of an Appointment ``basedOn`` a ServiceRequest (422 if that is no case)."""
+        """The case of an Appointment ``basedOn`` a case ServiceRequest (``None``: no case's).
+
+        Appointments for other ServiceRequests (orders arriving over HL7 v2, say) are not
+        held to the case rules.
+        """
         case_id = case_id_of(appointment)
-        if case_id is None:
+        request = current(tx, "ServiceRequest", case_id)
+        if request is None or not is_case_request(request.resource):
             return None
-        case = state_of_case(tx, case_id)
+        case = state_of_case(tx, request.res_id)
         if case is None:
             raise _invalid(
-                f"ServiceRequest/{case_id} is not a submitted case", "Appointment.basedOn"
+                f"Case {case_number_of(request.resource)} has no workflow Task yet",
+                "Appointment.basedOn",
             )
         return case
 

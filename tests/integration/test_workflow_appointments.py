@@ -318,8 +318,10 @@ def test_proposal_shape(world: World) -> None:
     response = world.post("reqA", "Appointment", body)
     assert response.status_code == 422, response.text
     assert response.json()["issue"][0]["expression"] == ["Appointment.participant"]
+    # an Appointment for a ServiceRequest that is no case of the requester's is outside its reach
     body = appointment(world, "not-a-case", at(12, 9), at(12, 10))
-    assert world.post("reqA", "Appointment", body).status_code == 422
+    response = world.post("reqA", "Appointment", body)
+    assert response.status_code == 403 and error_code(response) == "MSO-AUTH-404", response.text
 
 
 # -- plain writes and transactions --------------------------------------------------------------
