@@ -58,6 +58,8 @@ from fhir_server.storage.schema import resource
 from fhir_server.workflow.codes import (
     COMMUNICATION_CATEGORY_SYSTEM,
     COMMUNICATION_NOTIFICATION,
+    TASK_CODE_CASE,
+    TASK_CODE_SYSTEM,
     USERNAME_SYSTEM,
 )
 
@@ -113,8 +115,6 @@ ADMIN_WRITTEN_TYPES = frozenset(
 )
 # The audit trail and provenance are append-only through the API.
 IMMUTABLE_TYPES = frozenset({"AuditEvent", "Provenance"})
-# Case-issue Tasks carry this code; they are not the case's workflow Task.
-CASE_ISSUE_CODE = "case-issue"
 # A provider keeps no access to a case it rejected.
 _LOST_STATUSES = ("rejected",)
 
@@ -284,8 +284,8 @@ class AccessPolicy:
         _upsert_case(tx.conn, stored.res_id, values)
 
     def _index_case_task(self, tx: Tx, body: dict[str, Any]) -> None:
-        """A case's workflow Task carries its assignment (owner) and status."""
-        if _has_code(body.get("code"), CASE_ISSUE_CODE) or body.get("partOf"):
+        """A case's workflow Task (code ``case``) carries its assignment (owner) and status."""
+        if not _has_code(body.get("code"), TASK_CODE_CASE, TASK_CODE_SYSTEM) or body.get("partOf"):
             return
         case_id = _id_of((body.get("focus") or {}).get("reference"), "ServiceRequest")
         if case_id is None:
@@ -635,8 +635,11 @@ def _id_of(reference: str | None, rtype: str) -> str | None:
     return None
 
 
-def _has_code(concept: Any, code: str) -> bool:
-    return any((c or {}).get("code") == code for c in (concept or {}).get("coding") or ())
+def _has_code(concept: Any, code: str, system: str) -> bool:
+    return any(
+        (c or {}).get("code") == code and (c or {}).get("system") == system
+        for c in (concept or {}).get("coding") or ()
+    )
 
 
 def _upsert_case(conn: Connection, case_id: str, values: dict[str, Any]) -> None:

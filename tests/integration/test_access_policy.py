@@ -16,7 +16,12 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from fhir_server.workflow.codes import USERNAME_SYSTEM
+from fhir_server.workflow.codes import (
+    TASK_CODE_CASE,
+    TASK_CODE_CASE_ISSUE,
+    TASK_CODE_SYSTEM,
+    USERNAME_SYSTEM,
+)
 
 ROLES = ("reqA", "reqB", "prov1", "prov2", "admin", "patP1")
 ALL = frozenset(ROLES)
@@ -130,6 +135,7 @@ def _build(app: Any, client: TestClient) -> World:
             "resourceType": "Task",
             "status": status,
             "intent": "order",
+            "code": {"coding": [{"system": TASK_CODE_SYSTEM, "code": TASK_CODE_CASE}]},
             "focus": _ref("ServiceRequest", ids[case]),
             "for": _ref("Patient", ids[patient]),
             "owner": _ref("PractitionerRole", owner),
@@ -207,7 +213,7 @@ def _build(app: Any, client: TestClient) -> World:
                 "resourceType": "Task",
                 "status": "requested",
                 "intent": "order",
-                "code": {"coding": [{"code": "case-issue"}]},
+                "code": {"coding": [{"system": TASK_CODE_SYSTEM, "code": TASK_CODE_CASE_ISSUE}]},
                 "partOf": [_ref("Task", ids["taskA1"])],
                 "for": _ref("Patient", ids["p1"]),
             },
@@ -614,3 +620,18 @@ def test_billing_is_written_by_administrators_only(world: World) -> None:
     assert world.clients["reqA"].post("/fhir/Invoice", json=fresh).status_code == 403
     assert world.clients["reqA"].delete(f"/fhir/{world.ref('invA1')}").status_code == 403
     assert world.clients["admin"].get(f"/fhir/{world.ref('invA1')}").json()["status"] == "issued"
+
+
+def test_only_the_case_task_assigns_a_case(app, world: World) -> None:
+    """Another Task focused on the case (not code ``case``) cannot hand it to a provider."""
+    prov1_role = world.clients["prov1"].get(f"/fhir/{world.ref('taskA1')}").json()["owner"]
+    rogue = {
+        "resourceType": "Task",
+        "status": "accepted",
+        "intent": "order",
+        "focus": {"reference": world.ref("caseB1")},
+        "owner": prov1_role,
+    }
+    _store(app, [("Task", f"rogue-{world.ids['caseB1']}", rogue)])
+    assert world.clients["prov1"].get(f"/fhir/{world.ref('caseB1')}").status_code == 404
+    assert world.clients["prov2"].get(f"/fhir/{world.ref('caseB1')}").status_code == 200
