@@ -339,6 +339,22 @@ class AccessPolicy:
         stmt = select(literal(1)).where(r.c.pid == pid, self.visible(caller, r, permission))
         return conn.execute(stmt).first() is not None
 
+    def can_see(
+        self, conn: Connection, caller: Any, stored: StoredResource, permission: Permission
+    ) -> bool:
+        """True when ``caller`` may see ``stored`` (a row already loaded).
+
+        For an admin or organization-less system client with a plain scope only chat is
+        hidden, and whether a version is chat follows from its content: no query needed.
+        """
+        if not isinstance(caller, Principal):
+            return True
+        if stored.content is not None and self._sees_all_but_chat(
+            caller, stored.res_type, permission
+        ):
+            return not is_chat(stored.res_type, stored.resource)
+        return self.is_visible(conn, caller, stored.pid, permission)
+
     def _mso_rule(self, caller: Principal, r: Any) -> ColumnElement[bool]:
         if caller.role in (Role.ADMIN, Role.SYSTEM) and not (
             caller.role is Role.SYSTEM and caller.organization

@@ -567,7 +567,7 @@ class Tx:
         policy = self.repo.policy
         if policy is None or self.caller is None:
             return True
-        return policy.is_visible(self.conn, self.caller, stored.pid, permission)
+        return policy.can_see(self.conn, self.caller, stored, permission)
 
     def history_filter(self) -> Any:
         """SQL condition on ``resource_history`` rows: their resource is visible to the caller."""
