@@ -13,6 +13,7 @@ body is even read. Every request that gets that far is audited (``fhir_server.au
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 from urllib.parse import parse_qsl
@@ -178,11 +179,18 @@ class FhirEndpoint:
             services=self.services,
         )
         if self.tokens is not None and handler is not capabilities.capabilities:
-            seen.principal = ctx.caller = self.tokens.authenticate(
+            authenticate = functools.partial(
+                self.tokens.authenticate,
                 headers.get("authorization"),
                 source=request.client.host if request.client else None,
                 audience=ctx.base_url,
             )
+            if handler in _INLINE and self.settings.inline_reads:
+                principal = authenticate()
+            else:
+                # its revocation lookup is a database round trip: not on the event loop
+                principal = await run_in_threadpool(authenticate)
+            seen.principal = ctx.caller = principal
             if seen.principal.role is not Role.SYSTEM:
                 # "online" for notifications: a user seen lately gets no email (cheap, async)
                 touch_presence(self.repo.engine, seen.principal.subject)
