@@ -53,12 +53,16 @@ def test_every_accepted_type_by_content(world: World) -> None:
 @pytest.mark.parametrize(
     ("title", "data", "declared"),
     [
-        ("setup.pdf", exe_bytes(), PDF),
-        ("archive.pdf", plain_zip_bytes(), PDF),
-        ("notes.pdf", b"just some text, not a PDF at all", PDF),
-        ("archive.docx", plain_zip_bytes(), DOCX),
-        ("letter.png", pdf_bytes(), "image/png"),  # a real PDF declared as PNG
-        ("program.exe", exe_bytes(), "application/x-msdownload"),
+        # ids are the file names: the zip bytes carry a timestamp, and xdist workers must agree
+        pytest.param(title, data, declared, id=title)
+        for title, data, declared in (
+            ("setup.pdf", exe_bytes(), PDF),
+            ("archive.pdf", plain_zip_bytes(), PDF),
+            ("notes.pdf", b"just some text, not a PDF at all", PDF),
+            ("archive.docx", plain_zip_bytes(), DOCX),
+            ("letter.png", pdf_bytes(), "image/png"),  # a real PDF declared as PNG
+            ("program.exe", exe_bytes(), "application/x-msdownload"),
+        )
     ],
 )
 def test_disguised_files_are_rejected_naming_the_file(
