@@ -136,6 +136,13 @@ def forbidden(message: str, code: str = "MSO-AUTH-403") -> FhirError:
     return FhirError(403, "forbidden", message, code=code)
 
 
+def require_platform(caller: Any, action: str, code: str) -> None:
+    """403 unless ``caller`` is an admin or an organization-less system client (or the server
+    itself): ``action`` completes "Only administrators …"."""
+    if isinstance(caller, Principal) and not caller.acts_for_platform:
+        raise forbidden(f"Only administrators {action}", code)
+
+
 class AccessPolicy:
     """Scope maintenance on write, visibility conditions and permission checks."""
 
@@ -356,9 +363,7 @@ class AccessPolicy:
         return self.is_visible(conn, caller, stored.pid, permission)
 
     def _mso_rule(self, caller: Principal, r: Any) -> ColumnElement[bool]:
-        if caller.role in (Role.ADMIN, Role.SYSTEM) and not (
-            caller.role is Role.SYSTEM and caller.organization
-        ):
+        if caller.acts_for_platform:
             return not_(_has_scope(r, ScopeKind.CHAT))
         audit_hidden = r.c.res_type.not_in(AUDIT_TYPES)
         direct = self._direct(caller)
@@ -477,9 +482,7 @@ class AccessPolicy:
     def _sees_all_but_chat(self, caller: Principal, res_type: str, permission: Permission) -> bool:
         """True when only the chat rule can hide ``res_type`` from ``caller``: an admin or an
         organization-less system client holding an unrestricted, non-patient scope for it."""
-        if caller.role not in (Role.ADMIN, Role.SYSTEM) or (
-            caller.role is Role.SYSTEM and caller.organization
-        ):
+        if not caller.acts_for_platform:
             return False
         return any(
             not s.restriction and s.context != "patient"

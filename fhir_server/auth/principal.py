@@ -52,6 +52,11 @@ class Principal:
         """True for the admin role."""
         return self.role is Role.ADMIN
 
+    @property
+    def acts_for_platform(self) -> bool:
+        """Admins and system clients bound to no organization: the platform's operators."""
+        return self.role is Role.ADMIN or (self.role is Role.SYSTEM and not self.organization)
+
     def who(self) -> str:
         """A short, log-safe description for audit records: ``role:subject``."""
         return f"{self.role.value}:{self.subject}"

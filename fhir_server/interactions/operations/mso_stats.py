@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fhir_server.auth.principal import Principal, Role
+from fhir_server.auth.policy import require_platform
 from fhir_server.auth.scopes import Permission
 from fhir_server.fhir.outcome import FhirError
 from fhir_server.interactions.base import FhirRequest, FhirResponse, InteractionContext
@@ -30,13 +30,7 @@ OPERATION_MSO_STATS = f"{CANONICAL_BASE}/OperationDefinition/mso-stats"
 
 
 def _check_role(caller: Any) -> None:
-    if not isinstance(caller, Principal):
-        return
-    if caller.role is Role.ADMIN or (caller.role is Role.SYSTEM and not caller.organization):
-        return
-    raise FhirError(
-        403, "forbidden", "Only administrators read case analytics", code="MSO-STATS-403"
-    )
+    require_platform(caller, "read case analytics", "MSO-STATS-403")
 
 
 def _arguments(req: FhirRequest) -> dict[str, str]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from fhir_server.auth.principal import Principal, Role
+from fhir_server.auth.policy import require_platform
 from fhir_server.fhir.outcome import FhirError
 from fhir_server.interactions.base import FhirRequest, FhirResponse, InteractionContext
 from fhir_server.interactions.common import run_write
@@ -86,13 +86,7 @@ def _billing(ctx: InteractionContext) -> Billing:
 
 
 def _check_role(caller: Any) -> None:
-    if not isinstance(caller, Principal):
-        return
-    if caller.role is Role.ADMIN or (caller.role is Role.SYSTEM and not caller.organization):
-        return
-    raise FhirError(
-        403, "forbidden", "Only administrators record invoice payments", code="MSO-BILL-403"
-    )
+    require_platform(caller, "record invoice payments", "MSO-BILL-403")
 
 
 def _record_payment(ctx: InteractionContext, req: FhirRequest) -> FhirResponse:
