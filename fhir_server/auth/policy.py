@@ -501,12 +501,12 @@ class AccessPolicy:
                 f"on {res_type}",
                 "MSO-AUTH-401",
             )
-        if res_type in AUDIT_TYPES and caller.role not in (Role.ADMIN, Role.SYSTEM):
+        if res_type in AUDIT_TYPES and not caller.acts_for_platform:
             raise forbidden(f"Only administrators may access {res_type}", "MSO-AUTH-402")
         if (
             permission in (Permission.CREATE, Permission.UPDATE, Permission.DELETE)
             and res_type in ADMIN_WRITTEN_TYPES
-            and caller.role not in (Role.ADMIN, Role.SYSTEM)
+            and not caller.acts_for_platform
         ):
             raise forbidden(f"{res_type} is written by the server and administrators only")
         if permission in (Permission.UPDATE, Permission.DELETE) and res_type in IMMUTABLE_TYPES:
@@ -526,7 +526,7 @@ class AccessPolicy:
         if not isinstance(caller, Principal):
             return
         if (
-            caller.role not in (Role.ADMIN, Role.SYSTEM)
+            not caller.acts_for_platform
             and stored.content is not None
             and is_notification(stored.res_type, stored.resource)
         ):
