@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from datetime import datetime
 from typing import Any
-from urllib.parse import urlencode
 
 import orjson
 
@@ -20,6 +19,7 @@ from fhir_server.auth.scopes import Permission
 from fhir_server.fhir.outcome import FhirError, Issue, not_found, operation_outcome
 from fhir_server.interactions.base import FhirRequest, FhirResponse, InteractionContext
 from fhir_server.interactions.common import read_response, require_body, write_response
+from fhir_server.interactions.history import link_url, page_size
 from fhir_server.storage.repository import StoredResource
 
 TYPE = "AuditEvent"
@@ -104,7 +104,7 @@ def _list(ctx: InteractionContext, req: FhirRequest, *, history: bool) -> FhirRe
             code="MSO-SEARCH-003",
             expression=[unknown[0]],
         )
-    count = _count(ctx, req)
+    count = page_size(ctx, req)
     sort = req.param("_sort") or "-date"
     if sort not in ("date", "-date"):
         raise FhirError(
@@ -129,10 +129,10 @@ def _list(ctx: InteractionContext, req: FhirRequest, *, history: bool) -> FhirRe
     }
     if total is not None:
         bundle["total"] = total
-    links = [{"relation": "self", "url": _url(base, req.params)}]
+    links = [{"relation": "self", "url": link_url(base, req.params)}]
     if more and page:
         links.append(
-            {"relation": "next", "url": _url(base, [*kept, ("_cursor", str(page[-1][0]))])}
+            {"relation": "next", "url": link_url(base, [*kept, ("_cursor", str(page[-1][0]))])}
         )
     bundle["link"] = links
     entries = [_entry(ctx, body, history) for _, body in page]
@@ -165,15 +165,6 @@ def _instance_history(ctx: InteractionContext, req: FhirRequest) -> FhirResponse
     )
 
 
-def _count(ctx: InteractionContext, req: FhirRequest) -> int:
-    raw = req.param("_count")
-    if raw is None:
-        return ctx.settings.default_page_size
-    if not raw.isdigit():
-        raise FhirError(400, "invalid", f"_count '{raw}' is not a number", code="MSO-SEARCH-002")
-    return min(int(raw), ctx.settings.max_page_size)
-
-
 def _entry(ctx: InteractionContext, body: dict[str, Any], history: bool) -> dict[str, Any]:
     entry: dict[str, Any] = {"fullUrl": f"{ctx.base_url}/{TYPE}/{body['id']}", "resource": body}
     if history:
@@ -182,7 +173,3 @@ def _entry(ctx: InteractionContext, body: dict[str, Any], history: bool) -> dict
     else:
         entry["search"] = {"mode": "match"}
     return entry
-
-
-def _url(base: str, params: list[tuple[str, str]]) -> str:
-    return f"{base}?{urlencode(params)}" if params else base

@@ -118,15 +118,16 @@ def _links(
     path = "/".join(p for p in (req.resource_type, req.resource_id) if p)
     base = f"{ctx.base_url}/{path}/_history" if path else f"{ctx.base_url}/_history"
     keep = [(k, v) for k, v in req.params if k != "_cursor"]
-    links = [{"relation": "self", "url": _url(base, req.params)}]
+    links = [{"relation": "self", "url": link_url(base, req.params)}]
     if has_more and versions:
         last = versions[-1]
         token = _encode_cursor(last, snapshot)
-        links.append({"relation": "next", "url": _url(base, [*keep, ("_cursor", token)])})
+        links.append({"relation": "next", "url": link_url(base, [*keep, ("_cursor", token)])})
     return links
 
 
-def _url(base: str, params: list[tuple[str, str]]) -> str:
+def link_url(base: str, params: list[tuple[str, str]]) -> str:
+    """A Bundle link: ``base`` with ``params`` as its query string."""
     return f"{base}?{urlencode(params)}" if params else base
 
 

@@ -89,10 +89,13 @@ def case_event(
     case: CaseState,
     *,
     actor: Any,
+    provider: str | None = None,
     subject: str | None = None,
     detail: dict[str, Any] | None = None,
 ) -> CaseEvent:
-    """The :class:`CaseEvent` of ``kind`` about ``case`` (its requester and assigned provider)."""
+    """The :class:`CaseEvent` of ``kind`` about ``case`` (its requester and assigned provider;
+    ``provider`` names the PractitionerRole id when it is not yet the case's owner)."""
+    provider = provider or case.owner
     return CaseEvent(
         kind=kind,
         case_id=case.case_id,
@@ -101,7 +104,7 @@ def case_event(
         actor=actor,
         requester=case.requester_ref,
         requester_org=case.requester_org,
-        provider=f"PractitionerRole/{case.owner}" if case.owner else None,
+        provider=f"PractitionerRole/{provider}" if provider else None,
         subject=subject,
         detail=detail or {},
     )

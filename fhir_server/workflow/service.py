@@ -49,7 +49,7 @@ from fhir_server.workflow.codes import (
     CaseStatus,
     concept,
 )
-from fhir_server.workflow.events import CaseEvent, CaseEventKind, CaseEvents
+from fhir_server.workflow.events import CaseEventKind, CaseEvents, case_event
 from fhir_server.workflow.status import Action, CaseState, Move
 from fhir_server.workflow.submission import (
     assign_case_number,
@@ -227,22 +227,10 @@ class Workflow:
         subject: str | None = None,
         detail: dict[str, Any] | None = None,
     ) -> None:
-        provider = provider or case.owner
-        self.events.emit(
-            tx,
-            CaseEvent(
-                kind=kind,
-                case_id=case.case_id,
-                case_number=case.case_number,
-                task_id=case.task_id,
-                actor=caller,
-                requester=case.requester_ref,
-                requester_org=case.requester_org,
-                provider=f"PractitionerRole/{provider}" if provider else None,
-                subject=subject,
-                detail=detail or {},
-            ),
+        event = case_event(
+            kind, case, actor=caller, provider=provider, subject=subject, detail=detail
         )
+        self.events.emit(tx, event)
 
     def _update_request(
         self,
