@@ -104,6 +104,11 @@ OPEN_TYPES = frozenset(
         "PlanDefinition",
     }
 )
+# A master patient index: a conditional create of these types matches across organizations.
+# A requester filing a case for a person another organization registered gets that Patient
+# (its id only: it becomes visible to them once a case of theirs names it) instead of a
+# duplicate record of the same person.
+PLATFORM_WIDE_IDENTITY_TYPES = frozenset({"Patient"})
 # Only admins and system clients read the audit trail.
 AUDIT_TYPES = frozenset({"AuditEvent"})
 # What a requesting organization is billed is not the provider's business: a provider reads

@@ -9,16 +9,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from fhir_server.fhir.outcome import FhirError
+from fhir_server.auth.policy import PLATFORM_WIDE_IDENTITY_TYPES
+from fhir_server.fhir.outcome import FhirError, information
 from fhir_server.interactions.base import FhirRequest, FhirResponse, InteractionContext
 from fhir_server.interactions.common import (
     check_type,
     criteria,
     require_body,
     run_write,
+    version_headers,
     write_response,
 )
-from fhir_server.storage.repository import StoredResource, Tx
+from fhir_server.storage.repository import StoredResource, Tx, format_instant
 
 
 def create(ctx: InteractionContext, req: FhirRequest) -> FhirResponse:
@@ -27,29 +29,72 @@ def create(ctx: InteractionContext, req: FhirRequest) -> FhirResponse:
     body = require_body(req)
     body.pop("id", None)
     condition = req.header("if-none-exist")
-    stored, created = run_write(ctx, lambda tx: create_in(tx, res_type, body, condition))
+    stored, created, visible = run_write(ctx, lambda tx: create_in(tx, res_type, body, condition))
     if created:
         return write_response(ctx, req, stored, status=201, message=f"Created {stored.reference}")
-    return write_response(
-        ctx, req, stored, status=200, message=f"{stored.reference} already exists"
+    return existing_response(ctx, req, stored, visible=visible)
+
+
+def existing_response(
+    ctx: InteractionContext, req: FhirRequest, stored: StoredResource, *, visible: bool
+) -> FhirResponse:
+    """The 200 of a conditional create that matched ``stored``: as any write reply when the
+    caller may see it, else only its Location and an OperationOutcome saying so."""
+    message = f"{stored.reference} already exists"
+    if visible:
+        return write_response(ctx, req, stored, status=200, message=message)
+    return FhirResponse(
+        status=200,
+        headers=version_headers(ctx, stored, location=True),
+        last_updated=format_instant(stored.last_updated),
+        resource=information(
+            f"{message}; reference it: it becomes visible to you once a case of yours names it"
+        ),
+    )
+
+
+def if_none_exist_match(
+    tx: Tx, res_type: str, condition: str
+) -> tuple[StoredResource | None, bool]:
+    """What ``If-None-Exist`` criteria match (``None``: create), under a lock on the criteria,
+    and whether the caller may see it; 412 for several matches.
+
+    Types in :data:`PLATFORM_WIDE_IDENTITY_TYPES` are matched over the whole platform when the
+    caller sees no match and the criteria are identifiers with their system (one person, one
+    Patient); other criteria (a name, a birth date) never reach records the caller cannot see.
+    """
+    params = criteria(condition)
+    tx.lock_criteria(res_type, params)
+    matches, visible = tx.find(res_type, params, limit=2), True
+    if not matches and tx.caller is not None and _identifies(res_type, params):
+        with tx.internal():
+            matches, visible = tx.find(res_type, params, limit=2), False
+    if len(matches) > 1:
+        raise FhirError(
+            412,
+            "duplicate",
+            f"If-None-Exist criteria '{condition}' match more than one {res_type}",
+            code="MSO-REST-412",
+        )
+    return (matches[0] if matches else None), visible
+
+
+def _identifies(res_type: str, params: list[tuple[str, str]]) -> bool:
+    """True when ``params`` are only ``identifier=system|value`` criteria on a platform-wide
+    identity type."""
+    return res_type in PLATFORM_WIDE_IDENTITY_TYPES and all(
+        name == "identifier" and "|" in value and all(value.split("|", 1)) and "," not in value
+        for name, value in params
     )
 
 
 def create_in(
     tx: Tx, res_type: str, body: dict[str, Any], condition: str | None
-) -> tuple[StoredResource, bool]:
-    """Create ``body`` unless ``condition`` (a query string) already matches a resource."""
+) -> tuple[StoredResource, bool, bool]:
+    """Create ``body`` unless ``condition`` (a query string) already matches a resource;
+    (the stored resource, whether it was created, whether the caller may see it)."""
     if condition:
-        params = criteria(condition)
-        tx.lock_criteria(res_type, params)
-        matches = tx.find(res_type, params, limit=2)
-        if len(matches) > 1:
-            raise FhirError(
-                412,
-                "duplicate",
-                f"If-None-Exist criteria '{condition}' match more than one {res_type}",
-                code="MSO-REST-412",
-            )
-        if matches:
-            return matches[0], False
-    return tx.create(body), True
+        match, visible = if_none_exist_match(tx, res_type, condition)
+        if match is not None:
+            return match, False, visible
+    return tx.create(body), True, True

@@ -15,6 +15,7 @@ A batch runs each entry on its own; a failure becomes that entry's OperationOutc
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
@@ -25,6 +26,7 @@ from fhir_server.fhir.outcome import FhirError, Issue
 from fhir_server.interactions import audit_events
 from fhir_server.interactions.base import FhirRequest, FhirResponse, InteractionContext
 from fhir_server.interactions.common import write_response
+from fhir_server.interactions.create import existing_response, if_none_exist_match
 from fhir_server.storage.repository import Tx, check_id, new_id
 
 _ORDER = {"DELETE": 0, "POST": 1, "PUT": 2, "PATCH": 2, "GET": 3, "HEAD": 3}
@@ -61,6 +63,7 @@ class _Entry:
     headers: dict[str, str] = field(default_factory=dict)
     target_id: str | None = None  # POST: the id to create with
     existing: bool = False  # POST with ifNoneExist that matched
+    visible: bool = True  # … a match the caller may see (else only its id is told)
 
 
 def transaction_or_batch(ctx: InteractionContext, req: FhirRequest) -> FhirResponse:
@@ -108,15 +111,20 @@ def _run_transaction(
             entry.resource = _rewrite(tx, entry, entry.resource, mapping)
     results: dict[int, dict[str, Any]] = {}
     for entry in sorted(entries, key=lambda e: (_ORDER[e.method], e.index)):
+        tx.error_context = partial(_in_entry, entry=entry)
         try:
             response = _execute(sub_ctx, req, tx, entry)
         except FhirError as exc:
             raise _in_entry(exc, entry) from exc
+        finally:
+            tx.error_context = None
         if response.status >= 400:
             raise FhirError(
                 response.status, "processing", f"Entry {entry.index} failed", code="MSO-TX-010"
             )
         results[entry.index] = _response_entry(ctx, entry, response)
+    # rules spanning entries (a case document and its case) see the whole Bundle written
+    tx.run_deferred()
     return [results[e.index] for e in entries]
 
 
@@ -128,21 +136,12 @@ def _assign_identities(tx: Tx, entries: list[_Entry]) -> dict[str, str]:
             res_type = entry.path
             condition = entry.headers.get("if-none-exist")
             if condition:
-                params = parse_qsl(condition.lstrip("?"), keep_blank_values=True)
-                tx.lock_criteria(res_type, params)
-                matches = tx.find(res_type, params, limit=2)
-                if len(matches) > 1:
-                    raise _in_entry(
-                        FhirError(
-                            412,
-                            "duplicate",
-                            f"ifNoneExist '{condition}' matches more than one {res_type}",
-                            code="MSO-REST-412",
-                        ),
-                        entry,
-                    )
-                if matches:
-                    entry.target_id, entry.existing = matches[0].res_id, True
+                try:
+                    match, entry.visible = if_none_exist_match(tx, res_type, condition)
+                except FhirError as exc:
+                    raise _in_entry(exc, entry) from exc
+                if match is not None:
+                    entry.target_id, entry.existing = match.res_id, True
             if entry.target_id is None:
                 entry.target_id = new_id()
             if entry.full_url:
@@ -237,10 +236,9 @@ def _post(ctx: InteractionContext, sub: FhirRequest, tx: Tx, entry: _Entry) -> F
             404, "not-supported", f"Unknown resource type '{res_type}'", code="MSO-REST-001"
         )
     if entry.existing:
-        stored = tx.read(res_type, entry.target_id or "")
-        return write_response(
-            ctx, sub, stored, status=200, message=f"{stored.reference} already exists"
-        )
+        with tx.internal():
+            stored = tx.read(res_type, entry.target_id or "")
+        return existing_response(ctx, sub, stored, visible=entry.visible)
     body = entry.resource
     if body is None or body.get("resourceType") != res_type:
         raise FhirError(
@@ -406,11 +404,14 @@ def _response_entry(
     location = response.headers.get("Location")
     if location:
         out["fullUrl"] = location.split("/_history/")[0]
+    result: dict[str, Any] = {"status": _status_line(response.status)}
     if response.body is not None:
         out["resource"] = orjson.Fragment(response.body)
     elif response.resource is not None:
-        out["resource"] = response.resource
-    result: dict[str, Any] = {"status": _status_line(response.status)}
+        if response.resource.get("resourceType") == "OperationOutcome":
+            result["outcome"] = response.resource  # Bundle.entry.response.outcome
+        else:
+            out["resource"] = response.resource
     if location:
         result["location"] = location
     if "ETag" in response.headers:

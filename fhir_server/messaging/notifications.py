@@ -23,7 +23,7 @@ from typing import Any
 from fhir_server.config import Settings
 from fhir_server.messaging import emails, outbox, presence
 from fhir_server.messaging.recipients import Recipient, resolve
-from fhir_server.messaging.rules import RULES
+from fhir_server.messaging.rules import notices_for
 from fhir_server.storage.repository import Tx, format_instant, utc_now
 from fhir_server.workflow.codes import (
     COMMUNICATION_CATEGORY_SYSTEM,
@@ -70,7 +70,7 @@ class Notifier:
 
     def on_event(self, tx: Tx, event: CaseEvent) -> None:
         """Notify the audiences of ``event`` in ``tx``."""
-        notices = RULES.get(event.kind)
+        notices = notices_for(event)
         if not notices:
             return
         conn = tx.conn

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from types import MappingProxyType
 
-from fhir_server.workflow.events import CaseEventKind
+from fhir_server.workflow.events import CaseEvent, CaseEventKind
 
 
 class Audience(StrEnum):
@@ -104,6 +104,13 @@ RULES: MappingProxyType[CaseEventKind, tuple[Notice, ...]] = MappingProxyType(
                 "An issue was raised on case {case}.",
             ),
         ),
+        K.ISSUE_RESOLVED: (
+            _n(
+                A.PROVIDER,
+                "Question answered on case {case}",
+                "The requester answered your question on case {case}.",
+            ),
+        ),
         K.APPOINTMENT_PROPOSED: (
             _n(
                 A.OTHER_PARTY,
@@ -130,3 +137,11 @@ RULES: MappingProxyType[CaseEventKind, tuple[Notice, ...]] = MappingProxyType(
 """The notices of each event kind; kinds absent here notify nobody."""
 
 del K, A
+
+
+def notices_for(event: CaseEvent) -> tuple[Notice, ...]:
+    """What ``event`` tells whom. The issue a ``$return`` opens notifies nobody itself: the
+    RETURNED notice already told the requester (one action, one message)."""
+    if event.kind is CaseEventKind.ISSUE_OPENED and event.detail.get("return"):
+        return ()
+    return RULES.get(event.kind, ())

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from functools import cache
+from functools import cache, partial
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -196,6 +196,7 @@ class Repository:
             tx = Tx(self, conn, caller=caller)
             with conn.begin():
                 yield tx
+                tx.run_deferred()
         for event in tx.committed_events:
             self.hooks.fire(event)
 
@@ -231,6 +232,33 @@ class Tx:
         self.conn = conn
         self.caller = caller
         self.committed_events: list[HookEvent] = []
+        self.error_context: Callable[[FhirError], FhirError] | None = None
+        self._deferred: list[tuple[Callable[[], None], Callable[[FhirError], FhirError] | None]]
+        self._deferred = []
+
+    # -- checks at the end of the unit ------------------------------------------------------
+
+    def defer(self, check: Callable[[], None]) -> None:
+        """Run ``check`` once the unit's work is done, before it commits.
+
+        For rules that span resources written together (a case document needs its case and its
+        Binary): a transaction Bundle may hold them in any order, so they are checked when
+        all of its entries are written. A :class:`FhirError` from ``check`` rolls the unit
+        back; it is reported through the :attr:`error_context` current when it was deferred
+        (the transaction names the entry that way).
+        """
+        self._deferred.append((check, self.error_context))
+
+    def run_deferred(self) -> None:
+        """Run the deferred checks in order (checks may defer more)."""
+        while self._deferred:
+            check, context = self._deferred.pop(0)
+            try:
+                check()
+            except FhirError as exc:
+                if context is None:
+                    raise
+                raise context(exc) from exc
 
     # -- reads ------------------------------------------------------------------------------
 
@@ -587,6 +615,14 @@ class Tx:
         if self.repo.policy is not None and self.caller is not None:
             self.repo.policy.require_visible(self, stored, permission, after=after)
 
+    def _check_reach(self, stored: StoredResource, permission: Permission, caller: Any) -> None:
+        """403 unless ``caller`` (who wrote ``stored``) may still see it."""
+        saved, self.caller = self.caller, caller
+        try:
+            self._require_visible(stored, permission, after=True)
+        finally:
+            self.caller = saved
+
     # -- internals --------------------------------------------------------------------------
 
     def _validate(self, body: dict[str, Any]) -> None:
@@ -609,7 +645,10 @@ class Tx:
         if policy is not None:
             policy.on_write(self, stored, created=stored.version == 1)
             permission = Permission.UPDATE if previous is not None else Permission.CREATE
-            self._require_visible(stored, permission, after=True)
+            if self.caller is not None:
+                # judged on the unit's final state: a transaction may write the case that
+                # brings this resource within the caller's reach after it
+                self.defer(partial(self._check_reach, stored, permission, self.caller))
         self._fire(point, stored.res_type, stored.res_id, stored.resource, previous=previous)
         self._queue_commit_event(stored.res_type, stored.res_id, stored.resource, previous)
 

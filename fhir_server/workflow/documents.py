@@ -156,8 +156,7 @@ class ContentReader:
         if stored is None or stored.deleted:
             raise _invalid(
                 "MSO-DOC-424",
-                f"Document {name}: Binary/{binary_id} is not known (in a transaction Bundle, "
-                "put the Binary entry before its DocumentReference)",
+                f"Document {name}: Binary/{binary_id} is not known",
                 where,
             )
         blob = self.tx.blob_of(stored)
@@ -225,15 +224,17 @@ def _too_large(name: str, size: int, where: str) -> FhirError:
 
 
 def check_count(tx: Tx, case_id: str, body: dict[str, Any]) -> None:
-    """At most :data:`MAX_DOCUMENTS_PER_CASE` documents in a case, counting this one."""
+    """At most :data:`MAX_DOCUMENTS_PER_CASE` documents in a case, counting this one.
+
+    A document already stored (its check is deferred to the end of a transaction that wrote
+    several) counts by its place in the order of writing, so the one over the limit is named.
+    """
     with tx.internal():
-        existing = tx.find(
-            "DocumentReference",
-            [("related", f"ServiceRequest/{case_id}")],
-            limit=MAX_DOCUMENTS_PER_CASE + 1,
-        )
-    others = [d for d in existing if d.res_id != body.get("id")]
-    if len(others) + 1 > MAX_DOCUMENTS_PER_CASE:
+        existing = tx.find("DocumentReference", [("related", f"ServiceRequest/{case_id}")])
+    own = next((d for d in existing if d.res_id == body.get("id")), None)
+    earlier = [d for d in existing if own is None or d.pid <= own.pid]
+    position = len(earlier) + (1 if own is None else 0)
+    if position > MAX_DOCUMENTS_PER_CASE:
         raise _invalid(
             "MSO-DOC-423",
             f"Document {document_name(body)}: a case holds at most {MAX_DOCUMENTS_PER_CASE} "

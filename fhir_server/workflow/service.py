@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from fhir_server.auth.principal import Principal
@@ -367,11 +368,13 @@ class Workflow:
             return
         if event.resource_type == "Task":
             self._guard_new_task(tx, body, event.caller)
-        elif event.resource_type == "DocumentReference":
-            self._guard_document(tx, body)
 
     def _after_create(self, event: HookEvent) -> None:
-        body = event.resource or {}
+        body, tx = event.resource or {}, event.tx
+        if event.resource_type == "DocumentReference" and event.caller is not None:
+            # checked once the whole unit is written: its case and Binary may follow it
+            tx.defer(partial(self._guard_document, tx, body))
+            return
         if event.resource_type == "ServiceRequest" and is_case_request(body):
             self._create_case_task(event.tx, event.resource_id or body["id"], body, event.caller)
             return
@@ -433,7 +436,8 @@ class Workflow:
                 body["requester"] = {"reference": f"PractitionerRole/{caller.practitioner_role}"}
             elif caller.patient:
                 body["requester"] = {"reference": f"Patient/{caller.patient}"}
-        check_patient(tx, body)
+        # the Patient may come later in the submission Bundle than the ServiceRequest
+        tx.defer(partial(check_patient, tx, body))
         if caller is None and CASE_NUMBER_PATTERN.match(case_number_of(body)):
             return  # server work (seeding, imports) may bring the case's own number
         if caller is not None:
@@ -557,7 +561,7 @@ class Workflow:
                     422,
                     "business-rule",
                     f"Document {documents.document_name(body)}: ServiceRequest/{case_id} is not "
-                    "a case (in a transaction Bundle, put the ServiceRequest entry first)",
+                    "a case",
                     code="MSO-DOC-424",
                     expression=["DocumentReference.context.related"],
                 )

@@ -107,6 +107,7 @@ class Transition:
     parties: frozenset[Party]
     event: CaseEventKind
     needs_reason: bool = False
+    takes_reason: bool = False  # an optional reason, kept in Task.statusReason when given
 
 
 def _t(
@@ -117,8 +118,17 @@ def _t(
     event: CaseEventKind,
     *,
     needs_reason: bool = False,
+    takes_reason: bool = False,
 ) -> Transition:
-    return Transition(action, frozenset(sources), target, frozenset(parties), event, needs_reason)
+    return Transition(
+        action,
+        frozenset(sources),
+        target,
+        frozenset(parties),
+        event,
+        needs_reason,
+        takes_reason or needs_reason,
+    )
 
 
 S = CaseStatus
@@ -157,6 +167,7 @@ TRANSITIONS: dict[Action, Transition] = {
             S.CANCELLED,
             {Party.REQUESTER, Party.ADMIN},
             CaseEventKind.CANCELLED,
+            takes_reason=True,
         ),
     )
 }
@@ -366,8 +377,9 @@ def apply_move(
     out["businessStatus"] = concept(CASE_STATUS_SYSTEM, target.value)
     out["lastModified"] = now
     out.pop("statusReason", None)
-    if transition.needs_reason:
-        out["statusReason"] = {"text": (move.reason or "").strip()}
+    reason = (move.reason or "").strip()
+    if transition.takes_reason and reason:
+        out["statusReason"] = {"text": reason}
     if transition.action is Action.ASSIGN:
         out["owner"] = {"reference": f"PractitionerRole/{move.provider}"}
     if transition.action is Action.COMPLETE:

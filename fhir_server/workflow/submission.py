@@ -84,8 +84,7 @@ def check_patient(tx: Tx, request: dict[str, Any]) -> str:
         raise FhirError(
             422,
             "business-rule",
-            f"A case must reference an active Patient: {what} {state} (in a transaction "
-            "Bundle, put the Patient entry before the ServiceRequest)",
+            f"A case must reference an active Patient: {what} {state}",
             code="MSO-CASE-420",
             expression=["ServiceRequest.subject"],
         )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -13,13 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
+from tests.smtp_server import free_port
 
 _SERVER_DB: dict[str, str] = {}
 
@@ -31,11 +24,22 @@ def server_auth(base: str) -> dict[str, str]:
     return authorized(_SERVER_DB[base], base)
 
 
-def start_server(db_url: str, data_dir: Path, *, workers: int = 2) -> tuple[subprocess.Popen, str]:
-    """Start ``mso serve`` and wait until ``/fhir/metadata`` answers."""
+def start_server(
+    db_url: str, data_dir: Path, *, workers: int = 2, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen, str]:
+    """Start ``mso serve`` (with ``env`` added to its environment) and wait until
+    ``/fhir/metadata`` answers. Its log goes to ``data_dir/server.log``: a pipe nobody reads
+    would stall a chatty server."""
     port = free_port()
-    env = {**os.environ, "MSO_DATABASE_URL": db_url, "MSO_DATA_DIR": str(data_dir)}
+    env = {
+        **os.environ,
+        "MSO_DATABASE_URL": db_url,
+        "MSO_DATA_DIR": str(data_dir),
+        **(env or {}),
+    }
     env.pop("MSO_BASE_URL", None)
+    log_path = data_dir / "server.log"
+    log = log_path.open("wb")
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -48,14 +52,15 @@ def start_server(db_url: str, data_dir: Path, *, workers: int = 2) -> tuple[subp
             str(workers),
         ],
         env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
+    log.close()  # the child holds its own descriptor
     base = f"http://127.0.0.1:{port}/fhir"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stderr.read().decode()[-2000:]}")
+            raise RuntimeError(f"server exited: {log_path.read_text()[-2000:]}")
         try:
             if httpx.get(f"{base}/metadata?_summary=true", timeout=2).status_code == 200:
                 _SERVER_DB[base] = db_url

@@ -8,14 +8,9 @@ outbox (the worker drains all of it) and works on cases of its own.
 
 from __future__ import annotations
 
-import asyncio
-import email
-import email.policy
 import io
-import socket
-import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 
 import pytest
@@ -39,6 +34,7 @@ from fhir_server.storage.repository import Repository, utc_now
 from fhir_server.workflow.codes import COMMUNICATION_CATEGORY_SYSTEM
 from fhir_server.workflow.events import CaseEvent, CaseEventKind, CaseEvents
 from tests.conftest import BACKENDS, _make_db, make_settings
+from tests.smtp_server import Collector, SmtpServer, body_of, free_port
 
 K = CaseEventKind
 CASE_NUMBER = "CASE-N0T1FY"
@@ -175,43 +171,6 @@ def world(base, unique: str) -> World:
 # -- a real SMTP server ---------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class Collector:
-    """aiosmtpd handler keeping every accepted message."""
-
-    delay: float = 0.0
-    messages: list = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    async def handle_DATA(self, server, session, envelope):  # type: ignore[no-untyped-def]
-        if self.delay:
-            await asyncio.sleep(self.delay)
-        parsed = email.message_from_bytes(envelope.content, policy=email.policy.default)
-        with self.lock:
-            self.messages.append((envelope.mail_from, list(envelope.rcpt_tos), parsed))
-        return "250 OK"
-
-
-class SmtpServer:
-    def __init__(self, port: int, delay: float = 0.0) -> None:
-        self.port = port
-        self.handler = Collector(delay)
-        self.controller = Controller(self.handler, hostname="127.0.0.1", port=port)
-
-    def __enter__(self) -> Collector:
-        self.controller.start()
-        return self.handler
-
-    def __exit__(self, *exc: object) -> None:
-        self.controller.stop()
-
-
 def worker_for(world: World, port: int, **overrides: object) -> MailWorker:
     settings = world.settings.model_copy(update={"smtp_host": "127.0.0.1", "smtp_port": port})
     settings = settings.model_copy(update=overrides)
@@ -221,10 +180,6 @@ def worker_for(world: World, port: int, **overrides: object) -> MailWorker:
 def drain(worker: MailWorker) -> None:
     while worker.run_once():
         pass
-
-
-def body_of(message) -> str:  # type: ignore[no-untyped-def]
-    return message.get_body(preferencelist=("plain",)).get_content()
 
 
 # -- in-app notifications ------------------------------------------------------------------------

@@ -79,6 +79,39 @@ def test_disguised_files_are_rejected_naming_the_file(
     assert mine.json().get("total", len(mine.json().get("entry", []))) == 0
 
 
+def test_submission_entries_may_come_in_any_order(world: World) -> None:
+    """FHIR leaves the order of a transaction's POSTs open: documents before their Binary and
+    case, the case before its Patient, all is checked once every entry is written."""
+    bundle = world.submission(
+        documents=[("a.pdf", pdf_bytes(), PDF), ("b.png", png_bytes(), "image/png")]
+    )
+    bundle["entry"].reverse()
+    response = world.post("reqA", "", bundle)
+    assert response.status_code == 200, response.text
+    (sr_id,) = [
+        e["response"]["location"].split("ServiceRequest/")[1].split("/")[0]
+        for e in response.json()["entry"]
+        if "ServiceRequest/" in e["response"]["location"]
+    ]
+    docs = world.get("reqA", "DocumentReference", params={"related": f"ServiceRequest/{sr_id}"})
+    assert len(docs.json()["entry"]) == 2
+
+    # a rule broken by a later-checked entry still names that entry and its file
+    bundle = world.submission(
+        documents=[("fine.pdf", pdf_bytes(), PDF), ("setup.pdf", exe_bytes(), PDF)]
+    )
+    bundle["entry"].reverse()
+    response = world.post("reqA", "", bundle)
+    assert response.status_code == 422 and error_code(response) == "MSO-DOC-421"
+    text = response.json()["issue"][0]["diagnostics"]
+    index = next(
+        i for i, e in enumerate(bundle["entry"]) if e["resource"].get("description") == "setup.pdf"
+    )
+    assert (
+        text.startswith(f"Bundle.entry[{index}] (POST DocumentReference)") and "setup.pdf" in text
+    )
+
+
 def test_more_than_ten_files_rejected(world: World) -> None:
     files = [(f"page{i}.pdf", pdf_bytes(), PDF) for i in range(11)]
     response = world.post("reqA", "", world.submission(documents=files))

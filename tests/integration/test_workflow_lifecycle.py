@@ -71,6 +71,82 @@ def test_case_needs_an_active_patient(world: World, client: Any) -> None:
     assert found.json().get("total", 0) == 0
 
 
+def test_one_person_one_patient_across_organizations(world: World, client: Any) -> None:
+    """Conditional create on the national ID finds the Patient another organization registered
+    (a master patient index): the second requester gets its id, not its content, files a case
+    with it, and then sees it; no duplicate Patient is made."""
+    from tests.auth_helpers import token_for
+
+    org_b, role_b = f"org-b-{world.u}", f"rq-b-{world.u}"
+    for body in (
+        {"resourceType": "Organization", "id": org_b, "name": "Other hospital"},
+        {
+            "resourceType": "PractitionerRole",
+            "id": role_b,
+            "active": True,
+            "organization": {"reference": f"Organization/{org_b}"},
+        },
+    ):
+        assert (
+            client.put(f"/fhir/{body['resourceType']}/{body['id']}", json=body).status_code == 201
+        )
+    token = token_for(world.app, role="requester", organization=org_b, practitioner_role=role_b)
+    world.headers["reqB"] = {"Authorization": f"Bearer {token}"}
+    national = f"urn:oid:2.16.578.1.12.4.1.4.1|{world.u}"
+    person = {
+        "resourceType": "Patient",
+        "active": True,
+        "identifier": [{"system": national.split("|")[0], "value": world.u}],
+        "name": [{"family": "Berg", "given": ["Sunniva"]}],
+    }
+    headers = {**world.as_("reqA"), "If-None-Exist": f"identifier={national}"}
+    first = client.post("/fhir/Patient", json=person, headers=headers)
+    assert first.status_code == 201, first.text
+    patient_id = first.json()["id"]
+    assert world.get("reqB", f"Patient/{patient_id}").status_code == 404
+
+    headers = {**world.as_("reqB"), "If-None-Exist": f"identifier={national}"}
+    again = client.post(
+        "/fhir/Patient", json={**person, "name": [{"family": "X"}]}, headers=headers
+    )
+    assert again.status_code == 200, again.text
+    assert f"/Patient/{patient_id}/_history/1" in again.headers["location"]
+    assert again.json()["resourceType"] == "OperationOutcome"  # not the other hospital's record
+    assert "Berg" not in again.text
+
+    # only identifiers with their system match beyond what the caller sees
+    by_name = {**world.as_("reqB"), "If-None-Exist": "family=Berg&given=Sunniva"}
+    unidentified = {k: v for k, v in person.items() if k != "identifier"}
+    other = client.post("/fhir/Patient", json=unidentified, headers=by_name)
+    assert other.status_code == 201 and other.json()["id"] != patient_id
+
+    # in a submission Bundle: the Patient entry resolves to the same person
+    bundle = world.submission(patient_ref="urn:uuid:6d3c1a8e-5c1e-4b7e-9a43-2f1f0c9d7e11")
+    bundle["entry"].insert(
+        0,
+        {
+            "fullUrl": "urn:uuid:6d3c1a8e-5c1e-4b7e-9a43-2f1f0c9d7e11",
+            "resource": person,
+            "request": {
+                "method": "POST",
+                "url": "Patient",
+                "ifNoneExist": f"identifier={national}",
+            },
+        },
+    )
+    bundle["entry"][1]["resource"]["requester"] = {"reference": f"PractitionerRole/{role_b}"}
+    response = world.post("reqB", "", bundle)
+    assert response.status_code == 200, response.text
+    patient_entry = response.json()["entry"][0]
+    assert patient_entry["response"]["status"].startswith("200")
+    assert "resource" not in patient_entry
+    assert patient_entry["response"]["outcome"]["resourceType"] == "OperationOutcome"
+    # the case names the person, so the second organization now sees the Patient
+    assert world.get("reqB", f"Patient/{patient_id}").json()["name"][0]["family"] == "Berg"
+    found = world.get("admin", "Patient", params={"identifier": national, "_total": "accurate"})
+    assert found.json()["total"] == 1
+
+
 def test_providers_cannot_submit(world: World) -> None:
     response = world.post("prov1", "", world.submission())
     assert response.status_code == 403, response.text

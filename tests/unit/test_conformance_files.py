@@ -462,3 +462,49 @@ def test_bindings_use_the_constants() -> None:
     assert specialty["binding"]["valueSet"] == codes.SPECIALTY_VALUESET
     category = _element(codes.PROFILE_CASE, "ServiceRequest.category")
     assert category["patternCodeableConcept"]["coding"][0]["code"] == "second-opinion"
+
+
+# -- OperationDefinitions ------------------------------------------------------------------------
+
+
+def test_every_mso_operation_has_its_definition() -> None:
+    """Each registered MSO operation names an OperationDefinition in ``profiles/operations``
+    whose code, resource types and levels are the registered ones."""
+    from fhir_server.interactions.operations import all_operations
+
+    mso = [op for op in all_operations() if op.definition.startswith(BASE)]
+    assert len(mso) >= 11
+    for op in mso:
+        definition = by_url().get(op.definition)
+        assert definition is not None, f"${op.name}: no OperationDefinition {op.definition}"
+        assert definition["resourceType"] == "OperationDefinition"
+        assert definition["code"] == op.name
+        assert definition["instance"] == ("instance" in op.levels)
+        assert definition["type"] == ("type" in op.levels)
+        assert definition["system"] == ("system" in op.levels)
+        if op.resource_types is not None:
+            assert set(definition["resource"]) == set(op.resource_types)
+        assert definition["affectsState"] == (not op.idempotent), op.name
+    unused = {r.url for r in resources() if r.res_type == "OperationDefinition"} - {
+        op.definition for op in mso
+    }
+    assert not unused, f"OperationDefinitions of no operation: {unused}"
+
+
+def test_case_operation_parameters_follow_the_status_table() -> None:
+    """The inputs documented for each case transition are the ones the state machine needs."""
+    from fhir_server.workflow.status import TRANSITIONS, Action
+
+    for action, transition in TRANSITIONS.items():
+        definition = by_url()[f"{BASE}OperationDefinition/case-{action.value}"]
+        inputs = {p["name"]: p["min"] for p in definition["parameter"] if p["use"] == "in"}
+        expected: dict[str, int] = {}
+        if transition.takes_reason:
+            expected["reason"] = 1 if transition.needs_reason else 0
+        if action is Action.ASSIGN:
+            expected["provider"] = 1
+        if action is Action.COMPLETE:
+            expected["report"] = 0
+        assert inputs == expected, action
+        outputs = [p for p in definition["parameter"] if p["use"] == "out"]
+        assert [(p["name"], p["type"]) for p in outputs] == [("return", "Task")]

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from fhir_server.auth.principal import Principal, Role
+from fhir_server.auth.policy import require_platform
 from fhir_server.auth.scopes import Permission
 from fhir_server.fhir.outcome import FhirError
 from fhir_server.interactions.base import FhirRequest, FhirResponse, InteractionContext
@@ -120,11 +120,7 @@ def _suggest(ctx: InteractionContext, req: FhirRequest) -> FhirResponse:
     from fhir_server.workflow.cases import case_task_state, current
     from fhir_server.workflow.codes import CaseStatus
 
-    caller = ctx.caller
-    if isinstance(caller, Principal) and not (
-        caller.role is Role.ADMIN or (caller.role is Role.SYSTEM and not caller.organization)
-    ):
-        raise FhirError(403, "forbidden", "Only administrators rank providers", code="MSO-CASE-403")
+    require_platform(ctx.caller, "rank providers", "MSO-CASE-403")
     task_id = req.resource_id or ""
 
     def work(tx: Any) -> dict[str, Any]:
