@@ -233,3 +233,19 @@ def complete_authorization(
     )
     assert done.status_code == 303, done.text
     return query_of(done.headers["location"])
+
+
+def exchange_code(
+    http: Any, code: str, client_id: str, verifier: str, redirect_uri: str, **extra: Any
+) -> Any:
+    """POST the authorization ``code`` to the token endpoint (PKCE ``verifier``); the response.
+    ``extra`` form fields with the value ``None`` are left out."""
+    data = {
+        "grant_type": "authorization_code",
+        "code": code,
+        "redirect_uri": redirect_uri,
+        "client_id": client_id,
+        "code_verifier": verifier,
+        **extra,
+    }
+    return http.post("/auth/token", data={k: v for k, v in data.items() if v is not None})

@@ -30,7 +30,7 @@ from fhir_server.workflow.codes import (
     SPECIALTY_SYSTEM,
     FeedbackItem,
 )
-from tests.auth_helpers import auth_server, browser_authorize, pkce_pair
+from tests.auth_helpers import auth_server, browser_authorize, exchange_code, pkce_pair
 from tests.conftest import authorized
 from tests.e2e.conftest import start_server
 from tests.integration.workflow_world import World, b64, document, pdf_bytes
@@ -82,16 +82,7 @@ def login(root: str, client_id: str, username: str, scope: str) -> str:
             aud=f"{root}/fhir",
             challenge=challenge,
         )
-        response = browser.post(
-            "/auth/token",
-            data={
-                "grant_type": "authorization_code",
-                "code": query["code"],
-                "redirect_uri": REDIRECT,
-                "client_id": client_id,
-                "code_verifier": verifier,
-            },
-        )
+        response = exchange_code(browser, query["code"], client_id, verifier, REDIRECT)
     assert response.status_code == 200, response.text
     return response.json()["access_token"]
 

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from joserfc.jwk import ECKey
 
 from fhir_server.cli import main
-from tests.auth_helpers import browser_authorize, pkce_pair
+from tests.auth_helpers import browser_authorize, exchange_code, pkce_pair
 
 REDIRECT = "https://app.example.org/cb"
 
@@ -83,16 +83,7 @@ def test_cli_user_client_and_launch_drive_an_ehr_launch(app, run, unique):
         challenge=challenge,
         launch=launch,
     )
-    body = http.post(
-        "/auth/token",
-        data={
-            "grant_type": "authorization_code",
-            "code": query["code"],
-            "redirect_uri": REDIRECT,
-            "client_id": f"app-{unique[:8]}",
-            "code_verifier": verifier,
-        },
-    ).json()
+    body = exchange_code(http, query["code"], f"app-{unique[:8]}", verifier, REDIRECT).json()
     assert body["patient"] == f"p-{unique[:6]}" and body["encounter"] == f"e-{unique[:6]}"
     principal = app.state.tokens.authenticate(f"Bearer {body['access_token']}")
     assert principal.practitioner_role == f"pr-{unique[:6]}"

@@ -11,6 +11,7 @@ from fhir_server.fhir.outcome import FhirError
 from tests.auth_helpers import (
     browser_authorize,
     checkbox_values,
+    exchange_code,
     hidden_fields,
     pkce_pair,
     query_of,
@@ -47,15 +48,7 @@ def confidential_client(auth, unique):
 
 
 def exchange(http, code, client_id, verifier, **extra):
-    data = {
-        "grant_type": "authorization_code",
-        "code": code,
-        "redirect_uri": REDIRECT,
-        "client_id": client_id,
-        "code_verifier": verifier,
-        **extra,
-    }
-    return http.post("/auth/token", data={k: v for k, v in data.items() if v is not None})
+    return exchange_code(http, code, client_id, verifier, REDIRECT, **extra)
 
 
 def test_authorization_code_with_pkce_like_a_browser(app, http, user, public_client):
