@@ -250,6 +250,11 @@ _WARNED_REDIRECTS: set[tuple[str, str]] = set()
 _AUTHORIZATION: dict[str, str] = {}
 
 
+def wrk_header_args() -> list[str]:
+    """wrk's ``-H`` arguments sending the measured server's bearer token."""
+    return [arg for name, value in _AUTHORIZATION.items() for arg in ("-H", f"{name}: {value}")]
+
+
 def mint_system_token(database_url: str, fhir_base: str) -> str:
     """A day-long system-scoped access token for the server at ``fhir_base`` on ``database_url``."""
     from fhir_server.auth.tokens import TokenService
@@ -504,8 +509,7 @@ def run_wrk(
         "-s", str(script_path),
         url,
     ]  # fmt: skip
-    for name, value in _AUTHORIZATION.items():
-        cmd[1:1] = ["-H", f"{name}: {value}"]
+    cmd[1:1] = wrk_header_args()
     if script_args:
         cmd += ["--", *script_args]
     if cpu_watch:

@@ -30,7 +30,7 @@ import orjson
 from sqlalchemy import Connection, insert, text
 from sqlalchemy.dialects import postgresql
 
-from bench.common import running_server
+from bench.common import running_server, wrk_header_args
 from fhir_server.search.compile import CompileOptions, compile_search
 from fhir_server.search.extract import extract_rows
 from fhir_server.search.query import parse_query
@@ -319,7 +319,7 @@ def wrk(url: str, n_patients: int, seconds: int) -> None:
         with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as fh:
             fh.write(script + "\n")
         out = subprocess.run(
-            ["wrk", "-t1", "-c16", f"-d{seconds}s", "--latency", "-s", fh.name, url],
+            ["wrk", *wrk_header_args(), "-t1", "-c16", f"-d{seconds}s", "--latency", "-s", fh.name, url],
             capture_output=True, text=True, timeout=seconds + 30,
         ).stdout  # fmt: skip
         rps = next(

@@ -18,6 +18,7 @@ from functools import cache
 from typing import Any
 from urllib.parse import urlencode
 
+import orjson
 from sqlalchemy import and_, or_
 
 from fhir_server.fhir.definitions import load_json
@@ -333,9 +334,10 @@ def _add_outcome(bundle: dict[str, Any], query: SearchQuery) -> None:
 def _entry(
     ctx: InteractionContext, stored: Any, mode: str, query: SearchQuery | None = None
 ) -> dict[str, Any]:
-    body = stored.resource
     if query is not None and (query.summary or query.elements):
-        body = summary_mod.apply(body, query.summary, query.elements)
+        body: Any = summary_mod.apply(stored.resource, query.summary, query.elements)
+    else:
+        body = orjson.Fragment(stored.content)  # the stored JSON as-is: no parse, no re-dump
     return {
         "fullUrl": f"{ctx.base_url}/{stored.res_type}/{stored.res_id}",
         "resource": body,
