@@ -82,9 +82,26 @@ def append(conn: Connection, events: Iterable[dict[str, Any]]) -> list[dict[str,
         body["meta"]["lastUpdated"] = body["recorded"]
         rows.append({"id": body["id"], **columns_of(body), "content": orjson.dumps(body)})
         stored.append(body)
-    if rows:
+    if rows and conn.dialect.name == "postgresql":
+        _copy_rows(conn, rows)
+    elif rows:
         conn.execute(insert(audit_event), rows)
     return stored
+
+
+_COPY_COLUMNS = tuple(c.name for c in audit_event.columns if c.name != "seq")
+_COPY_SQL = f"COPY audit_event ({', '.join(_COPY_COLUMNS)}) FROM STDIN"
+
+
+def _copy_rows(conn: Connection, rows: list[dict[str, Any]]) -> None:
+    """PostgreSQL: the batch through COPY on the unit's own connection (same transaction).
+
+    The writer thread stores every request's AuditEvent; COPY costs it a fraction of a
+    multi-row INSERT's CPU, which the request threads of the process compete with.
+    """
+    with conn.connection.driver_connection.cursor() as cursor, cursor.copy(_COPY_SQL) as copy:
+        for row in rows:
+            copy.write_row(tuple(row[name] for name in _COPY_COLUMNS))
 
 
 def get(conn: Connection, event_id: str) -> dict[str, Any] | None:
