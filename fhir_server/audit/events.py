@@ -220,9 +220,11 @@ def auth_event(
     return audit
 
 
-def provenance(principal: Principal, target: str, activity: str, recorded: str) -> dict[str, Any]:
-    """The Provenance of one write: ``target`` a versioned reference, ``activity`` the
-    v3-DataOperation code (CREATE, UPDATE, DELETE)."""
+def provenance(
+    principal: Principal, targets: list[str], activity: str, recorded: str
+) -> dict[str, Any]:
+    """The Provenance of the writes of one unit with one ``activity`` (the v3-DataOperation
+    code CREATE, UPDATE or DELETE): ``targets`` are versioned references."""
     agent: dict[str, Any] = {
         "type": {
             "coding": [
@@ -256,7 +258,7 @@ def provenance(principal: Principal, target: str, activity: str, recorded: str) 
         )
     return {
         "resourceType": "Provenance",
-        "target": [{"reference": target}],
+        "target": [{"reference": target} for target in targets],
         "recorded": recorded,
         "activity": {"coding": [_coding(PROVENANCE_ACTIVITY, activity)]},
         "agent": agents,

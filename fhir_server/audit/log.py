@@ -15,18 +15,20 @@ import logging
 import queue
 import threading
 import time
+from functools import partial
 from typing import Any
 
 from fhir_server.audit import events, store
 from fhir_server.audit.events import Interaction
 from fhir_server.auth.principal import Principal
 from fhir_server.hooks import HookEvent, HookPoint, Hooks
-from fhir_server.storage.repository import Repository, format_instant, utc_now
+from fhir_server.storage.repository import Repository, Tx, format_instant, utc_now
 
 log = logging.getLogger(__name__)
 
 # Resources whose own writes are not given a Provenance (it would recurse, or is the trail).
 _NO_PROVENANCE = frozenset({"Provenance", "AuditEvent"})
+_PENDING_PROVENANCE = "audit.provenance"  # Tx.unit_state key: activity -> target references
 _ACTIVITY = {
     HookPoint.AFTER_CREATE: "CREATE",
     HookPoint.AFTER_UPDATE: "UPDATE",
@@ -108,9 +110,21 @@ class AuditLog:
         else:
             version = ((event.resource or {}).get("meta") or {}).get("versionId") or "1"
         target = f"{event.resource_type}/{event.resource_id}/_history/{version}"
-        body = events.provenance(caller, target, _ACTIVITY[event.point], now_instant())
-        with event.tx.internal():
-            event.tx.create(body)
+        tx = event.tx
+        pending: dict[str, list[str]] | None = tx.unit_state.get(_PENDING_PROVENANCE)
+        if pending is None:
+            pending = tx.unit_state[_PENDING_PROVENANCE] = {}
+            tx.defer(partial(self._write_provenance, tx, caller, pending))
+        pending.setdefault(_ACTIVITY[event.point], []).append(target)
+
+    @staticmethod
+    def _write_provenance(tx: Tx, caller: Principal, pending: dict[str, list[str]]) -> None:
+        """One Provenance per activity for the unit's writes (a transaction Bundle's entries
+        share it, as the FHIR transaction pattern does), written before the unit commits."""
+        recorded = now_instant()
+        with tx.internal():
+            for activity, targets in pending.items():
+                tx.create(events.provenance(caller, targets, activity, recorded))
 
     # -- the writer --------------------------------------------------------------------------
 

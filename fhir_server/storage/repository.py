@@ -233,6 +233,7 @@ class Tx:
         self.caller = caller
         self.committed_events: list[HookEvent] = []
         self.error_context: Callable[[FhirError], FhirError] | None = None
+        self.unit_state: dict[str, Any] = {}  # what hooks gather over the unit (see defer)
         self._deferred: list[tuple[Callable[[], None], Callable[[FhirError], FhirError] | None]]
         self._deferred = []
 

@@ -188,3 +188,50 @@ def _today() -> str:
     from datetime import UTC, datetime
 
     return datetime.now(UTC).strftime("%Y-%m-%d")
+
+
+def test_a_transaction_gets_one_provenance_per_activity(app, admin) -> None:
+    """The entries of a transaction share their Provenance (one per CREATE / UPDATE / DELETE),
+    written in the same database transaction; a failed transaction leaves none."""
+    u = uuid.uuid4().hex[:10]
+    existing = admin.put(f"/fhir/Patient/pv-{u}", json={"resourceType": "Patient", "id": f"pv-{u}"})
+    assert existing.status_code == 201
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {
+                "resource": {"resourceType": "Patient", "name": [{"family": f"A{u}"}]},
+                "request": {"method": "POST", "url": "Patient"},
+            },
+            {
+                "resource": {"resourceType": "Patient", "name": [{"family": f"B{u}"}]},
+                "request": {"method": "POST", "url": "Patient"},
+            },
+            {
+                "resource": {"resourceType": "Patient", "id": f"pv-{u}", "active": True},
+                "request": {"method": "PUT", "url": f"Patient/pv-{u}"},
+            },
+        ],
+    }
+    response = admin.post("/fhir", json=bundle)
+    assert response.status_code == 200, response.text
+    written = [e["response"]["location"].split("/fhir/")[1] for e in response.json()["entry"]]
+
+    def provenances(target: str) -> list[dict[str, Any]]:
+        found = admin.get("/fhir/Provenance", params={"target": target, "_count": "50"})
+        return [e["resource"] for e in found.json().get("entry", ())]
+
+    (created,) = provenances(written[0].split("/_history")[0])
+    assert created["activity"]["coding"][0]["code"] == "CREATE"
+    assert sorted(t["reference"] for t in created["target"]) == sorted(written[:2])
+    updated = [
+        p for p in provenances(f"Patient/pv-{u}") if p["activity"]["coding"][0]["code"] == "UPDATE"
+    ]
+    assert [[t["reference"] for t in p["target"]] for p in updated] == [[written[2]]]
+
+    bundle["entry"][2]["request"]["url"] = "Patient/other-id"  # id mismatch: the whole Bundle fails
+    bundle["entry"][0]["resource"]["name"] = [{"family": f"C{u}"}]
+    assert admin.post("/fhir", json=bundle).status_code == 400
+    lost = admin.get("/fhir/Patient", params={"family": f"C{u}"}).json()
+    assert lost.get("total", 0) == 0
