@@ -166,7 +166,13 @@ def find_patients(
 ) -> list[dict[str, Any]]:
     """Patients ``principal`` may see, through the search interaction (so the access policy
     applies): by name, by id, or the first page."""
-    params = [("_count", str(PICKER_PAGE)), ("_sort", "family")]
+    # _elements: the picker shows these only, and the Bundle then holds parsed resources
+    # (a plain search carries the stored JSON unparsed)
+    params = [
+        ("_count", str(PICKER_PAGE)),
+        ("_sort", "family"),
+        ("_elements", "name,birthDate,gender"),
+    ]
     if name:
         params.append(("name", name))
     if patient_id is not None:

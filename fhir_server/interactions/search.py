@@ -334,6 +334,9 @@ def _add_outcome(bundle: dict[str, Any], query: SearchQuery) -> None:
 def _entry(
     ctx: InteractionContext, stored: Any, mode: str, query: SearchQuery | None = None
 ) -> dict[str, Any]:
+    """A searchset entry. Its ``resource`` is the stored JSON as an ``orjson.Fragment`` (sent
+    as-is) unless ``_summary`` or ``_elements`` shaped it into a dict: in-process callers that
+    read the resources ask for the elements they need."""
     if query is not None and (query.summary or query.elements):
         body: Any = summary_mod.apply(stored.resource, query.summary, query.elements)
     else:
