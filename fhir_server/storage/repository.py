@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -234,8 +235,8 @@ class Tx:
         self.committed_events: list[HookEvent] = []
         self.error_context: Callable[[FhirError], FhirError] | None = None
         self.unit_state: dict[str, Any] = {}  # what hooks gather over the unit (see defer)
-        self._deferred: list[tuple[Callable[[], None], Callable[[FhirError], FhirError] | None]]
-        self._deferred = []
+        self._deferred: deque[tuple[Callable[[], None], Callable[[FhirError], FhirError] | None]]
+        self._deferred = deque()
 
     # -- checks at the end of the unit ------------------------------------------------------
 
@@ -253,7 +254,7 @@ class Tx:
     def run_deferred(self) -> None:
         """Run the deferred checks in order (checks may defer more)."""
         while self._deferred:
-            check, context = self._deferred.pop(0)
+            check, context = self._deferred.popleft()
             try:
                 check()
             except FhirError as exc:

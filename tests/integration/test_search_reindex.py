@@ -7,7 +7,7 @@ from pathlib import Path
 from sqlalchemy import delete
 
 from fhir_server.cli_reindex import reindex
-from fhir_server.storage.engine import build_engine
+from fhir_server.storage.engine import WRITE_OPTION, build_engine
 from fhir_server.storage.index_schema import INDEX_TABLES
 from tests.conftest import make_settings
 
@@ -18,7 +18,9 @@ def test_reindex_restores_rows(client, db_url: str, unique: str, tmp_path: Path)
     query = f"/fhir/Patient?identifier=urn:reindex|{unique}"
     assert len(client.get(query).json().get("entry", [])) == 1
     engine = build_engine(db_url)
-    with engine.begin() as conn:
+    # BEGIN IMMEDIATE on SQLite: a read that turns into a write gets "database is locked" at
+    # once (no busy wait) while the audit writer thread holds the write lock
+    with engine.connect().execution_options(**{WRITE_OPTION: True}) as conn, conn.begin():
         pid = conn.exec_driver_sql(
             "SELECT pid FROM resource WHERE res_type = 'Patient' ORDER BY pid DESC LIMIT 1"
         ).scalar()
