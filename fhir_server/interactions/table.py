@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 
 from fhir_server.fhir.outcome import FhirError
 from fhir_server.interactions import (
@@ -100,6 +101,12 @@ _AUDIT_HANDLERS: dict[Handler, Handler] = {
 }
 
 
+@cache
+def _routes_of_length(length: int) -> tuple[Route, ...]:
+    """The routes whose pattern has ``length`` segments, in table order."""
+    return tuple(route for route in ROUTES if len(route.pattern) == length)
+
+
 def interaction_of(route: Route, req: FhirRequest) -> str:
     """The RESTful interaction code a request performed (for audit records)."""
     handler = route.handler
@@ -136,9 +143,7 @@ def resolve_route(method: str, path: str, req: FhirRequest) -> Route:
     """Like :func:`resolve`, returning the whole :class:`Route`."""
     segments = tuple(s for s in path.strip("/").split("/") if s) if path.strip("/") else ()
     allowed: list[str] = []
-    for route in ROUTES:
-        if len(route.pattern) != len(segments):
-            continue
+    for route in _routes_of_length(len(segments)):
         if not all(_segment_matches(p, s) for p, s in zip(route.pattern, segments, strict=True)):
             continue
         if route.method != method:

@@ -64,8 +64,11 @@ def as_utc(value: datetime) -> datetime:
 
 def format_instant(value: datetime) -> str:
     """Render a datetime as a FHIR instant with milliseconds, e.g. ``2026-01-02T03:04:05.678Z``."""
-    value = as_utc(value)
-    return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+    v = as_utc(value)  # formatted by hand: strftime is a hot spot on every request
+    return (
+        f"{v.year:04d}-{v.month:02d}-{v.day:02d}T{v.hour:02d}:{v.minute:02d}:{v.second:02d}"
+        f".{v.microsecond // 1000:03d}Z"
+    )
 
 
 def new_id() -> str:
