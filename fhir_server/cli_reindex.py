@@ -4,7 +4,7 @@ Needed after SearchParameters change (a new MSO parameter in ``profiles/``, an e
 fix): index rows are computed at write time (http://hl7.org/fhir/R4/search.html), so existing
 resources only gain rows for a new parameter when reindexed. The access policy's membership rows
 (``access_scope`` / ``case_access``) are rebuilt with them. Works in batches of pids, one
-transaction each, so it can run beside a live server.
+transaction each with the batch's rows locked, so it can run beside a live server.
 """
 
 from __future__ import annotations
@@ -47,6 +47,10 @@ def reindex(settings: Any, resource_type: str | None, *, batch: int = BATCH) -> 
                     .where(resource.c.pid > last, resource.c.deleted.is_(False))
                     .order_by(resource.c.pid)
                     .limit(batch)
+                    # a concurrent update of one of these resources waits for this batch (or
+                    # this batch for it): otherwise the rows rewritten here could be those of
+                    # the version it replaced
+                    .with_for_update()
                 )
                 if resource_type:
                     stmt = stmt.where(resource.c.res_type == resource_type)
