@@ -249,3 +249,30 @@ def exchange_code(
         **extra,
     }
     return http.post("/auth/token", data={k: v for k, v in data.items() if v is not None})
+
+
+def token_by_code(
+    http: Any,
+    *,
+    client_id: str,
+    redirect_uri: str,
+    scope: str,
+    username: str,
+    password: str,
+    **authorize: Any,
+) -> Any:
+    """The token endpoint's response at the end of a whole authorization-code flow with PKCE:
+    :func:`browser_authorize` (``authorize`` passes aud, launch, nonce …), then
+    :func:`exchange_code`."""
+    verifier, challenge = pkce_pair()
+    query = browser_authorize(
+        http,
+        client_id=client_id,
+        redirect_uri=redirect_uri,
+        scope=scope,
+        username=username,
+        password=password,
+        challenge=challenge,
+        **authorize,
+    )
+    return exchange_code(http, query["code"], client_id, verifier, redirect_uri)

@@ -109,6 +109,20 @@ OPEN_TYPES = frozenset(
 # (its id only: it becomes visible to them once a case of theirs names it) instead of a
 # duplicate record of the same person.
 PLATFORM_WIDE_IDENTITY_TYPES = frozenset({"Patient"})
+
+
+def matches_beyond_reach(caller: Any, res_type: str, params: list[tuple[str, str]]) -> bool:
+    """True when ``If-None-Exist`` criteria of ``caller`` may also match resources the caller
+    cannot see: a platform-wide identity type, criteria that are only identifiers with their
+    system (never a name or a birth date), and a caller who does not already see everything."""
+    if not isinstance(caller, Principal) or caller.acts_for_platform:
+        return False
+    return res_type in PLATFORM_WIDE_IDENTITY_TYPES and all(
+        name == "identifier" and "|" in value and all(value.split("|", 1)) and "," not in value
+        for name, value in params
+    )
+
+
 # Only admins and system clients read the audit trail.
 AUDIT_TYPES = frozenset({"AuditEvent"})
 # What a requesting organization is billed is not the provider's business: a provider reads

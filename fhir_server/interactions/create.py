@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fhir_server.auth.policy import PLATFORM_WIDE_IDENTITY_TYPES
+from fhir_server.auth.policy import matches_beyond_reach
 from fhir_server.fhir.outcome import FhirError, information
 from fhir_server.interactions.base import FhirRequest, FhirResponse, InteractionContext
 from fhir_server.interactions.common import (
@@ -59,14 +59,13 @@ def if_none_exist_match(
     """What ``If-None-Exist`` criteria match (``None``: create), under a lock on the criteria,
     and whether the caller may see it; 412 for several matches.
 
-    Types in :data:`PLATFORM_WIDE_IDENTITY_TYPES` are matched over the whole platform when the
-    caller sees no match and the criteria are identifiers with their system (one person, one
-    Patient); other criteria (a name, a birth date) never reach records the caller cannot see.
+    When the caller sees no match, identity criteria may match beyond what it sees (one
+    person, one Patient: :func:`~fhir_server.auth.policy.matches_beyond_reach`).
     """
     params = criteria(condition)
     tx.lock_criteria(res_type, params)
     matches, visible = tx.find(res_type, params, limit=2), True
-    if not matches and tx.caller is not None and _identifies(res_type, params):
+    if not matches and matches_beyond_reach(tx.caller, res_type, params):
         with tx.internal():
             matches, visible = tx.find(res_type, params, limit=2), False
     if len(matches) > 1:
@@ -77,15 +76,6 @@ def if_none_exist_match(
             code="MSO-REST-412",
         )
     return (matches[0] if matches else None), visible
-
-
-def _identifies(res_type: str, params: list[tuple[str, str]]) -> bool:
-    """True when ``params`` are only ``identifier=system|value`` criteria on a platform-wide
-    identity type."""
-    return res_type in PLATFORM_WIDE_IDENTITY_TYPES and all(
-        name == "identifier" and "|" in value and all(value.split("|", 1)) and "," not in value
-        for name, value in params
-    )
 
 
 def create_in(

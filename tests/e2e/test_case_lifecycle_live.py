@@ -30,7 +30,7 @@ from fhir_server.workflow.codes import (
     SPECIALTY_SYSTEM,
     FeedbackItem,
 )
-from tests.auth_helpers import auth_server, browser_authorize, exchange_code, pkce_pair
+from tests.auth_helpers import auth_server, token_by_code
 from tests.conftest import authorized
 from tests.e2e.conftest import start_server
 from tests.integration.workflow_world import World, b64, document, pdf_bytes
@@ -70,9 +70,8 @@ def live(db_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tupl
 
 def login(root: str, client_id: str, username: str, scope: str) -> str:
     """An access token for ``username`` through the authorization-code flow with PKCE."""
-    verifier, challenge = pkce_pair()
     with httpx.Client(base_url=root, follow_redirects=False) as browser:
-        query = browser_authorize(
+        response = token_by_code(
             browser,
             client_id=client_id,
             redirect_uri=REDIRECT,
@@ -80,9 +79,7 @@ def login(root: str, client_id: str, username: str, scope: str) -> str:
             username=username,
             password=PASSWORD,
             aud=f"{root}/fhir",
-            challenge=challenge,
         )
-        response = exchange_code(browser, query["code"], client_id, verifier, REDIRECT)
     assert response.status_code == 200, response.text
     return response.json()["access_token"]
 

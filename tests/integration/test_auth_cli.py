@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from joserfc.jwk import ECKey
 
 from fhir_server.cli import main
-from tests.auth_helpers import browser_authorize, exchange_code, pkce_pair
+from tests.auth_helpers import token_by_code
 
 REDIRECT = "https://app.example.org/cb"
 
@@ -72,18 +72,15 @@ def test_cli_user_client_and_launch_drive_an_ehr_launch(app, run, unique):
     http = TestClient(
         app, base_url="http://testserver", follow_redirects=False, client=(f"ip-{unique[:8]}", 1)
     )
-    verifier, challenge = pkce_pair()
-    query = browser_authorize(
+    body = token_by_code(
         http,
         client_id=f"app-{unique[:8]}",
         redirect_uri=REDIRECT,
         scope="launch openid fhirUser patient/*.rs",
         username=name,
         password="s3cret-password",
-        challenge=challenge,
         launch=launch,
-    )
-    body = exchange_code(http, query["code"], f"app-{unique[:8]}", verifier, REDIRECT).json()
+    ).json()
     assert body["patient"] == f"p-{unique[:6]}" and body["encounter"] == f"e-{unique[:6]}"
     principal = app.state.tokens.authenticate(f"Bearer {body['access_token']}")
     assert principal.practitioner_role == f"pr-{unique[:6]}"

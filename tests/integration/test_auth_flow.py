@@ -15,6 +15,7 @@ from tests.auth_helpers import (
     hidden_fields,
     pkce_pair,
     query_of,
+    token_by_code,
 )
 
 BASE = "http://testserver/fhir"
@@ -49,6 +50,12 @@ def confidential_client(auth, unique):
 
 def exchange(http, code, client_id, verifier, **extra):
     return exchange_code(http, code, client_id, verifier, REDIRECT, **extra)
+
+
+def refresh_grant(http, client_id, refresh_token, **extra):
+    """POST a refresh_token grant (``extra``: scope …)."""
+    data = {"grant_type": "refresh_token", "refresh_token": refresh_token, "client_id": client_id}
+    return http.post("/auth/token", data={**data, **extra})
 
 
 def test_authorization_code_with_pkce_like_a_browser(app, http, user, public_client):
@@ -218,18 +225,15 @@ def test_confidential_client_with_basic_and_post_secrets(http, user, confidentia
 
 
 def test_id_token_verifies_against_the_jwks(http, user, public_client, auth):
-    verifier, challenge = pkce_pair()
-    query = browser_authorize(
+    body = token_by_code(
         http,
         client_id=public_client,
         redirect_uri=REDIRECT,
         scope="openid fhirUser user/*.rs",
         username=user,
         password=PASSWORD,
-        challenge=challenge,
         nonce="n-0S6_WzA2Mj",
-    )
-    body = exchange(http, query["code"], public_client, verifier).json()
+    ).json()
     config = http.get("/.well-known/openid-configuration").json()
     assert config["issuer"] == "http://testserver"
     jwks_path = config["jwks_uri"].removeprefix("http://testserver")
@@ -254,28 +258,17 @@ def test_id_token_verifies_against_the_jwks(http, user, public_client, auth):
 
 
 def test_refresh_rotates_and_reuse_revokes_the_family(app, http, user, public_client):
-    verifier, challenge = pkce_pair()
-    query = browser_authorize(
+    first = token_by_code(
         http,
         client_id=public_client,
         redirect_uri=REDIRECT,
         scope="offline_access user/*.rs",
         username=user,
         password=PASSWORD,
-        challenge=challenge,
-    )
-    first = exchange(http, query["code"], public_client, verifier).json()
+    ).json()
 
     def refresh(token, **extra):
-        return http.post(
-            "/auth/token",
-            data={
-                "grant_type": "refresh_token",
-                "refresh_token": token,
-                "client_id": public_client,
-                **extra,
-            },
-        )
+        return refresh_grant(http, public_client, token, **extra)
 
     second = refresh(first["refresh_token"])
     assert second.status_code == 200, second.text
@@ -303,39 +296,23 @@ def test_refresh_rotates_and_reuse_revokes_the_family(app, http, user, public_cl
 
 
 def test_refresh_without_reuse_keeps_working(app, http, user, public_client):
-    verifier, challenge = pkce_pair()
-    query = browser_authorize(
+    token = token_by_code(
         http,
         client_id=public_client,
         redirect_uri=REDIRECT,
         scope="online_access user/*.rs",
         username=user,
         password=PASSWORD,
-        challenge=challenge,
-    )
-    token = exchange(http, query["code"], public_client, verifier).json()
+    ).json()
     for _ in range(3):
-        response = http.post(
-            "/auth/token",
-            data={
-                "grant_type": "refresh_token",
-                "refresh_token": token["refresh_token"],
-                "client_id": public_client,
-                "scope": "user/*.rs online_access",
-            },
+        response = refresh_grant(
+            http, public_client, token["refresh_token"], scope="user/*.rs online_access"
         )
         assert response.status_code == 200, response.text
         token = response.json()
         assert app.state.tokens.authenticate(f"Bearer {token['access_token']}").subject == user
     # another client cannot use it
-    other = http.post(
-        "/auth/token",
-        data={
-            "grant_type": "refresh_token",
-            "refresh_token": token["refresh_token"],
-            "client_id": "nobody",
-        },
-    )
+    other = refresh_grant(http, "nobody", token["refresh_token"])
     assert other.status_code == 401
 
 
@@ -423,17 +400,14 @@ def test_patient_user_gets_their_own_patient_without_a_picker(
 ):
     name = f"pat-{unique[:10]}"
     auth.users.create(username=name, password=PASSWORD, role="patient", patient=f"pt-{unique[:8]}")
-    verifier, challenge = pkce_pair()
-    query = browser_authorize(
+    body = token_by_code(
         http,
         client_id=public_client,
         redirect_uri=REDIRECT,
         scope="launch/patient patient/*.rs",
         username=name,
         password=PASSWORD,
-        challenge=challenge,
-    )
-    body = exchange(http, query["code"], public_client, verifier).json()
+    ).json()
     assert body["patient"] == f"pt-{unique[:8]}"
     principal = app.state.tokens.authenticate(f"Bearer {body['access_token']}")
     assert principal.role.value == "patient"
@@ -448,18 +422,15 @@ def test_ehr_launch_with_a_launch_id(app, http, auth, user, public_client, uniqu
         fhir_context=[f"ServiceRequest/sr-{unique[:6]}"],
         ttl=60,
     )
-    verifier, challenge = pkce_pair()
-    query = browser_authorize(
+    body = token_by_code(
         http,
         client_id=public_client,
         redirect_uri=REDIRECT,
         scope="launch openid fhirUser patient/*.rs",
         username=user,
         password=PASSWORD,
-        challenge=challenge,
         launch=launch,
-    )
-    body = exchange(http, query["code"], public_client, verifier).json()
+    ).json()
     assert body["patient"] == f"p-{unique[:6]}"
     assert body["encounter"] == f"e-{unique[:6]}"
     assert body["fhirContext"] == [{"reference": f"ServiceRequest/sr-{unique[:6]}"}]
