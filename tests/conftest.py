@@ -16,6 +16,9 @@ from pathlib import Path
 
 import pytest
 
+# Every search statement reused for a new query of the same shape is checked against one
+# compiled from scratch (fhir_server.search.shapes); servers started by tests inherit it.
+os.environ.setdefault("MSO_VERIFY_SEARCH_SHAPES", "1")
 PG_ADMIN_URL = os.environ.get("MSO_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 

@@ -26,7 +26,7 @@ same transaction as every write.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from enum import IntEnum
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -359,19 +359,17 @@ class AccessPolicy:
         """
         if not isinstance(caller, Principal):
             return None
-        key = _visibility_key(caller)
+        return _SearchFilter(self, caller, _visibility_key(caller))
 
-        def condition(r: Any) -> ColumnElement[bool]:
-            cached = self._filters.get((key, id(r)))
-            if cached is not None and cached[0] is r:
-                return cached[1]
-            built = self.visible(caller, r, Permission.SEARCH)
-            if len(self._filters) >= _FILTER_CACHE_MAX:
-                self._filters.clear()
-            self._filters[(key, id(r))] = (r, built)  # r kept alive: its id stays its own
-            return built
-
-        return condition
+    def _search_condition(self, caller: Principal, key: Hashable, r: Any) -> ColumnElement[bool]:
+        cached = self._filters.get((key, id(r)))
+        if cached is not None and cached[0] is r:
+            return cached[1]
+        built = self.visible(caller, r, Permission.SEARCH)
+        if len(self._filters) >= _FILTER_CACHE_MAX:
+            self._filters.clear()
+        self._filters[(key, id(r))] = (r, built)  # r kept alive: its id stays its own
+        return built
 
     def is_visible(
         self, conn: Connection, caller: Any, pid: int, permission: Permission = Permission.READ
@@ -635,6 +633,22 @@ _DELETE_SCOPES = delete(access_scope).where(
 
 
 _FILTER_CACHE_MAX = 2048
+
+
+class _SearchFilter:
+    """A caller's search access filter (a :data:`ConditionOn`). ``cache_key`` is what the SQL
+    it returns depends on besides the alias, so that a statement compiled with it can be reused
+    for the same key (see :mod:`fhir_server.search.shapes`)."""
+
+    __slots__ = ("_caller", "_policy", "cache_key")
+
+    def __init__(self, policy: AccessPolicy, caller: Principal, key: Hashable) -> None:
+        self._policy = policy
+        self._caller = caller
+        self.cache_key = key
+
+    def __call__(self, r: Any) -> ColumnElement[bool]:
+        return self._policy._search_condition(self._caller, self.cache_key, r)
 
 
 def _visibility_key(caller: Principal) -> tuple[Any, ...]:

@@ -47,6 +47,7 @@ from fhir_server.search.types import KINDS, composite, date, special, table_for
 from fhir_server.search.types.base import (
     All,
     Any_,
+    Binder,
     Cmp,
     Const,
     Not,
@@ -83,6 +84,7 @@ class CompileOptions:
     now_ms: int | None = None
     extra: list[Callable[[Any], ColumnElement[bool]]] = field(default_factory=list)
     subsumption: Callable[[str, str, bool], Sequence[str] | None] | None = None
+    binder: Binder | None = None  # names the values of plain criteria (see search.shapes)
 
     def value_context(self) -> ValueContext:
         """The part type modules see."""
@@ -264,18 +266,19 @@ def clause_condition(
     if clause.filter is not None:
         return _filter_condition(registry, options, types, clause.filter, r)
     if code == "_id":
-        ids = [_unescape(v) for v in clause.values]
         if clause.modifier == "missing":
             return false() if clause.values[0] == "true" else true()
-        cond = r.c.res_id.in_(ids)
+        ids = id_values(clause)
+        binder = options.binder
+        cond = r.c.res_id.in_([binder(i, r.c.res_id) for i in ids] if binder else ids)
         return not_(cond) if clause.modifier == "not" else cond
     if code == "_lastUpdated":
         return or_(*(_last_updated(options, v, r) for v in clause.values))
     if code == "_list":
         return _list_condition(registry, options, clause, r)
     if code in special.CODES:
-        preds = [special.predicate(code, v) for v in clause.values]
-        cond = r.c.pid.in_(select(idx_text.c.pid).where(to_sql(any_of(*preds), idx_text)))
+        pred = text_predicate(clause)
+        cond = r.c.pid.in_(select(idx_text.c.pid).where(to_sql(pred, idx_text, options.binder)))
         return not_(cond) if clause.modifier == "not" else cond
     param = clause.param
     assert param is not None
@@ -329,6 +332,28 @@ def _typed_condition(
         return _chain_condition(registry, options, rtype, param, clause, r)
     if param.type == "composite":
         return or_(*(_composite(registry, options, param, identity, v, r) for v in clause.values))
+    criterion = plain_criterion(options, param, identity, clause)
+    conds = [
+        r.c.pid.in_(select(TABLES[name].c.pid).where(to_sql(pred, TABLES[name], options.binder)))
+        for name, pred in criterion.tables
+    ]
+    cond = or_(*conds) if len(conds) > 1 else conds[0]
+    return not_(cond) if criterion.negate else cond
+
+
+@dataclass(frozen=True, slots=True)
+class Criterion:
+    """A plain criterion: one predicate per index table it reads (OR-ed), maybe negated."""
+
+    tables: tuple[tuple[str, Pred], ...]
+    negate: bool
+
+
+def plain_criterion(
+    options: CompileOptions, param: SearchParam, identity: int, clause: Clause
+) -> Criterion:
+    """The predicates of a criterion on a parameter's own index rows (no chain, composite or
+    ``:missing``): each value's predicate from its type module, grouped by index table."""
     module = KINDS[param.type]
     vc = options.value_context()
     modifier = clause.modifier
@@ -344,12 +369,17 @@ def _typed_condition(
         by_table.setdefault(table, []).append(
             module.predicate(param, identity, inner_modifier, value, vc)
         )
-    conds = []
-    for table_name, preds in by_table.items():
-        table = TABLES[table_name]
-        conds.append(r.c.pid.in_(select(table.c.pid).where(to_sql(any_of(*preds), table))))
-    cond = or_(*conds) if len(conds) > 1 else conds[0]
-    return not_(cond) if negate else cond
+    return Criterion(tuple((t, any_of(*preds)) for t, preds in by_table.items()), negate)
+
+
+def id_values(clause: Clause) -> list[str]:
+    """The ids an ``_id`` criterion asks for."""
+    return [_unescape(v) for v in clause.values]
+
+
+def text_predicate(clause: Clause) -> Pred:
+    """The ``idx_text`` predicate of a ``_text`` / ``_content`` criterion."""
+    return any_of(*(special.predicate(clause.code, v) for v in clause.values))
 
 
 def _tables_of(param: SearchParam) -> list[Any]:

@@ -30,6 +30,7 @@ from fhir_server.search.compile import (
 )
 from fhir_server.search.query import Include, SearchQuery, parse_query
 from fhir_server.search.registry import SearchRegistry
+from fhir_server.search.shapes import page_statement
 from fhir_server.storage.index_schema import idx_reference, idx_uri
 from fhir_server.storage.schema import resource
 
@@ -126,11 +127,11 @@ def run_page(
     With ``with_resources`` the page query also returns the stored resources (one round trip).
     """
     columns = _CONTENT if with_resources else ()
-    compiled = compile_search(
+    compiled, params = page_statement(
         registry, query, options, limit=count + 1, position=position, max_pid=max_pid,
         columns=columns,
     )  # fmt: skip
-    rows = conn.execute(compiled.statement).all()
+    rows = conn.execute(compiled.statement, params).all()
     more = len(rows) > count
     rows = rows[:count]
     backward = position is not None and position.backward

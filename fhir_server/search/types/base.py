@@ -123,44 +123,96 @@ def _like_escape(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
-def to_sql(pred: Pred, table: Any) -> ColumnElement[bool]:
-    """Render ``pred`` over the columns of ``table`` (a Table or an alias of one)."""
-    c = table.c
+Binder = Callable[[Any, Any], Any]
+"""Turns a value bound by :func:`to_sql` into a SQL parameter, given its column."""
+
+
+def _leaf_values(pred: Pred) -> list[Any]:
+    """The values a leaf predicate binds in SQL, in the order :func:`to_sql` binds them."""
     if isinstance(pred, Cmp):
-        col = c[pred.column]
-        return {
-            "=": col == pred.value,
-            "!=": col != pred.value,
-            "<": col < pred.value,
-            "<=": col <= pred.value,
-            ">": col > pred.value,
-            ">=": col >= pred.value,
-        }[pred.op]
+        return [pred.value]
     if isinstance(pred, In):
-        return c[pred.column].in_(list(pred.values))
+        return list(pred.values)
     if isinstance(pred, Prefix):
-        col = c[pred.column]
-        if not pred.value:
-            return col.is_not(None)
-        return and_(col >= pred.value, col < prefix_successor(pred.value))
+        return [pred.value, prefix_successor(pred.value)] if pred.value else []
     if isinstance(pred, Contains):
-        col = c[pred.column]
         pattern = _like_escape(pred.value)
-        if pred.word:
-            return or_(
-                col.like(pattern + "%", escape="\\"), col.like("% " + pattern + "%", escape="\\")
-            )
-        return col.like("%" + pattern + "%", escape="\\")
-    if isinstance(pred, IsNull):
-        return c[pred.column].is_(None)
-    if isinstance(pred, All):
-        return and_(*(to_sql(p, table) for p in pred.preds))
-    if isinstance(pred, Any_):
-        return or_(*(to_sql(p, table) for p in pred.preds))
+        return [pattern + "%", "% " + pattern + "%"] if pred.word else ["%" + pattern + "%"]
+    return []
+
+
+def bound_values(pred: Pred) -> list[Any]:
+    """Every value :func:`to_sql` binds for ``pred``, in binding order (see ``binder``)."""
+    if isinstance(pred, (All, Any_)):
+        return [v for p in pred.preds for v in bound_values(p)]
     if isinstance(pred, Not):
-        return not_(to_sql(pred.pred, table))
+        return bound_values(pred.pred)
+    return _leaf_values(pred)
+
+
+def pred_shape(pred: Pred) -> tuple[Any, ...]:
+    """``pred`` without its bound values: predicates of one shape render to the same SQL text."""
+    if isinstance(pred, (All, Any_)):
+        return (type(pred).__name__, tuple(pred_shape(p) for p in pred.preds))
+    if isinstance(pred, Not):
+        return ("Not", pred_shape(pred.pred))
+    if isinstance(pred, Cmp):
+        return ("Cmp", pred.column, pred.op)
+    if isinstance(pred, In):
+        return ("In", pred.column, len(pred.values))
+    if isinstance(pred, Prefix):
+        return ("Prefix", pred.column, bool(pred.value))
+    if isinstance(pred, Contains):
+        return ("Contains", pred.column, pred.word)
+    if isinstance(pred, IsNull):
+        return ("IsNull", pred.column)
+    if isinstance(pred, Const):
+        return ("Const", pred.value)
+    raise TypeError(pred)
+
+
+def to_sql(pred: Pred, table: Any, binder: Binder | None = None) -> ColumnElement[bool]:
+    """Render ``pred`` over the columns of ``table`` (a Table or an alias of one).
+
+    With a ``binder`` every value goes through it (the compiler names them, so that a statement
+    can be executed again with other values of the same shape: :func:`bound_values` lists them
+    in the same order); without one they are plain anonymous parameters.
+    """
+    c = table.c
+    if isinstance(pred, All):
+        return and_(*(to_sql(p, table, binder) for p in pred.preds))
+    if isinstance(pred, Any_):
+        return or_(*(to_sql(p, table, binder) for p in pred.preds))
+    if isinstance(pred, Not):
+        return not_(to_sql(pred.pred, table, binder))
     if isinstance(pred, Const):
         return true() if pred.value else false()
+    col = c[pred.column]
+    if isinstance(pred, IsNull):
+        return col.is_(None)
+    values = _leaf_values(pred)
+    if binder is not None:
+        values = [binder(v, col) for v in values]
+    if isinstance(pred, Cmp):
+        (value,) = values
+        return {
+            "=": col == value,
+            "!=": col != value,
+            "<": col < value,
+            "<=": col <= value,
+            ">": col > value,
+            ">=": col >= value,
+        }[pred.op]
+    if isinstance(pred, In):
+        return col.in_(values)
+    if isinstance(pred, Prefix):
+        if not values:
+            return col.is_not(None)
+        return and_(col >= values[0], col < values[1])
+    if isinstance(pred, Contains):
+        if pred.word:
+            return or_(col.like(values[0], escape="\\"), col.like(values[1], escape="\\"))
+        return col.like(values[0], escape="\\")
     raise TypeError(pred)
 
 
