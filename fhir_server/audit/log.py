@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from functools import partial
 from typing import Any
 
@@ -58,6 +57,7 @@ class AuditLog:
         self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue(maxsize=capacity)
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._wake = threading.Event()
 
     # -- recording ---------------------------------------------------------------------------
 
@@ -131,6 +131,7 @@ class AuditLog:
     def flush(self) -> None:
         """Block until every AuditEvent queued so far is stored."""
         if self._thread is not None:
+            self._wake.set()
             self._queue.join()
 
     def close(self) -> None:
@@ -139,6 +140,7 @@ class AuditLog:
             thread, self._thread = self._thread, None
         if thread is not None:
             self._queue.put(None)
+            self._wake.set()
             thread.join(timeout=30)
 
     def _ensure_writer(self) -> None:
@@ -151,25 +153,26 @@ class AuditLog:
                 self._thread = thread
 
     def _run(self) -> None:
+        """Store what was queued every ``flush_interval`` (sooner on :meth:`flush` or
+        :meth:`close`). Waking on a timer instead of on every event spares each request the
+        cost of waking this thread: a hand-off per AuditEvent was about 5% of a search's CPU."""
         while True:
-            first = self._queue.get()
-            if first is None:
-                self._queue.task_done()
-                return
-            batch = [first]
+            self._wake.wait(self.flush_interval)
+            self._wake.clear()
+            pending: list[dict[str, Any]] = []
             stop = False
-            deadline = time.monotonic() + self.flush_interval
-            while len(batch) < self.batch_size:
+            while not stop:
                 try:
-                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                    item = self._queue.get_nowait()
                 except queue.Empty:
                     break
                 if item is None:
                     stop = True
-                    break
-                batch.append(item)
-            self._store(batch)
-            for _ in range(len(batch) + stop):
+                else:
+                    pending.append(item)
+            for start in range(0, len(pending), self.batch_size):
+                self._store(pending[start : start + self.batch_size])
+            for _ in range(len(pending) + stop):
                 self._queue.task_done()
             if stop:
                 return
