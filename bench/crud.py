@@ -29,6 +29,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -158,15 +159,15 @@ def _compact(value: Any) -> str:
 # -- seeding ----------------------------------------------------------------------------------
 
 
-def seed(base_url: str, count: int, batch: int, rng: random.Random) -> list[tuple[str, str]]:
-    """PUT ``count`` new Patients in transaction Bundles of ``batch``; returns ``(id, body)`` pairs
-    whose bodies carry the ``__N__`` placeholder in the phone number (for the update runs)."""
+def seed(
+    base_url: str, count: int, batch: int, rng: random.Random, clients: int = 1
+) -> list[tuple[str, str]]:
+    """PUT ``count`` new Patients in transaction Bundles of ``batch``, ``clients`` Bundles at a
+    time; returns ``(id, body)`` pairs whose bodies carry the ``__N__`` placeholder in the phone
+    number (for the update runs)."""
     seeded: list[tuple[str, str]] = []
-    deadline = time.monotonic() + SEED_TIME_LIMIT
+    bundles = []
     for start in range(0, count, batch):
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise RuntimeError(f"seeding took longer than {SEED_TIME_LIMIT:.0f} s; giving up")
         entries, chunk = [], []
         for n in range(start, min(count, start + batch)):
             res_id = str(uuid.uuid4())
@@ -183,15 +184,25 @@ def seed(base_url: str, count: int, batch: int, rng: random.Random) -> list[tupl
             )
             patient_for_update["telecom"][0]["value"] = f"+49 30 555{PLACEHOLDER}"
             chunk.append((res_id, _compact(patient_for_update)))
-        bundle = {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+        bundles.append({"resourceType": "Bundle", "type": "transaction", "entry": entries})
+        seeded.extend(chunk)
+    deadline = time.monotonic() + SEED_TIME_LIMIT
+
+    def post(bundle: dict[str, Any]) -> None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise RuntimeError(f"seeding took longer than {SEED_TIME_LIMIT:.0f} s; giving up")
         status, answer = http_json("POST", base_url, bundle, timeout=min(600.0, remaining))
         if status != 200:
             raise RuntimeError(f"seeding transaction failed with {status}: {str(answer)[:2000]}")
         statuses = [e.get("response", {}).get("status", "") for e in answer.get("entry", [])]
         bad = [s for s in statuses if not s.startswith(("200", "201"))]
-        if len(statuses) != len(entries) or bad:
+        if len(statuses) != len(bundle["entry"]) or bad:
             raise RuntimeError(f"seeding transaction: unexpected entry statuses {bad[:5]}")
-        seeded.extend(chunk)
+
+    with ThreadPoolExecutor(max_workers=clients) as pool:
+        for done in pool.map(post, bundles):
+            del done
     return seeded
 
 
@@ -325,6 +336,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--batch", type=int, default=500, help="Patients per seeding Bundle (500)")
     parser.add_argument(
+        "--import-clients",
+        type=int,
+        default=2,
+        help="seeding Bundles posted at a time (2: one per worker)",
+    )
+    parser.add_argument(
         "--database-url",
         help="use this existing PostgreSQL database instead of a fresh one (the benchmark "
         "migrates it and writes Patients into it; nothing is dropped)",
@@ -346,6 +363,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--duration must be within 1..{MAX_DURATION:.0f} seconds")
     if not 1 <= args.workers <= 16:
         parser.error("--workers must be within 1..16")
+    if not 1 <= args.import_clients <= 16:
+        parser.error("--import-clients must be within 1..16")
     if not 1 <= args.batch <= 5000:
         parser.error("--batch must be within 1..5000")
     if not args.concurrency or any(not 1 <= c <= MAX_CONCURRENCY for c in args.concurrency):
@@ -402,11 +421,12 @@ def run(args: argparse.Namespace) -> list[Row]:
 
         rng = random.Random(20240501)
         t0 = time.monotonic()
-        seeded = seed(server.base_url, args.patients, args.batch, rng)
+        seeded = seed(server.base_url, args.patients, args.batch, rng, args.import_clients)
         took = time.monotonic() - t0
         print(
             f"Seeded {len(seeded):,} Patients in {took:.1f} s "
-            f"({len(seeded) / took:,.0f}/s, transaction Bundles of {args.batch})"
+            f"({len(seeded) / took:,.0f}/s, transaction Bundles of {args.batch}, "
+            f"{args.import_clients} at a time)"
         )
         create_body = _compact(make_patient(rng, None, f"MRN-{PLACEHOLDER}", "5550100"))
         smoke_test(server.base_url, seeded, create_body)

@@ -352,18 +352,12 @@ class TokenService:
         )
         conn = self.engine.raw_connection()
         try:
-            dbapi = conn.driver_connection
-            postgres = self.engine.dialect.name == "postgresql"
-            if postgres:
-                dbapi.autocommit = True  # one SELECT: no BEGIN/ROLLBACK round trips
-            try:
-                cursor = dbapi.cursor()
-                cursor.execute(sql, params)
-                row = cursor.fetchone()
-                cursor.close()
-            finally:
-                if postgres and not dbapi.closed:
-                    dbapi.autocommit = False
+            # The engine's connections run statements on their own unless SQLAlchemy begins a
+            # transaction (storage.engine): one SELECT, no BEGIN/ROLLBACK round trips.
+            cursor = conn.driver_connection.cursor()
+            cursor.execute(sql, params)
+            row = cursor.fetchone()
+            cursor.close()
         except Exception:
             conn.invalidate()
             raise

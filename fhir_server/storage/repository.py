@@ -41,7 +41,7 @@ from fhir_server.auth.scopes import Permission
 from fhir_server.fhir.outcome import FhirError, gone, not_found
 from fhir_server.hooks import HookEvent, HookPoint, Hooks
 from fhir_server.storage import indexer, search_exec
-from fhir_server.storage.engine import WRITE_OPTION
+from fhir_server.storage.engine import AUTOCOMMIT_OPTION, WRITE_OPTION
 from fhir_server.storage.schema import binary_content, resource, resource_history
 
 if TYPE_CHECKING:
@@ -196,7 +196,7 @@ class Repository:
             if write:
                 conn.execution_options(**{WRITE_OPTION: True})
             elif not snapshot:
-                conn.execution_options(isolation_level="AUTOCOMMIT")
+                conn.execution_options(**{AUTOCOMMIT_OPTION: True})
             tx = Tx(self, conn, caller=caller)
             with conn.begin():
                 yield tx
@@ -271,12 +271,8 @@ class Tx:
         self, res_type: str, res_id: str, *, for_update: bool = False
     ) -> StoredResource | None:
         """The current row of a resource (deleted or not), or ``None`` if it never existed."""
-        stmt = select(*_CURRENT_COLUMNS).where(
-            resource.c.res_type == res_type, resource.c.res_id == res_id
-        )
-        if for_update and self.repo.postgres:
-            stmt = stmt.with_for_update()
-        row = self.conn.execute(stmt).first()
+        stmt = _CURRENT_FOR_UPDATE if for_update and self.repo.postgres else _CURRENT
+        row = self.conn.execute(stmt, {"c_type": res_type, "c_id": res_id}).first()
         return _stored(row) if row else None
 
     def read(self, res_type: str, res_id: str) -> StoredResource:
@@ -783,6 +779,12 @@ def _stamp(body: dict[str, Any], res_id: str, version: int, now: datetime) -> by
 
 # Statements built once: executing a constant statement hits SQLAlchemy's compiled cache
 # without rebuilding and hashing a new statement object on every write.
+# Hot statements are built once: building one per call and computing its cache key cost
+# about as much CPU as running it.
+_CURRENT = select(*_CURRENT_COLUMNS).where(
+    resource.c.res_type == bindparam("c_type"), resource.c.res_id == bindparam("c_id")
+)
+_CURRENT_FOR_UPDATE = _CURRENT.with_for_update()
 _INSERT_RESOURCE = insert(resource).returning(resource.c.pid)
 _INSERT_HISTORY = insert(resource_history)
 _BUMP_RESOURCE = (
