@@ -230,7 +230,8 @@ class AccessPolicy:
         if created and isinstance(caller, Principal):
             rows.append(_row(pid, ScopeKind.OWNER, None, owner_key(caller)))
         if rows:
-            conn.execute(insert(access_scope), rows)
+            # one row: a plain execute (executemany would open a pipeline for it)
+            conn.execute(_INSERT_SCOPE, rows[0] if len(rows) == 1 else rows)
         if rtype == "ServiceRequest":
             self._index_case(tx, stored)
         elif rtype == "Task":
@@ -649,6 +650,9 @@ class _SearchFilter:
 
     def __call__(self, r: Any) -> ColumnElement[bool]:
         return self._policy._search_condition(self._caller, self.cache_key, r)
+
+
+_INSERT_SCOPE = insert(access_scope)
 
 
 def _visibility_key(caller: Principal) -> tuple[Any, ...]:

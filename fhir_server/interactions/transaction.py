@@ -108,7 +108,7 @@ def _run_transaction(
     mapping = _assign_identities(tx, entries)
     for entry in entries:
         if entry.resource is not None:
-            entry.resource = _rewrite(tx, entry, entry.resource, mapping)
+            _rewrite(tx, entry, entry.resource, mapping)
     results: dict[int, dict[str, Any]] = {}
     for entry in sorted(entries, key=lambda e: (_ORDER[e.method], e.index)):
         tx.error_context = partial(_in_entry, entry=entry)
@@ -161,26 +161,24 @@ def _assign_identities(tx: Tx, entries: list[_Entry]) -> dict[str, str]:
     return mapping
 
 
-def _rewrite(tx: Tx, entry: _Entry, value: Any, mapping: dict[str, str]) -> Any:
-    """Replace fullUrls and conditional references throughout a resource."""
-    if isinstance(value, dict):
-        out = {}
-        for key, item in value.items():
+def _rewrite(
+    tx: Tx, entry: _Entry, value: dict[str, Any] | list[Any], mapping: dict[str, str]
+) -> None:
+    """Replace fullUrls and conditional references throughout a resource, in place (it is the
+    request's own copy); only containers are descended into, scalars are looked at once."""
+    items = value.items() if isinstance(value, dict) else enumerate(value)
+    for key, item in list(items):
+        if isinstance(item, str):
             if (
                 key == "reference"
-                and isinstance(item, str)
                 and "?" in item
                 and not item.startswith(("http:", "https:", "urn:"))
             ):
-                out[key] = _resolve_conditional_reference(tx, entry, item)
-            else:
-                out[key] = _rewrite(tx, entry, item, mapping)
-        return out
-    if isinstance(value, list):
-        return [_rewrite(tx, entry, item, mapping) for item in value]
-    if isinstance(value, str) and value in mapping:
-        return mapping[value]
-    return value
+                value[key] = _resolve_conditional_reference(tx, entry, item)  # type: ignore[index]
+            elif item in mapping:
+                value[key] = mapping[item]  # type: ignore[index]
+        elif isinstance(item, (dict, list)):
+            _rewrite(tx, entry, item, mapping)
 
 
 def _resolve_conditional_reference(tx: Tx, entry: _Entry, reference: str) -> str:
