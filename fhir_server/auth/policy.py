@@ -198,7 +198,6 @@ class AccessPolicy:
         pid, rtype, body = stored.pid, stored.res_type, stored.resource
         if not created:
             conn.execute(_DELETE_SCOPES, {"scope_pid": pid})
-        self._insert_index_scopes(conn, pid, rtype)
         rows: list[dict[str, Any]] = []
         if rtype == "Patient":
             rows.append(_row(pid, ScopeKind.PATIENT, "Patient", stored.res_id))
@@ -229,21 +228,30 @@ class AccessPolicy:
         caller = tx.caller
         if created and isinstance(caller, Principal):
             rows.append(_row(pid, ScopeKind.OWNER, None, owner_key(caller)))
-        if rows:
-            # one row: a plain execute (executemany would open a pipeline for it)
-            conn.execute(_INSERT_SCOPE, rows[0] if len(rows) == 1 else rows)
+        self._insert_scopes(conn, pid, rtype, rows)
         if rtype == "ServiceRequest":
             self._index_case(tx, stored)
         elif rtype == "Task":
             self._index_case_task(tx, body)
 
-    def _insert_index_scopes(self, conn: Connection, pid: int, rtype: str) -> None:
-        """PATIENT rows from the compartment references, CASE rows from case references."""
-        conn.execute(self._index_scope_statement(rtype), {"scope_pid": pid})
+    def _insert_scopes(
+        self, conn: Connection, pid: int, rtype: str, rows: list[dict[str, Any]]
+    ) -> None:
+        """PATIENT rows from the compartment references, CASE rows from case references, and
+        ``rows``: one statement for the usual few rows (a write's round trips add up)."""
+        if len(rows) > _LISTED_MAX:
+            conn.execute(self._scope_statement(rtype, 0), {"scope_pid": pid})
+            conn.execute(_INSERT_SCOPE, rows)
+            return
+        params: dict[str, Any] = {"scope_pid": pid}
+        for i, row in enumerate(rows):
+            params.update({f"s{i}_{column}": value for column, value in row.items()})
+        conn.execute(self._scope_statement(rtype, len(rows)), params)
 
-    @functools.cache  # noqa: B019  (one policy per process; the cache is per resource type)
-    def _index_scope_statement(self, rtype: str) -> Any:
-        """One ``INSERT … SELECT … UNION ALL …`` per type, built once (hot write path)."""
+    @functools.cache  # noqa: B019  (one policy per process; few types and row counts)
+    def _scope_statement(self, rtype: str, listed: int) -> Any:
+        """One ``INSERT … SELECT … UNION ALL …`` per type and number of listed rows (bound as
+        ``s<i>_<column>``), built once (hot write path)."""
         ref = idx_reference.c
         pid = bindparam("scope_pid")
         parts: list[Any] = []
@@ -283,6 +291,11 @@ class AccessPolicy:
                 scope.c.kind == ScopeKind.CASE,
             )
             .distinct()
+        )
+        columns = ("pid", "kind", "ref_type", "ref_id")
+        parts.extend(
+            select(*(bindparam(f"s{i}_{c}", type_=access_scope.c[c].type) for c in columns))
+            for i in range(listed)
         )
         return _scope_from_select(union_all(*parts))
 
@@ -653,6 +666,7 @@ class _SearchFilter:
 
 
 _INSERT_SCOPE = insert(access_scope)
+_LISTED_MAX = 8  # access rows of a write listed in its scope statement (more: executemany)
 
 
 def _visibility_key(caller: Principal) -> tuple[Any, ...]:

@@ -27,14 +27,16 @@ def build_engine(url: str, *, pool_size: int = 16) -> Engine:
     if parsed.get_backend_name() == "sqlite":
         engine = _sqlite_engine(url, parsed.database)
     else:
-        engine = create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_recycle=3600)
-
-        @event.listens_for(engine, "connect")
-        def _on_connect(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
-            # psycopg still COMMITs / ROLLBACKs an open transaction (it asks the server's
-            # transaction status), and skips the round trip when none is open.
-            dbapi_conn.autocommit = True
-
+        # The driver in autocommit mode (SQLAlchemy also restores it when a connection goes back
+        # to the pool); psycopg still COMMITs / ROLLBACKs a transaction opened by BEGIN (it asks
+        # the server's transaction status) and skips the round trip when none is open.
+        engine = create_engine(
+            url,
+            pool_size=pool_size,
+            max_overflow=pool_size,
+            pool_recycle=3600,
+            isolation_level="AUTOCOMMIT",
+        )
         event.listen(engine, "begin", _emit_begin)
     _engines.append(engine)
     return engine
@@ -68,7 +70,7 @@ def _sqlite_engine(url: str, database: str | None) -> Engine:
 def _emit_begin(conn: Connection) -> None:
     """Open the transaction SQLAlchemy begins (none on an :data:`AUTOCOMMIT_OPTION` connection)."""
     options = conn.get_execution_options()
-    if options.get(AUTOCOMMIT_OPTION):
+    if options.get(AUTOCOMMIT_OPTION) or options.get("isolation_level") == "AUTOCOMMIT":
         return
     sqlite_write = options.get(WRITE_OPTION) and conn.dialect.name == "sqlite"
     conn.exec_driver_sql("BEGIN IMMEDIATE" if sqlite_write else "BEGIN")
