@@ -381,16 +381,21 @@ class Tx:
             "deleted": False,
             "content": content,
         }
-        if method == "PUT":
-            # A concurrent create-on-update of the same id must not fail with a 500: whoever
-            # loses the race sees no row returned and the caller retries as an update.
-            stmt = _insert_unless_exists(self.conn.dialect.name)
+        # A concurrent create-on-update of the same id must not fail with a 500: whoever loses
+        # the race sees no row returned and the caller retries as an update.
+        unless_exists = method == "PUT"
+        if self.repo.postgres:  # the row and its history row in one statement
+            row = self.conn.execute(
+                _pg_insert_with_history(unless_exists), {**values, "h_method": method}
+            ).first()
         else:
-            stmt = _INSERT_RESOURCE
-        row = self.conn.execute(stmt, values).first()
+            stmt = _insert_unless_exists(self.conn.dialect.name) if unless_exists else None
+            row = self.conn.execute(stmt if stmt is not None else _INSERT_RESOURCE, values).first()
         if row is None:
             raise _IdTaken()
         stored = StoredResource(row.pid, res_type, res_id, 1, now, False, content, method, body)
+        if not self.repo.postgres:
+            self._insert_history(stored)
         self._after_write(stored, method, HookPoint.AFTER_CREATE, previous=None)
         return stored
 
@@ -435,7 +440,7 @@ class Tx:
         version = current.version + 1
         now = max(utc_now(), current.last_updated)
         content = _stamp(body, current.res_id, version, now)
-        self._bump(current, version, now, content)
+        self._bump(current, version, now, content, method)
         stored = StoredResource(
             current.pid,
             current.res_type,
@@ -474,9 +479,8 @@ class Tx:
         self._fire(HookPoint.BEFORE_DELETE, res_type, res_id, None, previous=previous)
         version = current.version + 1
         now = max(utc_now(), current.last_updated)
-        self._bump(current, version, now, None)
+        self._bump(current, version, now, None, "DELETE")
         stored = StoredResource(current.pid, res_type, res_id, version, now, True, None, "DELETE")
-        self._insert_history(stored)
         indexer.write_index(self.conn, self.repo.registry, stored.pid, res_type, None)
         self._fire(HookPoint.AFTER_DELETE, res_type, res_id, None, previous=previous)
         self._queue_commit_event(res_type, res_id, None, previous)
@@ -638,7 +642,6 @@ class Tx:
         *,
         previous: dict[str, Any] | None,
     ) -> None:
-        self._insert_history(stored)
         indexer.write_index(
             self.conn, self.repo.registry, stored.pid, stored.res_type, stored.resource
         )
@@ -654,21 +657,33 @@ class Tx:
         self._queue_commit_event(stored.res_type, stored.res_id, stored.resource, previous)
 
     def _bump(
-        self, current: StoredResource, version: int, now: datetime, content: bytes | None
+        self,
+        current: StoredResource,
+        version: int,
+        now: datetime,
+        content: bytes | None,
+        method: str,
     ) -> None:
-        """Move the row to ``version`` (``None``: deleted); 409 if another writer did first."""
-        result = self.conn.execute(
-            _BUMP_RESOURCE,
-            {
-                "b_pid": current.pid,
-                "b_version": current.version,
-                "version": version,
-                "last_updated": now,
-                "deleted": content is None,
-                "content": content,
-            },
-        )
-        if result.rowcount != 1:
+        """Move the row to ``version`` (``None``: deleted) and record the version in the history
+        (one statement on PostgreSQL); 409 if another writer did first."""
+        values = {
+            "b_pid": current.pid,
+            "b_version": current.version,
+            "version": version,
+            "last_updated": now,
+            "deleted": content is None,
+            "content": content,
+        }
+        if self.repo.postgres:
+            moved = self.conn.execute(_PG_BUMP_WITH_HISTORY, {**values, "h_method": method})
+            done = moved.first() is not None
+        else:
+            done = self.conn.execute(_BUMP_RESOURCE, values).rowcount == 1
+            if done:
+                deleted = content is None
+                row = (current.pid, current.res_type, current.res_id, version, now, deleted)
+                self._insert_history(StoredResource(*row, content, method))
+        if not done:
             raise FhirError(
                 409,
                 "conflict",
@@ -795,6 +810,45 @@ _BUMP_RESOURCE = (
         last_updated=bindparam("last_updated"),
         deleted=bindparam("deleted"),
         content=bindparam("content"),
+    )
+)
+
+
+_VERSION_COLUMNS = ("res_type", "res_id", "version", "last_updated", "deleted", "content")
+
+
+def _history_of(written: Any) -> Any:
+    """PostgreSQL: insert into ``resource_history`` the rows a data-modifying CTE returned."""
+    return (
+        insert(resource_history)
+        .from_select(
+            ["pid", *_VERSION_COLUMNS, "method"],
+            select(
+                written.c.pid,
+                *(written.c[c] for c in _VERSION_COLUMNS),
+                bindparam("h_method", type_=resource_history.c.method.type),
+            ),
+        )
+        .returning(resource_history.c.pid)
+    )
+
+
+@cache
+def _pg_insert_with_history(unless_exists: bool) -> Any:
+    """PostgreSQL: insert a first version (``ON CONFLICT DO NOTHING`` if ``unless_exists``) and
+    its history row; returns the pid, or no row when the id was taken."""
+    from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+    written = pg_insert(resource).values({c: bindparam(c) for c in _VERSION_COLUMNS})
+    if unless_exists:
+        written = written.on_conflict_do_nothing()
+    returned = (resource.c.pid, *(resource.c[c] for c in _VERSION_COLUMNS))
+    return _history_of(written.returning(*returned).cte("written"))
+
+
+_PG_BUMP_WITH_HISTORY = _history_of(
+    _BUMP_RESOURCE.returning(resource.c.pid, *(resource.c[c] for c in _VERSION_COLUMNS)).cte(
+        "written"
     )
 )
 
