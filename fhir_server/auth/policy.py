@@ -31,6 +31,7 @@ from enum import IntEnum
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from sqlalchemy import (
     Connection,
     and_,
@@ -239,9 +240,12 @@ class AccessPolicy:
     ) -> None:
         """PATIENT rows from the compartment references, CASE rows from case references, and
         ``rows``: one statement for the usual few rows (a write's round trips add up)."""
-        if len(rows) > _LISTED_MAX:
+        if len(rows) > _LISTED_MAX:  # a Provenance of a whole transaction, a broadcast …
             conn.execute(self._scope_statement(rtype, 0), {"scope_pid": pid})
-            conn.execute(_INSERT_SCOPE, rows)
+            if conn.dialect.name == "postgresql":  # one statement, rows as one JSON array
+                conn.exec_driver_sql(_PG_INSERT_SCOPE_ROWS, (orjson.dumps(rows).decode(),))
+            else:
+                conn.execute(_INSERT_SCOPE, rows)
             return
         params: dict[str, Any] = {"scope_pid": pid}
         for i, row in enumerate(rows):
@@ -666,6 +670,10 @@ class _SearchFilter:
 
 
 _INSERT_SCOPE = insert(access_scope)
+_PG_INSERT_SCOPE_ROWS = (
+    "INSERT INTO access_scope (pid, kind, ref_type, ref_id) SELECT pid, kind, ref_type, ref_id"
+    " FROM json_populate_recordset(NULL::access_scope, %s)"
+)
 _LISTED_MAX = 8  # access rows of a write listed in its scope statement (more: executemany)
 
 

@@ -635,3 +635,31 @@ def test_only_the_case_task_assigns_a_case(app, world: World) -> None:
     _store(app, [("Task", f"rogue-{world.ids['caseB1']}", rogue)])
     assert world.clients["prov1"].get(f"/fhir/{world.ref('caseB1')}").status_code == 404
     assert world.clients["prov2"].get(f"/fhir/{world.ref('caseB1')}").status_code == 200
+
+
+def test_a_large_transaction_provenance_is_seen_through_its_targets(world: World) -> None:
+    """A transaction's shared Provenance gets an access row per target (more than fit in the
+    write's scope statement: they go in as one batch): requester A, who wrote the Patients,
+    sees it; requester B, who sees none of them, does not."""
+    u = uuid.uuid4().hex[:8]
+    entries = [
+        {
+            "resource": {"resourceType": "Patient", "name": [{"family": f"Bulk{u}{n}"}]},
+            "request": {"method": "POST", "url": "Patient"},
+        }
+        for n in range(12)
+    ]
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+    response = world.clients["reqA"].post("/fhir", json=bundle)
+    assert response.status_code == 200, response.text
+    written = [e["response"]["location"].split("/fhir/")[1] for e in response.json()["entry"]]
+    target = written[-1].split("/_history")[0]
+    for role, expected in (("reqA", 1), ("reqB", 0), ("admin", 1)):
+        found = world.clients[role].get("/fhir/Provenance", params={"target": target})
+        assert found.status_code == 200
+        provenances = [e["resource"] for e in found.json().get("entry", ())]
+        assert len(provenances) == expected, role
+        if expected:
+            assert sorted(t["reference"] for t in provenances[0]["target"]) == sorted(written)
+    for ref in written:
+        assert world.clients["reqB"].get(f"/fhir/{ref.split('/_history')[0]}").status_code == 404
