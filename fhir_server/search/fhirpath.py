@@ -55,14 +55,25 @@ Step = Callable[[list[Node]], list[Node]]
 
 
 def _child(name: str) -> Step:
+    # What a child of a given parent type resolves to never changes: looked up once per type.
+    resolved: dict[str, tuple[str, tuple[str, ...] | None, str | None]] = {}
+
+    def lookup(base: str) -> tuple[str, tuple[str, ...] | None, str | None]:
+        path = _resolve(base, name)
+        typ = _PATH_TYPE.get(path)
+        choices = _CHOICES.get(path)
+        entry = (path, tuple(choices) if choices is not None else None, _STRING.get(typ, typ))
+        resolved[base] = entry
+        return entry
+
     def step(nodes: list[Node]) -> list[Node]:
         out: list[Node] = []
         for node in nodes:
             value = node.value
             if not isinstance(value, dict):
                 continue
-            path = _resolve(node.path if node.type is None else node.type, name)
-            choices = _CHOICES.get(path)
+            base = node.path if node.type is None else node.type
+            path, choices, typ = resolved.get(base) or lookup(base)
             if choices is not None:
                 for choice in choices:
                     found = value.get(name + choice[0].upper() + choice[1:])
@@ -72,15 +83,16 @@ def _child(name: str) -> Step:
             found = value.get(name)
             if found is None:
                 continue
-            typ = _PATH_TYPE.get(path)
-            if typ == "System.String":
-                typ = "string"
             if typ == "Resource" and isinstance(found, dict):
-                typ = found.get("resourceType")
-            _append(out, found, typ, path)
+                _append(out, found, found.get("resourceType"), path)
+            else:
+                _append(out, found, typ, path)
         return out
 
     return step
+
+
+_STRING = {"System.String": "string"}
 
 
 def _resolve(base: str, name: str) -> str:

@@ -51,6 +51,7 @@ class SearchParam:
     target: tuple[str, ...] = ()
     components: tuple[Component, ...] = ()
     modifiers: tuple[str, ...] = ()
+    _identities: dict[tuple[str, str], int] = field(default_factory=dict, repr=False)
 
     @property
     def resource_level(self) -> bool:
@@ -62,8 +63,13 @@ class SearchParam:
         return "Resource" if self.resource_level else resource_type
 
     def identity(self, resource_type: str, suffix: str = "") -> int:
-        """``hash_identity`` of this parameter's index rows for ``resource_type``."""
-        return hash64(self.owner(resource_type), self.code + suffix)
+        """``hash_identity`` of this parameter's index rows for ``resource_type`` (memoized:
+        every extraction and search asks for it)."""
+        key = (resource_type, suffix)
+        found = self._identities.get(key)
+        if found is None:
+            found = self._identities[key] = hash64(self.owner(resource_type), self.code + suffix)
+        return found
 
 
 @dataclass(slots=True)
