@@ -77,7 +77,8 @@ def page_statement(
 ) -> tuple[Compiled, dict[str, Any] | None]:
     """The compiled page (see :func:`compile_search`) and the parameters to execute it with
     (``None``: the statement carries its own values)."""
-    shape = shape_of(registry, query, options, limit, position, max_pid, columns)
+    later_page = position is not None or max_pid is not None
+    shape = None if later_page else shape_of(query, options, limit, columns)
     if shape is None:
         compiled = compile_search(
             registry, query, options, limit=limit, position=position, max_pid=max_pid,
@@ -113,17 +114,14 @@ def _cache_of(registry: SearchRegistry) -> dict[Hashable, Compiled]:
 
 
 def shape_of(
-    registry: SearchRegistry,
     query: SearchQuery,
     options: CompileOptions,
     limit: int | None,
-    position: Position | None,
-    max_pid: int | None,
     columns: Sequence[str],
 ) -> tuple[Hashable, list[Any]] | None:
-    """(shape key, values in binding order) of a page query that can reuse a statement, else
-    ``None``. Raises what the compiler raises for a malformed value."""
-    if position is not None or max_pid is not None or options.extra:
+    """(shape key, values in binding order) of a first-page query that can reuse a statement,
+    else ``None``. Raises what the compiler raises for a malformed value."""
+    if options.extra:
         return None
     access_key = None
     if options.access_filter is not None:

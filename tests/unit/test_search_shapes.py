@@ -133,7 +133,7 @@ def test_what_changes_the_sql_changes_the_shape(
     def key(params: list[tuple[str, str]]) -> Any:
         query = parse_query(registry, (rtype,), params)
         count = (query.count or 20) + 1
-        shape = shapes.shape_of(registry, query, options, count, None, None, ())
+        shape = shapes.shape_of(query, options, count, ())
         assert shape is not None
         return shape[0]
 
