@@ -1,7 +1,7 @@
 """Page statements built once per query shape and run again with new values.
 
 Building a search's SQLAlchemy statement and computing its cache key cost more CPU than
-PostgreSQL spends answering it (about 30% of a ``Patient?identifier=`` request, measured with
+PostgreSQL spends answering it (30 to 40% of a ``Patient?identifier=`` request, measured with
 py-spy). Most searches repeat a few shapes with other values: the same parameters, modifiers
 and sort, a different identifier or name. For those, :func:`page_statement` keeps the compiled
 page statement, whose values are named parameters (``sv_0``, ``sv_1`` …, given out by a
