@@ -389,8 +389,9 @@ class Tx:
                 _pg_insert_with_history(unless_exists), {**values, "h_method": method}
             ).first()
         else:
-            stmt = _insert_unless_exists(self.conn.dialect.name) if unless_exists else None
-            row = self.conn.execute(stmt if stmt is not None else _INSERT_RESOURCE, values).first()
+            dialect = self.conn.dialect.name
+            stmt = _insert_unless_exists(dialect) if unless_exists else _INSERT_RESOURCE
+            row = self.conn.execute(stmt, values).first()
         if row is None:
             raise _IdTaken()
         stored = StoredResource(row.pid, res_type, res_id, 1, now, False, content, method, body)
