@@ -19,7 +19,6 @@ from fhir_server.search.extract import extract_rows
 from fhir_server.search.registry import SearchRegistry
 from fhir_server.storage.index_schema import INDEX_TABLES
 
-_TABLES: dict[str, Table] = {t.name: t for t in INDEX_TABLES}
 _VALUE_COLUMNS: dict[str, tuple[str, ...]] = {
     t.name: tuple(c.name for c in t.columns if c.name != "pid") for t in INDEX_TABLES
 }

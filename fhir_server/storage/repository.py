@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from functools import cache, partial
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -35,6 +35,8 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import OperationalError
 
 from fhir_server.auth.scopes import Permission
@@ -381,22 +383,10 @@ class Tx:
             "deleted": False,
             "content": content,
         }
-        # A concurrent create-on-update of the same id must not fail with a 500: whoever loses
-        # the race sees no row returned and the caller retries as an update.
-        unless_exists = method == "PUT"
-        if self.repo.postgres:  # the row and its history row in one statement
-            row = self.conn.execute(
-                _pg_insert_with_history(unless_exists), {**values, "h_method": method}
-            ).first()
-        else:
-            dialect = self.conn.dialect.name
-            stmt = _insert_unless_exists(dialect) if unless_exists else _INSERT_RESOURCE
-            row = self.conn.execute(stmt, values).first()
+        row = self._insert_first_version(values, method)
         if row is None:
             raise _IdTaken()
         stored = StoredResource(row.pid, res_type, res_id, 1, now, False, content, method, body)
-        if not self.repo.postgres:
-            self._insert_history(stored)
         self._after_write(stored, method, HookPoint.AFTER_CREATE, previous=None)
         return stored
 
@@ -681,9 +671,8 @@ class Tx:
         else:
             done = self.conn.execute(_BUMP_RESOURCE, values).rowcount == 1
             if done:
-                deleted = content is None
-                row = (current.pid, current.res_type, current.res_id, version, now, deleted)
-                self._insert_history(StoredResource(*row, content, method))
+                row = {"pid": current.pid, "res_type": current.res_type, "res_id": current.res_id}
+                self._insert_history({**values, **row}, method)
         if not done:
             raise FhirError(
                 409,
@@ -692,19 +681,28 @@ class Tx:
                 code="MSO-REST-409",
             )
 
-    def _insert_history(self, stored: StoredResource) -> None:
+    def _insert_first_version(self, values: dict[str, Any], method: str) -> Any:
+        """Insert version 1 and its history row (one statement on PostgreSQL); the new row
+        (``pid``), or ``None`` when a create-on-update (PUT) finds the id taken.
+
+        A concurrent create-on-update of the same id must not fail with a 500: whoever loses
+        the race sees no row returned and the caller retries as an update.
+        """
+        unless_exists = method == "PUT"
+        if self.repo.postgres:
+            statement = _PG_INSERT_WITH_HISTORY[unless_exists]
+            return self.conn.execute(statement, {**values, "h_method": method}).first()
+        statement = _SQLITE_INSERT_UNLESS_EXISTS if unless_exists else _INSERT_RESOURCE
+        row = self.conn.execute(statement, values).first()
+        if row is not None:
+            self._insert_history({**values, "pid": row.pid}, method)
+        return row
+
+    def _insert_history(self, version: dict[str, Any], method: str) -> None:
+        """SQLite: record a version (the row's columns in ``version``) in the history."""
         self.conn.execute(
             _INSERT_HISTORY,
-            {
-                "pid": stored.pid,
-                "version": stored.version,
-                "res_type": stored.res_type,
-                "res_id": stored.res_id,
-                "last_updated": stored.last_updated,
-                "deleted": stored.deleted,
-                "method": stored.method or "PUT",
-                "content": stored.content,
-            },
+            {column: version[column] for column in ("pid", *_VERSION_COLUMNS)} | {"method": method},
         )
 
     def _fire(
@@ -794,9 +792,8 @@ def _stamp(body: dict[str, Any], res_id: str, version: int, now: datetime) -> by
 
 
 # Statements built once: executing a constant statement hits SQLAlchemy's compiled cache
-# without rebuilding and hashing a new statement object on every write.
-# Hot statements are built once: building one per call and computing its cache key cost
-# about as much CPU as running it.
+# without rebuilding and hashing a new statement object on every write (that cost about as
+# much CPU as running it).
 _CURRENT = select(*_CURRENT_COLUMNS).where(
     resource.c.res_type == bindparam("c_type"), resource.c.res_id == bindparam("c_id")
 )
@@ -834,12 +831,9 @@ def _history_of(written: Any) -> Any:
     )
 
 
-@cache
 def _pg_insert_with_history(unless_exists: bool) -> Any:
     """PostgreSQL: insert a first version (``ON CONFLICT DO NOTHING`` if ``unless_exists``) and
     its history row; returns the pid, or no row when the id was taken."""
-    from sqlalchemy.dialects.postgresql import insert as pg_insert
-
     written = pg_insert(resource).values({c: bindparam(c) for c in _VERSION_COLUMNS})
     if unless_exists:
         written = written.on_conflict_do_nothing()
@@ -847,18 +841,12 @@ def _pg_insert_with_history(unless_exists: bool) -> Any:
     return _history_of(written.returning(*returned).cte("written"))
 
 
+_PG_INSERT_WITH_HISTORY = {unless: _pg_insert_with_history(unless) for unless in (False, True)}
 _PG_BUMP_WITH_HISTORY = _history_of(
     _BUMP_RESOURCE.returning(resource.c.pid, *(resource.c[c] for c in _VERSION_COLUMNS)).cte(
         "written"
     )
 )
-
-
-@cache
-def _insert_unless_exists(dialect: str) -> Any:
-    """``INSERT … ON CONFLICT DO NOTHING RETURNING pid`` into ``resource`` for ``dialect``."""
-    if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as dialect_insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert as dialect_insert
-    return dialect_insert(resource).on_conflict_do_nothing().returning(resource.c.pid)
+_SQLITE_INSERT_UNLESS_EXISTS = (
+    sqlite_insert(resource).on_conflict_do_nothing().returning(resource.c.pid)
+)
