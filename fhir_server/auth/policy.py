@@ -41,6 +41,7 @@ from sqlalchemy import (
     false,
     insert,
     literal,
+    literal_column,
     not_,
     or_,
     select,
@@ -54,6 +55,7 @@ from fhir_server.auth.scopes import Permission, ResourceScope
 from fhir_server.fhir.definitions import load_json
 from fhir_server.fhir.outcome import FhirError
 from fhir_server.storage.access_schema import access_scope, case_access
+from fhir_server.storage.engine import execute_constant
 from fhir_server.storage.index_schema import idx_reference
 from fhir_server.storage.schema import resource
 from fhir_server.workflow.codes import (
@@ -250,7 +252,7 @@ class AccessPolicy:
         params: dict[str, Any] = {"scope_pid": pid}
         for i, row in enumerate(rows):
             params.update({f"s{i}_{column}": value for column, value in row.items()})
-        conn.execute(self._scope_statement(rtype, len(rows)), params)
+        execute_constant(conn, self._scope_statement(rtype, len(rows)), params)
 
     @functools.cache  # noqa: B019  (one policy per process; few types and row counts)
     def _scope_statement(self, rtype: str, listed: int) -> Any:
@@ -267,7 +269,8 @@ class AccessPolicy:
                     ref.pid == pid,
                     ref.target_type == "Patient",
                     ref.target_id.is_not(None),
-                    ref.hash_identity.in_(identities),
+                    # constants in the SQL: an expanding IN list is re-rendered per execution
+                    ref.hash_identity.in_([literal_column(str(int(i))) for i in identities]),
                 )
                 .distinct()
             )

@@ -40,6 +40,7 @@ from fhir_server.auth.secrets import new_token
 from fhir_server.config import Settings
 from fhir_server.fhir.outcome import FhirError
 from fhir_server.storage.auth_schema import auth_access_token, auth_client, auth_user
+from fhir_server.storage.engine import driver_params
 from fhir_server.storage.repository import utc_now
 
 ACCESS_TOKEN_TYPE = "at+jwt"
@@ -92,7 +93,6 @@ class TokenService:
         self.settings = settings
         self.keys = keys or KeyStore(engine)
         self._verified: dict[str, _Verified] = {}
-        self._status_sql: tuple[str, Any] | None = None
 
     # -- URLs ------------------------------------------------------------------------------------
 
@@ -342,14 +342,7 @@ class TokenService:
         """The revocation/disabled flags of ``jti``, by one indexed query on a raw DB-API
         connection: on this per-request path SQLAlchemy's connection and result machinery
         costs several times the query itself (measured: ~30 µs raw vs ~240 µs on SQLite)."""
-        if self._status_sql is None:
-            compiled = _STATUS.compile(dialect=self.engine.dialect)
-            self._status_sql = (str(compiled), compiled)
-        sql, compiled = self._status_sql
-        bound = compiled.construct_params({"jti": jti})
-        params = (
-            tuple(bound[k] for k in compiled.positiontup or ()) if compiled.positional else bound
-        )
+        sql, params = driver_params(_STATUS, self.engine.dialect, {"jti": jti})
         conn = self.engine.raw_connection()
         try:
             # The engine's connections run statements on their own unless SQLAlchemy begins a

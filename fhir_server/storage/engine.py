@@ -11,10 +11,13 @@ request (SQLAlchemy's ``isolation_level="AUTOCOMMIT"``) cost about 4% of a searc
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import Dialect, make_url
+from sqlalchemy.sql import Executable
 
 WRITE_OPTION = "mso_write"
 AUTOCOMMIT_OPTION = "mso_autocommit"
@@ -79,3 +82,55 @@ def _emit_begin(conn: Connection) -> None:
 def is_postgres(engine: Engine) -> bool:
     """True for a PostgreSQL engine."""
     return engine.dialect.name == "postgresql"
+
+
+@functools.lru_cache(maxsize=256)
+def _driver_sql(statement: Executable, dialect: Dialect) -> tuple[str, Any]:
+    compiled = statement.compile(dialect=dialect)  # type: ignore[attr-defined]
+    return str(compiled), compiled
+
+
+def driver_params(statement: Executable, dialect: Dialect, values: dict[str, Any]) -> tuple:
+    """The SQL text of a constant ``statement`` for ``dialect`` (compiled once) and ``values``
+    in the driver's parameter style, for running it on a DB-API cursor."""
+    sql, compiled = _driver_sql(statement, dialect)
+    bound = compiled.construct_params(values)
+    if compiled.positional:
+        return sql, tuple(bound[k] for k in compiled.positiontup or ())
+    return sql, bound
+
+
+def execute_constant(conn: Connection, statement: Executable, values: dict[str, Any]) -> None:
+    """Run a constant ``statement`` (compiled once) with ``values`` on the DB-API cursor of
+    ``conn``, inside its transaction: for statements on a write's hot path, where SQLAlchemy's
+    per-execution work (parameter processing, result setup) cost more CPU than the database
+    spent on them."""
+    sql, params = driver_params(statement, conn.dialect, values)
+    raw = conn.connection.dbapi_connection
+    assert raw is not None
+    cursor = raw.cursor()
+    try:
+        cursor.execute(sql, params)
+    finally:
+        cursor.close()
+
+
+def fetch_unprepared(conn: Connection, statement: Executable, values: dict[str, Any]) -> Any:
+    """PostgreSQL: the first row of ``statement`` run as an unnamed statement, planned for
+    ``values`` and the table's current size (a named tuple, or ``None``).
+
+    psycopg prepares a statement after a few executions, and PostgreSQL may then keep one
+    generic plan for it. A generic plan made while a table was nearly empty stays until the
+    table's statistics change: on a fresh database the lookup of a resource by type and id
+    was planned on the ``(res_type, last_updated)`` index and read every row of the type on
+    each write (measured: 0.3 ms and 85 buffers per lookup after 3,500 Patients, growing).
+    Planning each time costs about 0.04 ms.
+    """
+    from psycopg.rows import namedtuple_row
+
+    sql, params = driver_params(statement, conn.dialect, values)
+    raw = conn.connection.dbapi_connection
+    assert raw is not None
+    with raw.cursor(row_factory=namedtuple_row) as cursor:  # type: ignore[call-arg]
+        cursor.execute(sql, params, prepare=False)
+        return cursor.fetchone()

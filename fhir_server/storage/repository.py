@@ -43,7 +43,7 @@ from fhir_server.auth.scopes import Permission
 from fhir_server.fhir.outcome import FhirError, gone, not_found
 from fhir_server.hooks import HookEvent, HookPoint, Hooks
 from fhir_server.storage import indexer, search_exec
-from fhir_server.storage.engine import AUTOCOMMIT_OPTION, WRITE_OPTION
+from fhir_server.storage.engine import AUTOCOMMIT_OPTION, WRITE_OPTION, fetch_unprepared
 from fhir_server.storage.schema import binary_content, resource, resource_history
 
 if TYPE_CHECKING:
@@ -273,8 +273,12 @@ class Tx:
         self, res_type: str, res_id: str, *, for_update: bool = False
     ) -> StoredResource | None:
         """The current row of a resource (deleted or not), or ``None`` if it never existed."""
-        stmt = _CURRENT_FOR_UPDATE if for_update and self.repo.postgres else _CURRENT
-        row = self.conn.execute(stmt, {"c_type": res_type, "c_id": res_id}).first()
+        values = {"c_type": res_type, "c_id": res_id}
+        if for_update and self.repo.postgres:
+            # a write's lookup, planned afresh each time (see fetch_unprepared)
+            row = fetch_unprepared(self.conn, _CURRENT_FOR_UPDATE, values)
+        else:
+            row = self.conn.execute(_CURRENT, values).first()
         return _stored(row) if row else None
 
     def read(self, res_type: str, res_id: str) -> StoredResource:
