@@ -41,10 +41,9 @@ idx_string = Table(
     *_common(),
     Column("value_norm", BinaryString, nullable=False),
     Column("value_exact", Text, nullable=False),
-    Column("hash_exact", BigInteger, nullable=False),
     Index("ix_idx_string_pid", "pid"),
+    # also serves :exact (an exact value has one normalized form; value_exact is a filter)
     Index("ix_idx_string_norm", "hash_identity", "value_norm", "pid"),
-    Index("ix_idx_string_exact", "hash_exact", "pid"),
 )
 
 idx_token = Table(
@@ -60,8 +59,9 @@ idx_token = Table(
     Index("ix_idx_token_pid", "pid"),
     Index("ix_idx_token_sys_value", "hash_sys_value", "pid"),
     Index("ix_idx_token_value", "hash_value", "pid"),
-    Index("ix_idx_token_sys", "hash_sys", "pid"),
-    Index("ix_idx_token_identity", "hash_identity", "pid"),
+    # ``system|`` searches give the identity too: one index serves them and identity-only scans
+    # (:missing, :text), one B-tree less to maintain per row
+    Index("ix_idx_token_identity", "hash_identity", "hash_sys", "pid"),
 )
 
 idx_date = Table(

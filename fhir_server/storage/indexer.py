@@ -50,8 +50,12 @@ def write_index(
         _replace(conn, table, pid, new)
 
 
+# The pid is a parameter of its own: the rows are serialized as extracted, without a copy
+# of each carrying it.
 _INSERT_SQL = {
-    t.name: f"INSERT INTO {t.name} SELECT * FROM json_populate_recordset(NULL::{t.name}, %s)"
+    t.name: f"INSERT INTO {t.name} (pid, {', '.join(_VALUE_COLUMNS[t.name])}) "
+    f"SELECT %s, {', '.join(_VALUE_COLUMNS[t.name])} "
+    f"FROM json_populate_recordset(NULL::{t.name}, %s)"
     for t in INDEX_TABLES
 }
 _DELETE_SQL = {t.name: f"DELETE FROM {t.name} WHERE pid = %s" for t in INDEX_TABLES}
@@ -78,11 +82,7 @@ def _write_postgres(
         new = rows.get(table.name)
         if new:
             parts.append(_INSERT_SQL[table.name])
-            params.append(
-                orjson.dumps(
-                    [{"pid": pid, "grp": 0, **row} for row in _dedupe(table, new)]
-                ).decode()
-            )
+            params.extend((pid, orjson.dumps(_dedupe(table, new)).decode()))
     if not parts:
         return
     *ctes, last = parts
@@ -96,7 +96,7 @@ def _write_postgres(
 
 
 def _key(table: Table, row: dict[str, Any]) -> tuple[Any, ...]:
-    return tuple(row.get(c) for c in _VALUE_COLUMNS[table.name])
+    return tuple(map(row.get, _VALUE_COLUMNS[table.name]))
 
 
 def _dedupe(table: Table, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -1,8 +1,9 @@
 """String search parameters: http://hl7.org/fhir/R4/search.html#string.
 
 Default matching is case- and accent-insensitive *starts with* on the normalized value (an index
-range scan on ``(hash_identity, value_norm)``); ``:exact`` is a case-sensitive full match (on
-``hash_exact``); ``:contains`` matches anywhere. HumanName and Address index each of their
+range scan on ``(hash_identity, value_norm)``); ``:exact`` is a case-sensitive full match (the
+same index: equality on the normalized value, then on ``value_exact``); ``:contains`` matches
+anywhere. HumanName and Address index each of their
 parts, other complex types every string they contain.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from fhir_server.search.fhirpath import Node
-from fhir_server.search.hashing import hash64, normalize
+from fhir_server.search.hashing import normalize
 from fhir_server.search.registry import SearchParam
 from fhir_server.search.types.base import (
     Cmp,
@@ -63,7 +64,6 @@ def string_row(identity: int, text: str, grp: int = 0) -> dict[str, Any]:
         "grp": grp,
         "value_norm": normalize(text),
         "value_exact": exact,
-        "hash_exact": hash64(str(identity), exact),
     }
 
 
@@ -84,9 +84,15 @@ def predicate(
 ) -> Pred:
     """Row predicate for one string search value."""
     text = unescape(value)
-    if modifier == "exact":
-        return Cmp("hash_exact", "=", hash64(str(identity), text[:EXACT_LENGTH]))
     base = Cmp("hash_identity", "=", identity)
+    if modifier == "exact":
+        exact = text[:EXACT_LENGTH]
+        # A stored value equal to ``exact`` has this normalized form (only a value over
+        # EXACT_LENGTH characters whose first 200 normalized ones lie past that many
+        # characters, i.e. almost all whitespace, could differ and go unmatched).
+        return all_of(
+            base, Cmp("value_norm", "=", normalize(exact)), Cmp("value_exact", "=", exact)
+        )
     if modifier == "contains":
         return all_of(base, Contains("value_norm", normalize(text)))
     if modifier is None:

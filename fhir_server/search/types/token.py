@@ -20,6 +20,7 @@ from fhir_server.search.hashing import hash64, normalize
 from fhir_server.search.registry import SearchParam
 from fhir_server.search.types.base import (
     Cmp,
+    Const,
     Contains,
     In,
     IndexRows,
@@ -148,7 +149,9 @@ def predicate(
         if code:
             return Cmp("hash_sys_value", "=", h_sys_value(identity, system, code))
         if system:
-            return Cmp("hash_sys", "=", h_sys(identity, system))
+            return all_of(
+                Cmp("hash_identity", "=", identity), Cmp("hash_sys", "=", h_sys(identity, system))
+            )
         raise bad_value(param.code, value, "empty system and code")
     if modifier == "text":
         return all_of(
@@ -168,8 +171,10 @@ def predicate(
         exact = tuple(h_sys_value(identity, s, c) for s, c in codes if c)
         systems = tuple(h_sys(identity, s) for s, c in codes if not c and s)
         return any_of(
-            In("hash_sys_value", exact) if exact else Cmp("hash_sys_value", "=", 0),
-            In("hash_sys", systems) if systems else Cmp("hash_sys", "=", 0),
+            In("hash_sys_value", exact) if exact else Const(False),
+            all_of(Cmp("hash_identity", "=", identity), In("hash_sys", systems))
+            if systems
+            else Const(False),
         )
     if modifier in ("above", "below"):
         try:
