@@ -61,6 +61,7 @@ def create_app(settings: Settings | None = None) -> FrontDoor:
         messaging.start()
         yield
         messaging.stop()
+        endpoint.close()
         audit.close()
         engine.dispose()
 
