@@ -18,3 +18,15 @@ def test_migrations_match_the_declared_schema(fresh_db_url):
     finally:
         engine.dispose()
     assert differences == []
+
+
+def test_the_latest_migration_goes_down_and_up_again(fresh_db_url):
+    """0007 (fewer index B-trees) can be undone and redone on both databases."""
+    from alembic import command
+
+    from fhir_server.storage.migrate import alembic_config
+
+    config = alembic_config(fresh_db_url)
+    command.downgrade(config, "0006")
+    command.upgrade(config, "head")
+    test_migrations_match_the_declared_schema(fresh_db_url)
