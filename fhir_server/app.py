@@ -63,7 +63,7 @@ def create_app(settings: Settings | None = None) -> FrontDoor:
         messaging.stop()
         endpoint.close()
         audit.close()
-        engine.dispose()
+        repo.dispose()
 
     app = FastAPI(
         title="MSO FHIR Server",

@@ -267,9 +267,11 @@ def _run(
         _add_outcome(bundle, query)
         return FhirResponse(resource=bundle)
 
+    # outside a transaction Bundle, the page may run on a connection keeping generic plans
+    generic = ctx.repo.generic_plan_reads if ctx.tx is None and ctx.repo.postgres else None
     page = search_exec.run_page(
         conn, registry, query, options, count=count, position=position, max_pid=max_pid,
-        with_resources=True,
+        with_resources=True, generic_plans=generic,
     )  # fmt: skip
     max_pid = page.max_pid
     # Bundle.total: free when the first page holds everything; otherwise only on request

@@ -33,6 +33,7 @@ from sqlalchemy import (
     false,
     func,
     literal,
+    literal_column,
     not_,
     or_,
     select,
@@ -85,6 +86,9 @@ class CompileOptions:
     extra: list[Callable[[Any], ColumnElement[bool]]] = field(default_factory=list)
     subsumption: Callable[[str, str, bool], Sequence[str] | None] | None = None
     binder: Binder | None = None  # names the values of plain criteria (see search.shapes)
+    # PostgreSQL reads with a generic plan: a single equality criterion drives the page from
+    # its index in pid order (see index_driven_criterion)
+    index_driven: bool = False
 
     def value_context(self) -> ValueContext:
         """The part type modules see."""
@@ -110,6 +114,7 @@ class Compiled:
     sort_exprs: list[tuple[ColumnElement[Any], bool]]
     where: list[ColumnElement[bool]]
     alias: Any
+    index_driven: bool = False  # the page is driven from one index (see index_driven_criterion)
 
 
 def compile_search(
@@ -129,6 +134,13 @@ def compile_search(
     orders the page from the index tables (with a trusted index criterion it need not read
     ``resource`` rows at all: see :func:`base_conditions`).
     """
+    backward = position is not None and position.backward
+    driver = index_driven_criterion(registry, query, options) if options.index_driven else None
+    if driver is not None:
+        stmt, where, r = _index_driven_page(query, options, *driver, limit, position, max_pid)
+        return Compiled(
+            _with_columns(stmt, query, [], columns, max_pid, backward), [], where, r, True
+        )
     r = _R
     where = base_conditions(registry, query, options, r, trust_index=bool(columns))
     if max_pid is not None:
@@ -136,33 +148,139 @@ def compile_search(
     sort_exprs = [(_sort_expr(key, query.types, r), key.descending) for key in query.sort]
     keys = [e.label(f"k{i}") for i, (e, _) in enumerate(sort_exprs)]
     stmt = select(r.c.pid, *keys).where(*where)
-    backward = position is not None and position.backward
     if position is not None:
         stmt = stmt.where(_keyset(sort_exprs, r.c.pid, position))
 
-    def order_of(exprs: list[Any], pid: Any) -> list[Any]:
-        order = [
-            e.desc() if desc != backward else e.asc()
-            for e, (_, desc) in zip(exprs, sort_exprs, strict=True)
-        ]
-        order.append(pid.desc() if backward else pid.asc())
-        return order
-
-    stmt = stmt.order_by(*order_of([e for e, _ in sort_exprs], r.c.pid))
+    stmt = stmt.order_by(*_order(sort_exprs, [e for e, _ in sort_exprs], r.c.pid, backward))
     if limit is not None:
         stmt = stmt.limit(limit)
-    if columns:
-        page = stmt.subquery("page")
-        r2 = _R2
-        page_keys = [page.c[f"k{i}"] for i in range(len(sort_exprs))]
-        snapshot = [_MAX_PID] if max_pid is None else []
-        stmt = (
-            select(page.c.pid, *page_keys, *(r2.c[c] for c in columns), *snapshot)
-            .select_from(page.join(r2, r2.c.pid == page.c.pid))
-            .where(*_type_and_live(query.types, r2))
-            .order_by(*order_of(page_keys, page.c.pid))
-        )
-    return Compiled(stmt, sort_exprs, where, r)
+    return Compiled(
+        _with_columns(stmt, query, sort_exprs, columns, max_pid, backward), sort_exprs, where, r
+    )
+
+
+def _order(
+    sort_exprs: list[tuple[ColumnElement[Any], bool]], exprs: list[Any], pid: Any, backward: bool
+) -> list[Any]:
+    """ORDER BY ``exprs`` (in the directions of ``sort_exprs``), then ``pid``; all reversed
+    when paging backward."""
+    order = [
+        e.desc() if desc != backward else e.asc()
+        for e, (_, desc) in zip(exprs, sort_exprs, strict=True)
+    ]
+    order.append(pid.desc() if backward else pid.asc())
+    return order
+
+
+def _with_columns(
+    stmt: Select[Any],
+    query: SearchQuery,
+    sort_exprs: list[tuple[ColumnElement[Any], bool]],
+    columns: Sequence[str],
+    max_pid: int | None,
+    backward: bool,
+) -> Select[Any]:
+    """The page ``stmt`` (pid, sort keys) with the ``resource`` ``columns`` of its rows, fetched
+    for the page's pids only, and the snapshot bound on a first page."""
+    if not columns:
+        return stmt
+    page = stmt.subquery("page")
+    r2 = _R2
+    page_keys = [page.c[f"k{i}"] for i in range(len(sort_exprs))]
+    snapshot = [_MAX_PID] if max_pid is None else []
+    return (
+        select(page.c.pid, *page_keys, *(r2.c[c] for c in columns), *snapshot)
+        .select_from(page.join(r2, r2.c.pid == page.c.pid))
+        .where(*_type_and_live(query.types, r2))
+        .order_by(*_order(sort_exprs, page_keys, page.c.pid, backward))
+    )
+
+
+# -- pages driven from one index ----------------------------------------------------------------
+#
+# PostgreSQL plans a search anew each time it runs (custom plans): for the usual single-criterion
+# search the planning costs several times the execution. A generic plan, made once per
+# connection, would save that, but for ``pid IN (SELECT pid FROM idx WHERE hash = $1)`` the
+# generic row estimate of a value is far off, and the plan then walks the primary key in order
+# until the page is full: milliseconds for a rare value, growing with the table. A page driven
+# from the criterion's index table has one good plan whatever the values: the matching pids,
+# distinct and in pid order, come from the index (lazily when the index holds them in pid order,
+# as for an equality, else sorted: only pids, read from the index alone), behind ``OFFSET 0``
+# so that PostgreSQL cannot merge the two levels; each is then checked against its ``resource``
+# row (type, liveness, access filter) in a correlated subquery, in pid order, until the page is
+# full. Its cost is bounded by the number of matches, never by the size of ``resource``.
+
+
+def index_driven_criterion(
+    registry: SearchRegistry, query: SearchQuery, options: CompileOptions
+) -> tuple[Any, Pred] | None:
+    """(index table, predicate) when the page can be driven from one index table: one type, no
+    ``_sort``, a single positive criterion on a type-specific parameter's own index rows in one
+    table (token, string, date, reference, uri, quantity, number). Else ``None``."""
+    if len(query.types) != 1 or query.sort or len(query.clauses) != 1 or options.extra:
+        return None
+    clause = query.clauses[0]
+    if clause.chain is not None or clause.filter is not None or clause.code in _NOT_PLAIN:
+        return None
+    if not trusted_index_clause(registry, query.types, clause):
+        return None
+    param = clause.param
+    assert param is not None
+    if param.type == "composite":
+        return None
+    criterion = plain_criterion(options, param, param.identity(query.types[0]), clause)
+    if criterion.negate or len(criterion.tables) != 1:
+        return None
+    name, pred = criterion.tables[0]
+    return TABLES[name], pred
+
+
+_NOT_PLAIN = frozenset({"_id", "_lastUpdated", "_list", *special.CODES})
+_DRIVERS = {t.name: t.alias("t") for t in INDEX_TABLES}  # stable aliases: stable cache keys
+
+
+def _index_driven_page(
+    query: SearchQuery,
+    options: CompileOptions,
+    table: Any,
+    pred: Pred,
+    limit: int | None,
+    position: Position | None,
+    max_pid: int | None,
+) -> tuple[Select[Any], list[ColumnElement[bool]], Any]:
+    """``SELECT m.pid FROM (SELECT DISTINCT t.pid FROM <index> t WHERE <pred> ORDER BY t.pid
+    OFFSET 0) m WHERE (SELECT true FROM resource r WHERE r.pid = m.pid AND <type, live,
+    access>) ORDER BY m.pid LIMIT n``."""
+    t = _DRIVERS[table.name]
+    backward = position is not None and position.backward
+    where = [to_sql(pred, t, options.binder)]
+    if max_pid is not None:
+        where.append(t.c.pid <= max_pid)
+    if position is not None:
+        where.append(_keyset([], t.c.pid, position))
+    matches = (
+        select(t.c.pid)
+        .where(*where)
+        .distinct()
+        .order_by(t.c.pid.desc() if backward else t.c.pid.asc())
+        .offset(literal_column("0"))  # a fence: the check below must run on these, in order
+        .subquery("m")
+    )
+    r = _R
+    visible = (
+        select(true())
+        .where(r.c.pid == matches.c.pid, *_type_and_live(query.types, r), *_access(options, r))
+        .scalar_subquery()
+    )
+    stmt = (
+        select(matches.c.pid)
+        .where(visible)
+        .order_by(matches.c.pid.desc() if backward else matches.c.pid.asc())
+    )
+    if limit is not None:
+        # a constant (the page size is part of the query shape): a generic plan then knows it
+        stmt = stmt.limit(literal_column(str(int(limit))))
+    return stmt, where, r
 
 
 def count_statement(

@@ -136,7 +136,8 @@ def shape_of(
             return None
         parts.append(part)
     sort = tuple((key.code, key.descending) for key in query.sort)
-    return (query.types, access_key, tuple(parts), sort, limit, tuple(columns)), values
+    key = (query.types, access_key, tuple(parts), sort, limit, tuple(columns), options.index_driven)
+    return key, values
 
 
 def _clause_shape(

@@ -24,12 +24,23 @@ AUTOCOMMIT_OPTION = "mso_autocommit"
 _engines: list[Engine] = []
 
 
-def build_engine(url: str, *, pool_size: int = 16) -> Engine:
-    """Create the engine for ``url``; for SQLite, create the file's folder and set the pragmas."""
+def build_engine(url: str, *, pool_size: int = 16, generic_plans: bool = False) -> Engine:
+    """Create the engine for ``url``; for SQLite, create the file's folder and set the pragmas.
+
+    ``generic_plans`` (PostgreSQL): every statement is prepared on its first execution and
+    planned once per connection, for no particular values (``plan_cache_mode``); only for
+    statements whose plan does not depend on their values (see ``search.compile``).
+    """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         engine = _sqlite_engine(url, parsed.database)
     else:
+        connect_args: dict[str, Any] = {}
+        if generic_plans:
+            connect_args = {
+                "options": "-c plan_cache_mode=force_generic_plan",
+                "prepare_threshold": 0,
+            }
         # The driver in autocommit mode (SQLAlchemy also restores it when a connection goes back
         # to the pool); psycopg still COMMITs / ROLLBACKs a transaction opened by BEGIN (it asks
         # the server's transaction status) and skips the round trip when none is open.
@@ -39,6 +50,7 @@ def build_engine(url: str, *, pool_size: int = 16) -> Engine:
             max_overflow=pool_size,
             pool_recycle=3600,
             isolation_level="AUTOCOMMIT",
+            connect_args=connect_args,
         )
         event.listen(engine, "begin", _emit_begin)
     _engines.append(engine)

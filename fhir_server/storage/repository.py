@@ -13,6 +13,7 @@ transaction Bundles run every entry in a single ``Tx``.
 from __future__ import annotations
 
 import re
+import threading
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -43,7 +44,12 @@ from fhir_server.auth.scopes import Permission
 from fhir_server.fhir.outcome import FhirError, gone, not_found
 from fhir_server.hooks import HookEvent, HookPoint, Hooks
 from fhir_server.storage import indexer, search_exec
-from fhir_server.storage.engine import AUTOCOMMIT_OPTION, WRITE_OPTION, fetch_unprepared
+from fhir_server.storage.engine import (
+    AUTOCOMMIT_OPTION,
+    WRITE_OPTION,
+    build_engine,
+    fetch_unprepared,
+)
 from fhir_server.storage.schema import binary_content, resource, resource_history
 
 if TYPE_CHECKING:
@@ -179,6 +185,31 @@ class Repository:
         self.validator = validator
         self.policy = policy
         self.postgres = engine.dialect.name == "postgresql"
+        self._generic: Engine | None = None
+        self._generic_lock = threading.Lock()
+
+    @contextmanager
+    def generic_plan_reads(self) -> Iterator[Connection]:
+        """PostgreSQL: an autocommit connection whose statements are planned once per connection
+        for any values (a pool of its own, opened on first use). Only for statements with one
+        good plan whatever their values: see ``search.compile.index_driven_criterion``."""
+        if self._generic is None:
+            with self._generic_lock:
+                if self._generic is None:
+                    self._generic = build_engine(
+                        self.engine.url.render_as_string(hide_password=False),
+                        pool_size=self.engine.pool.size(),  # type: ignore[attr-defined]
+                        generic_plans=True,
+                    )
+        with self._generic.connect() as conn:
+            conn.execution_options(**{AUTOCOMMIT_OPTION: True})
+            yield conn
+
+    def dispose(self) -> None:
+        """Close the pooled connections (application shutdown)."""
+        self.engine.dispose()
+        if self._generic is not None:
+            self._generic.dispose()
 
     def search_access_filter(self, caller: Any) -> Any:
         """The access condition searches apply for ``caller`` (``None``: no restriction)."""

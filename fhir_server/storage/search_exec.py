@@ -10,8 +10,10 @@ stored on the server (by ``url``) or from the R4 ValueSets shipped with the spec
 from __future__ import annotations
 
 import base64
+import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cache
@@ -120,18 +122,28 @@ def run_page(
     position: Position | None,
     max_pid: int | None,
     with_resources: bool = False,
+    generic_plans: Callable[[], AbstractContextManager[Connection]] | None = None,
 ) -> Page:
     """Run one page: ``count`` matches after (or before) ``position``, within the snapshot.
 
     A first page runs without a snapshot bound; one is taken only if there is a next page.
     With ``with_resources`` the page query also returns the stored resources (one round trip).
+    ``generic_plans`` (PostgreSQL, a read outside any transaction) opens a connection whose
+    statements keep one plan: a page that can be driven from one index runs there, unplanned
+    after its first time on the connection.
     """
     columns = _CONTENT if with_resources else ()
+    if generic_plans is not None:
+        options = dataclasses.replace(options, index_driven=True)
     compiled, params = page_statement(
         registry, query, options, limit=count + 1, position=position, max_pid=max_pid,
         columns=columns,
     )  # fmt: skip
-    rows = conn.execute(compiled.statement, params).all()
+    if compiled.index_driven and generic_plans is not None:
+        with generic_plans() as planned_once:
+            rows = planned_once.execute(compiled.statement, params).all()
+    else:
+        rows = conn.execute(compiled.statement, params).all()
     more = len(rows) > count
     rows = rows[:count]
     backward = position is not None and position.backward

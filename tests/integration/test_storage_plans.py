@@ -10,12 +10,13 @@ from fhir_server.storage.engine import build_engine
 from fhir_server.storage.repository import Repository
 
 
+@pytest.mark.parametrize(
+    "fresh_db_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
+)
 def test_a_writes_current_version_lookup_is_never_a_prepared_statement(fresh_db_url):
     """psycopg prepares a statement after five executions, and PostgreSQL may then keep one
     generic plan for it; made on a nearly empty table, that plan read every row of the type on
-    each write. The lookup is planned for its values every time instead."""
-    if not fresh_db_url.startswith("postgresql"):
-        pytest.skip("prepared statements and generic plans are PostgreSQL's")
+    each write. The lookup is planned for its values every time instead (PostgreSQL only)."""
     engine = build_engine(fresh_db_url, pool_size=1)  # one connection: it ran every write
     try:
         repo = Repository(engine, registry=SearchRegistry.load())
