@@ -3,7 +3,9 @@
 http://hl7.org/fhir/R4/search.html. The statement selects ``resource.pid`` (plus the sort
 keys) of current, non-deleted resources: each criterion is ``pid IN (SELECT pid FROM idx_<type>
 WHERE <hash / value predicate>)``, chains and ``_has`` join ``idx_reference`` to ``resource``
-on (target_type, target_id), composites join their components' rows on (pid, grp).
+on (target_type, target_id), composites join their components' rows on (pid, grp). A page with
+a single plain criterion can instead be driven from its index table (see "pages driven from one
+index" below), for PostgreSQL connections that keep one generic plan per statement.
 
 Paging is keyset paging (http://hl7.org/fhir/R4/http.html#paging): results are ordered by the
 ``_sort`` keys (missing values last) and then ``pid``; a page position is the key tuple of a
