@@ -147,8 +147,8 @@ def everything(ctx: InteractionContext, req: FhirRequest, patient_id: str | None
                 compartment_condition(registry, params, "Patient", patient_id, rtype)
             )
             page = search_exec.run_page(
-                tx.conn, registry, q, options, count=limit - len(entries) + 1, position=None,
-                max_pid=None, with_resources=True,
+                lambda: tx.conn, registry, q, options, count=limit - len(entries) + 1,
+                position=None, max_pid=None, with_resources=True,
             )  # fmt: skip
             for stored in page.resources:
                 entries.append(_entry(ctx, stored, "match"))
@@ -186,8 +186,12 @@ def access_filter_for(ctx: InteractionContext) -> Any:
 def _options(ctx: InteractionContext, tx: Any = None) -> CompileOptions:
     options = CompileOptions(base_url=ctx.base_url, access_filter=access_filter_for(ctx))
     if tx is not None:
-        options.expand_valueset = search_exec.valueset_expander(tx.conn, ctx.repo.registry)
-        options.subsumption = search_exec.subsumption(tx.conn, ctx.repo.registry)
+        registry = ctx.repo.registry
+        # the unit's connection is asked for only when a ValueSet or CodeSystem is looked up
+        options.expand_valueset = lambda url: search_exec.valueset_expander(tx.conn, registry)(url)
+        options.subsumption = lambda system, code, below: search_exec.subsumption(
+            tx.conn, registry
+        )(system, code, below)
     return options
 
 
@@ -251,7 +255,6 @@ def _run(
     extra_self: list[tuple[str, str]],
 ) -> FhirResponse:
     registry = ctx.repo.registry
-    conn = tx.conn
     position: Position | None = None
     total: int | None = None
     max_pid: int | None = None
@@ -262,7 +265,7 @@ def _run(
     bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset"}
 
     if query.summary == "count":
-        bundle["total"] = search_exec.count(conn, registry, query, options, max_pid=None)
+        bundle["total"] = search_exec.count(tx.conn, registry, query, options, max_pid=None)
         bundle["link"] = [{"relation": "self", "url": _url(base_link, self_params)}]
         _add_outcome(bundle, query)
         return FhirResponse(resource=bundle)
@@ -270,8 +273,8 @@ def _run(
     # outside a transaction Bundle, the page may run on a connection keeping generic plans
     generic = ctx.repo.generic_plan_reads if ctx.tx is None and ctx.repo.postgres else None
     page = search_exec.run_page(
-        conn, registry, query, options, count=count, position=position, max_pid=max_pid,
-        with_resources=True, generic_plans=generic,
+        lambda: tx.conn, registry, query, options, count=count, position=position,
+        max_pid=max_pid, with_resources=True, generic_plans=generic,
     )  # fmt: skip
     max_pid = page.max_pid
     # Bundle.total: free when the first page holds everything; otherwise only on request
@@ -284,10 +287,10 @@ def _run(
             pass
         elif query.total == "estimate":
             total = search_exec.count(
-                conn, registry, query, options, max_pid=max_pid, estimate=True
+                tx.conn, registry, query, options, max_pid=max_pid, estimate=True
             )
         else:
-            total = search_exec.count(conn, registry, query, options, max_pid=max_pid)
+            total = search_exec.count(tx.conn, registry, query, options, max_pid=max_pid)
     if total is not None:
         bundle["total"] = total
     links = [{"relation": "self", "url": _url(base_link, self_params, query.cursor)}]
@@ -303,9 +306,11 @@ def _run(
     bundle["link"] = links
 
     matches = page.resources
-    included_pids = search_exec.include_pids(
-        conn, registry, query.includes, page.pids, options, limit=ctx.settings.max_page_size
-    )
+    included_pids: list[int] = []
+    if query.includes:  # the unit's connection is taken only when it is needed
+        included_pids = search_exec.include_pids(
+            tx.conn, registry, query.includes, page.pids, options, limit=ctx.settings.max_page_size
+        )
     included = tx.load(included_pids)
     entries = [_entry(ctx, s, "match", query) for s in matches]
     entries.extend(_entry(ctx, s, "include", query) for s in included)

@@ -225,15 +225,23 @@ class Repository:
         issues a single statement needs no snapshot: ``snapshot=False`` runs it in autocommit
         mode, saving the BEGIN and COMMIT round trips on the hottest path.
         """
-        with self.engine.connect() as conn:
-            if write:
-                conn.execution_options(**{WRITE_OPTION: True})
-            elif not snapshot:
-                conn.execution_options(**{AUTOCOMMIT_OPTION: True})
-            tx = Tx(self, conn, caller=caller)
-            with conn.begin():
+        if not write and not snapshot:
+            # Its connection is taken from the pool on first use: a search page served by the
+            # generic-plan pool (generic_plan_reads) needs none.
+            tx = Tx(self, None, caller=caller)
+            try:
                 yield tx
                 tx.run_deferred()
+            finally:
+                tx.release()
+        else:
+            with self.engine.connect() as conn:
+                if write:
+                    conn.execution_options(**{WRITE_OPTION: True})
+                tx = Tx(self, conn, caller=caller)
+                with conn.begin():
+                    yield tx
+                    tx.run_deferred()
         for event in tx.committed_events:
             self.hooks.fire(event)
 
@@ -264,15 +272,32 @@ def _is_retryable(exc: OperationalError) -> bool:
 class Tx:
     """A unit of work in one database transaction. Not thread-safe; used by one request."""
 
-    def __init__(self, repo: Repository, conn: Connection, *, caller: Any = None) -> None:
+    def __init__(self, repo: Repository, conn: Connection | None, *, caller: Any = None) -> None:
         self.repo = repo
-        self.conn = conn
+        self._conn = conn  # None: an autocommit read unit, connected on first use
         self.caller = caller
         self.committed_events: list[HookEvent] = []
         self.error_context: Callable[[FhirError], FhirError] | None = None
         self.unit_state: dict[str, Any] = {}  # what hooks gather over the unit (see defer)
         self._deferred: deque[tuple[Callable[[], None], Callable[[FhirError], FhirError] | None]]
         self._deferred = deque()
+        self._lazy = False
+
+    @property
+    def conn(self) -> Connection:
+        """The unit's connection (an autocommit read unit takes it from the pool now)."""
+        conn = self._conn
+        if conn is None:
+            conn = self._conn = self.repo.engine.connect()
+            conn.execution_options(**{AUTOCOMMIT_OPTION: True})
+            self._lazy = True
+        return conn
+
+    def release(self) -> None:
+        """Return a connection taken on first use to the pool (autocommit: nothing to end)."""
+        if self._conn is not None and self._lazy:
+            self._conn.close()
+            self._conn = None
 
     # -- checks at the end of the unit ------------------------------------------------------
 

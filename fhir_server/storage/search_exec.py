@@ -113,7 +113,7 @@ _CONTENT = ("res_type", "res_id", "version", "last_updated", "deleted", "content
 
 
 def run_page(
-    conn: Connection,
+    connection: Callable[[], Connection],
     registry: SearchRegistry,
     query: SearchQuery,
     options: CompileOptions,
@@ -130,7 +130,8 @@ def run_page(
     With ``with_resources`` the page query also returns the stored resources (one round trip).
     ``generic_plans`` (PostgreSQL, a read outside any transaction) opens a connection whose
     statements keep one plan: a page that can be driven from one index runs there, unplanned
-    after its first time on the connection.
+    after its first time on the connection. ``connection`` gives the unit's own connection,
+    asked for only when needed.
     """
     columns = _CONTENT if with_resources else ()
     if generic_plans is not None:
@@ -143,7 +144,7 @@ def run_page(
         with generic_plans() as planned_once:
             rows = planned_once.execute(compiled.statement, params).all()
     else:
-        rows = conn.execute(compiled.statement, params).all()
+        rows = connection().execute(compiled.statement, params).all()
     more = len(rows) > count
     rows = rows[:count]
     backward = position is not None and position.backward
@@ -161,7 +162,7 @@ def run_page(
     else:
         has_prev, has_next = position is not None, more
     if max_pid is None and (has_next or has_prev):
-        max_pid = rows[0].max_pid if with_resources and rows else current_max_pid(conn)
+        max_pid = rows[0].max_pid if with_resources and rows else current_max_pid(connection())
     resources: list[Any] = []
     if with_resources:
         from fhir_server.storage.repository import StoredResource, as_utc

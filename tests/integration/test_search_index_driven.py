@@ -90,7 +90,7 @@ def _pages(repo, registry, params, *, driven: bool, generic, count: int = 3, cal
         position, max_pid = None, None
         while True:
             page = search_exec.run_page(
-                tx.conn, registry, query, options, count=count, position=position,
+                lambda: tx.conn, registry, query, options, count=count, position=position,
                 max_pid=max_pid, generic_plans=generic,
             )  # fmt: skip
             forward.append(page.pids)
@@ -102,7 +102,7 @@ def _pages(repo, registry, params, *, driven: bool, generic, count: int = 3, cal
             assert page.first is not None
             position = Position(page.first.keys, page.first.pid, backward=True)
             page = search_exec.run_page(
-                tx.conn, registry, query, options, count=count, position=position,
+                lambda: tx.conn, registry, query, options, count=count, position=position,
                 max_pid=max_pid, generic_plans=generic,
             )  # fmt: skip
             backward.append(page.pids)
