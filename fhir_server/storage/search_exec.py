@@ -167,17 +167,23 @@ def run_page(
     if with_resources:
         from fhir_server.storage.repository import StoredResource, as_utc
 
+        # by position (pid, the sort keys, then _CONTENT): a Row's attribute lookups cost more
+        # than building the StoredResource
+        start = 1 + nkeys
         resources = [
             StoredResource(
-                row.pid,
-                row.res_type,
-                row.res_id,
-                row.version,
-                as_utc(row.last_updated),
-                row.deleted,
-                bytes(row.content) if row.content is not None else None,
+                row[0],
+                res_type,
+                res_id,
+                version,
+                as_utc(last_updated),
+                deleted,
+                bytes(content) if content is not None else None,
             )
             for row in rows
+            for res_type, res_id, version, last_updated, deleted, content in (
+                row[start : start + len(_CONTENT)],
+            )
         ]
     return Page([row[0] for row in rows], first, last, has_next, has_prev, max_pid, resources)
 
