@@ -21,7 +21,7 @@ import binascii
 import contextlib
 import dataclasses
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -78,6 +78,19 @@ class TokenError(Exception):
 class _Verified:
     claims: dict[str, Any]
     principal: Principal
+    # the principal as seen from each client address (a copy per address, made once)
+    from_source: dict[str, Principal] = field(default_factory=dict)
+
+    def principal_from(self, source: str | None) -> Principal:
+        """The principal with ``source`` as its network address."""
+        if not source:
+            return self.principal
+        found = self.from_source.get(source)
+        if found is None:
+            found = dataclasses.replace(self.principal, source=source)
+            if len(self.from_source) < 64:  # a token used from many addresses: not kept
+                self.from_source[source] = found
+        return found
 
 
 def fhir_base_without_slash(url: str) -> str:
@@ -252,7 +265,7 @@ class TokenService:
         try:
             if scheme.lower() != "bearer" or not token.strip():
                 raise TokenError("MSO-AUTH-002", "The Authorization header is not a bearer token")
-            principal = self.verify(token.strip(), audience=audience).principal
+            verified = self.verify(token.strip(), audience=audience)
         except TokenError as exc:
             description = exc.message.replace('"', "'")
             raise FhirError(
@@ -265,7 +278,7 @@ class TokenService:
                     f'error_description="{description}"'
                 },
             ) from None
-        return dataclasses.replace(principal, source=source) if source else principal
+        return verified.principal_from(source)
 
     def verify(self, token: str, *, audience: str | None = None) -> _Verified:
         """Check signature, type, expiry, audience and the revocation state of an access token."""

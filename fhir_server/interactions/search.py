@@ -272,6 +272,7 @@ def _run(
 
     # outside a transaction Bundle, the page may run on a connection keeping generic plans
     generic = ctx.repo.generic_plan_reads if ctx.tx is None and ctx.repo.postgres else None
+    options.index_driven = generic is not None
     page = search_exec.run_page(
         lambda: tx.conn, registry, query, options, count=count, position=position,
         max_pid=max_pid, with_resources=True, generic_plans=generic,

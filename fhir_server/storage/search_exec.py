@@ -10,7 +10,6 @@ stored on the server (by ``url``) or from the R4 ValueSets shipped with the spec
 from __future__ import annotations
 
 import base64
-import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
@@ -129,13 +128,11 @@ def run_page(
     A first page runs without a snapshot bound; one is taken only if there is a next page.
     With ``with_resources`` the page query also returns the stored resources (one round trip).
     ``generic_plans`` (PostgreSQL, a read outside any transaction) opens a connection whose
-    statements keep one plan: a page that can be driven from one index runs there, unplanned
-    after its first time on the connection. ``connection`` gives the unit's own connection,
-    asked for only when needed.
+    statements keep one plan: a page compiled in the index-driven form
+    (``options.index_driven``) runs there, unplanned after its first time on the connection.
+    ``connection`` gives the unit's own connection, asked for only when needed.
     """
     columns = _CONTENT if with_resources else ()
-    if generic_plans is not None:
-        options = dataclasses.replace(options, index_driven=True)
     compiled, params = page_statement(
         registry, query, options, limit=count + 1, position=position, max_pid=max_pid,
         columns=columns,
