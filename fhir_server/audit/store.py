@@ -71,22 +71,28 @@ def columns_of(event: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def append(conn: Connection, events: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Store AuditEvents (an id and ``meta`` are assigned); returns them as stored."""
-    rows = []
-    stored = []
-    for event in events:
-        body = dict(event)
-        body["id"] = body.get("id") or str(uuid.uuid4())
-        body["meta"] = {**(body.get("meta") or {}), "versionId": "1"}
-        body["meta"]["lastUpdated"] = body["recorded"]
-        rows.append({"id": body["id"], **columns_of(body), "content": orjson.dumps(body)})
-        stored.append(body)
+def prepare(event: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """An AuditEvent as it will be stored (an id and ``meta`` assigned) and its table row."""
+    body = dict(event)
+    body["id"] = body.get("id") or str(uuid.uuid4())
+    body["meta"] = {**(body.get("meta") or {}), "versionId": "1"}
+    body["meta"]["lastUpdated"] = body["recorded"]
+    return body, {"id": body["id"], **columns_of(body), "content": orjson.dumps(body)}
+
+
+def write_rows(conn: Connection, rows: list[dict[str, Any]]) -> None:
+    """Store rows made by :func:`prepare` in the unit of ``conn``."""
     if rows and conn.dialect.name == "postgresql":
         _copy_rows(conn, rows)
     elif rows:
         conn.execute(insert(audit_event), rows)
-    return stored
+
+
+def append(conn: Connection, events: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Store AuditEvents (an id and ``meta`` are assigned); returns them as stored."""
+    prepared = [prepare(event) for event in events]
+    write_rows(conn, [row for _, row in prepared])
+    return [body for body, _ in prepared]
 
 
 _COPY_COLUMNS = tuple(c.name for c in audit_event.columns if c.name != "seq")
