@@ -65,9 +65,14 @@ class AuditLog:
     # -- recording ---------------------------------------------------------------------------
 
     def record(self, audit_event: dict[str, Any]) -> None:
-        """Queue one AuditEvent resource for storage."""
+        """Queue one AuditEvent resource for storage (never fails the caller's request)."""
+        try:
+            row = store.prepare(audit_event)[1]
+        except Exception:
+            log.exception("Could not store an AuditEvent")
+            return
         self._ensure_writer()
-        self._queue.put(store.prepare(audit_event)[1])
+        self._queue.put(row)
 
     def interaction(self, principal: Principal | None, event: Interaction) -> None:
         """Audit one FHIR interaction."""

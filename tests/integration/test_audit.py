@@ -74,6 +74,15 @@ def test_auth_events_are_stored(app, admin) -> None:
     assert _events(admin, app, altid=who, address="10.0.0.9")
 
 
+def test_an_event_that_cannot_be_stored_never_fails_the_request(app, admin, caplog) -> None:
+    """Events become table rows on the request's thread; a broken one is logged and dropped."""
+    who = f"broken-{uuid.uuid4().hex[:8]}"
+    app.state.audit.record({"resourceType": "AuditEvent", "recorded": "not an instant"})
+    app.state.audit.auth_event("login", True, subject=who)
+    assert "Could not store an AuditEvent" in caplog.text
+    assert len(_events(admin, app, altid=who)) == 1  # the queue goes on
+
+
 def test_paging_totals_and_parameter_handling(app, admin) -> None:
     user = f"pager-{uuid.uuid4().hex[:8]}"
     reader = _client(app, role="admin", username=user)
