@@ -3,8 +3,8 @@
 Default matching is case- and accent-insensitive *starts with* on the normalized value (an index
 range scan on ``(hash_identity, value_norm)``); ``:exact`` is a case-sensitive full match (the
 same index: equality on the normalized value, then on ``value_exact``); ``:contains`` matches
-anywhere. HumanName and Address index each of their
-parts, other complex types every string they contain.
+anywhere. HumanName and Address index each of their parts, other complex types every string
+they contain.
 """
 
 from __future__ import annotations
