@@ -114,8 +114,6 @@ class Compiled:
 
     statement: Select[Any]
     sort_exprs: list[tuple[ColumnElement[Any], bool]]
-    where: list[ColumnElement[bool]]
-    alias: Any
     index_driven: bool = False  # the page is driven from one index (see index_driven_criterion)
 
 
@@ -139,10 +137,8 @@ def compile_search(
     backward = position is not None and position.backward
     driver = index_driven_criterion(registry, query, options) if options.index_driven else None
     if driver is not None:
-        stmt, where, r = _index_driven_page(query, options, *driver, limit, position, max_pid)
-        return Compiled(
-            _with_columns(stmt, query, [], columns, max_pid, backward), [], where, r, True
-        )
+        stmt = _index_driven_page(query, options, *driver, limit, position, max_pid)
+        return Compiled(_with_columns(stmt, query, [], columns, max_pid, backward), [], True)
     r = _R
     where = base_conditions(registry, query, options, r, trust_index=bool(columns))
     if max_pid is not None:
@@ -156,9 +152,7 @@ def compile_search(
     stmt = stmt.order_by(*_order(sort_exprs, [e for e, _ in sort_exprs], r.c.pid, backward))
     if limit is not None:
         stmt = stmt.limit(limit)
-    return Compiled(
-        _with_columns(stmt, query, sort_exprs, columns, max_pid, backward), sort_exprs, where, r
-    )
+    return Compiled(_with_columns(stmt, query, sort_exprs, columns, max_pid, backward), sort_exprs)
 
 
 def _order(
@@ -249,7 +243,7 @@ def _index_driven_page(
     limit: int | None,
     position: Position | None,
     max_pid: int | None,
-) -> tuple[Select[Any], list[ColumnElement[bool]], Any]:
+) -> Select[Any]:
     """``SELECT m.pid FROM (SELECT DISTINCT t.pid FROM <index> t WHERE <pred> ORDER BY t.pid
     OFFSET 0) m WHERE (SELECT true FROM resource r WHERE r.pid = m.pid AND <type, live,
     access>) ORDER BY m.pid LIMIT n``."""
@@ -282,7 +276,7 @@ def _index_driven_page(
     if limit is not None:
         # a constant (the page size is part of the query shape): a generic plan then knows it
         stmt = stmt.limit(literal_column(str(int(limit))))
-    return stmt, where, r
+    return stmt
 
 
 def count_statement(

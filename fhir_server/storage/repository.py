@@ -281,7 +281,7 @@ class Tx:
         self.unit_state: dict[str, Any] = {}  # what hooks gather over the unit (see defer)
         self._deferred: deque[tuple[Callable[[], None], Callable[[FhirError], FhirError] | None]]
         self._deferred = deque()
-        self._lazy = False
+        self._lazy = conn is None  # the unit's connection is this Tx's to open and release
 
     @property
     def conn(self) -> Connection:
@@ -290,7 +290,6 @@ class Tx:
         if conn is None:
             conn = self._conn = self.repo.engine.connect()
             conn.execution_options(**{AUTOCOMMIT_OPTION: True})
-            self._lazy = True
         return conn
 
     def release(self) -> None:
