@@ -271,7 +271,7 @@ def _run(
         return FhirResponse(resource=bundle)
 
     # outside a transaction Bundle, the page may run on a connection keeping generic plans
-    generic = ctx.repo.generic_plan_reads if ctx.tx is None and ctx.repo.postgres else None
+    generic = ctx.repo.generic_plan_fetch if ctx.tx is None and ctx.repo.postgres else None
     options.index_driven = generic is not None
     page = search_exec.run_page(
         lambda: tx.conn, registry, query, options, count=count, position=position,

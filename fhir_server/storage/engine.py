@@ -104,9 +104,15 @@ def _driver_sql(statement: Executable, dialect: Dialect) -> tuple[str, Any]:
 
 def driver_params(statement: Executable, dialect: Dialect, values: dict[str, Any]) -> tuple:
     """The SQL text of a constant ``statement`` for ``dialect`` (compiled once) and ``values``
-    in the driver's parameter style, for running it on a DB-API cursor."""
+    in the driver's parameter style, for running it on a DB-API cursor. Expanding lists
+    (``IN``) are rendered into the text for the values at hand."""
     sql, compiled = _driver_sql(statement, dialect)
     bound = compiled.construct_params(values)
+    if compiled.post_compile_params:
+        state = compiled.construct_expanded_state(bound)
+        if compiled.positional:
+            return state.statement, tuple(state.positional_parameters)
+        return state.statement, state.parameters
     if compiled.positional:
         return sql, tuple(bound[k] for k in compiled.positiontup or ())
     return sql, bound

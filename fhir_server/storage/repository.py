@@ -16,7 +16,7 @@ import re
 import threading
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -48,11 +48,14 @@ from fhir_server.storage.engine import (
     AUTOCOMMIT_OPTION,
     WRITE_OPTION,
     build_engine,
+    driver_params,
     fetch_unprepared,
 )
 from fhir_server.storage.schema import binary_content, resource, resource_history
 
 if TYPE_CHECKING:
+    from sqlalchemy.sql import Executable
+
     from fhir_server.auth.policy import AccessPolicy
     from fhir_server.search.registry import SearchRegistry
 
@@ -188,12 +191,22 @@ class Repository:
         self._generic: Engine | None = None
         self._generic_lock = threading.Lock()
 
-    @contextmanager
-    def generic_plan_reads(self) -> Iterator[Connection]:
-        """PostgreSQL: an autocommit connection whose statements are planned once per connection
-        for any values (a pool of its own, opened on first use). Only for statements with one
-        good plan whatever their values: see ``search.compile.index_driven_criterion``."""
-        if self._generic is None:
+    def generic_plan_fetch(
+        self, statement: Executable, values: dict[str, Any] | None
+    ) -> Sequence[Sequence[Any]]:
+        """PostgreSQL: the rows of ``statement`` with ``values``, run in autocommit on a
+        connection whose statements are planned once per connection for any values (a pool of
+        its own, opened on first use). Only for statements with one good plan whatever their
+        values: see ``search.compile.index_driven_criterion``.
+
+        A statement of a search shape (``values`` given, see ``search.shapes``) goes to the
+        DB-API cursor as SQL compiled once (``driver_params``): on the page of an identifier
+        search SQLAlchemy's per-execution work (parameter and result processing, a Connection
+        around the pooled one) had cost more CPU than the query itself. A statement carrying
+        its own values (``None``: a later page) is compiled each time, expanding lists and all.
+        """
+        generic = self._generic
+        if generic is None:
             with self._generic_lock:
                 if self._generic is None:
                     self._generic = build_engine(
@@ -201,9 +214,23 @@ class Repository:
                         pool_size=self.engine.pool.size(),  # type: ignore[attr-defined]
                         generic_plans=True,
                     )
-        with self._generic.connect() as conn:
-            conn.execution_options(**{AUTOCOMMIT_OPTION: True})
-            yield conn
+                generic = self._generic
+        if values is None:
+            with generic.connect() as conn:
+                conn.execution_options(**{AUTOCOMMIT_OPTION: True})
+                return conn.execute(statement).all()
+        sql, params = driver_params(statement, generic.dialect, values)
+        pooled = generic.raw_connection()
+        try:
+            # the driver connection is in autocommit (build_engine): no BEGIN, no ROLLBACK
+            with pooled.driver_connection.cursor() as cursor:  # type: ignore[union-attr]
+                cursor.execute(sql, params)
+                return cursor.fetchall()
+        except Exception:
+            pooled.invalidate()
+            raise
+        finally:
+            pooled.close()
 
     def dispose(self) -> None:
         """Close the pooled connections (application shutdown)."""
@@ -227,7 +254,7 @@ class Repository:
         """
         if not write and not snapshot:
             # Its connection is taken from the pool on first use: a search page served by the
-            # generic-plan pool (generic_plan_reads) needs none.
+            # generic-plan pool (generic_plan_fetch) needs none.
             tx = Tx(self, None, caller=caller)
             try:
                 yield tx

@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import logging
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cache
@@ -121,15 +120,16 @@ def run_page(
     position: Position | None,
     max_pid: int | None,
     with_resources: bool = False,
-    generic_plans: Callable[[], AbstractContextManager[Connection]] | None = None,
+    generic_plans: Callable[[Any, dict[str, Any] | None], Sequence[Sequence[Any]]] | None = None,
 ) -> Page:
     """Run one page: ``count`` matches after (or before) ``position``, within the snapshot.
 
     A first page runs without a snapshot bound; one is taken only if there is a next page.
     With ``with_resources`` the page query also returns the stored resources (one round trip).
-    ``generic_plans`` (PostgreSQL, a read outside any transaction) opens a connection whose
-    statements keep one plan: a page compiled in the index-driven form
-    (``options.index_driven``) runs there, unplanned after its first time on the connection.
+    ``generic_plans`` (PostgreSQL, a read outside any transaction; see
+    ``Repository.generic_plan_fetch``) runs a statement on a connection whose statements keep
+    one plan: a page compiled in the index-driven form (``options.index_driven``) runs there,
+    unplanned after its first time on the connection.
     ``connection`` gives the unit's own connection, asked for only when needed.
     """
     columns = _CONTENT if with_resources else ()
@@ -138,8 +138,7 @@ def run_page(
         columns=columns,
     )  # fmt: skip
     if compiled.index_driven and generic_plans is not None:
-        with generic_plans() as planned_once:
-            rows = planned_once.execute(compiled.statement, params).all()
+        rows = list(generic_plans(compiled.statement, params))
     else:
         rows = connection().execute(compiled.statement, params).all()
     more = len(rows) > count
@@ -159,7 +158,8 @@ def run_page(
     else:
         has_prev, has_next = position is not None, more
     if max_pid is None and (has_next or has_prev):
-        max_pid = rows[0].max_pid if with_resources and rows else current_max_pid(connection())
+        # a first page with the resources' columns ends with the snapshot bound (max_pid)
+        max_pid = rows[0][-1] if with_resources and rows else current_max_pid(connection())
     resources: list[Any] = []
     if with_resources:
         from fhir_server.storage.repository import StoredResource, as_utc

@@ -125,7 +125,7 @@ def _pages(repo, registry, params, *, driven: bool, generic, count: int = 3, cal
 def test_index_driven_pages_equal_the_classic_form(app, seeded, registry, params):
     repo = app.state.repo
     params = [(k, v.format(system=seeded[0])) for k, v in params]
-    generic = repo.generic_plan_reads if repo.postgres else None
+    generic = repo.generic_plan_fetch if repo.postgres else None
     classic = _pages(repo, registry, params, driven=False, generic=None)
     driven = _pages(repo, registry, params, driven=True, generic=generic)
     assert driven == classic
@@ -147,7 +147,7 @@ def test_the_access_filter_applies_to_index_driven_pages(app, seeded, registry):
         patient=ids[5],
     )
     params = [("identifier", f"{system}|1")]
-    generic = repo.generic_plan_reads if repo.postgres else None
+    generic = repo.generic_plan_fetch if repo.postgres else None
     classic = _pages(repo, registry, params, driven=False, generic=None, caller=me)
     driven = _pages(repo, registry, params, driven=True, generic=generic, caller=me)
     assert driven == classic
@@ -163,13 +163,13 @@ def test_identifier_search_reuses_one_generic_plan_on_postgresql(app, client, se
         resp = client.get("/fhir/Patient", params={"identifier": f"{seeded[0]}|{value}"})
         assert resp.status_code == 200
         assert resp.json()["total"] == 9
-    with repo.generic_plan_reads() as conn:
-        rows = conn.execute(
-            text(
-                "SELECT generic_plans, custom_plans FROM pg_prepared_statements"
-                " WHERE statement LIKE '%FROM idx_token AS t%'"
-            )
-        ).all()
+    rows = repo.generic_plan_fetch(
+        text(
+            "SELECT generic_plans, custom_plans FROM pg_prepared_statements"
+            " WHERE statement LIKE '%FROM idx_token AS t%'"
+        ),
+        {},
+    )
     assert rows, "the identifier page was not prepared on the generic-plan connection"
-    assert all(row.custom_plans == 0 for row in rows)
-    assert sum(row.generic_plans for row in rows) >= 1
+    assert all(custom == 0 for _generic, custom in rows)
+    assert sum(generic for generic, _custom in rows) >= 1
