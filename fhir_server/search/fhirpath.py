@@ -229,6 +229,7 @@ def split_union(expression: str) -> list[str]:
     return [p for p in parts if p]
 
 
+_EXISTS_NOT_FALSE = re.compile(r"^(?P<path>[A-Z][A-Za-z.]*)\.exists\(\) and (?P=path) != false$")
 _AS_OUTER = re.compile(r"^\((?P<inner>.+) as (?P<type>[A-Za-z]+)\)(?P<rest>(\.[^.].*)?)$")
 _AS_BARE = re.compile(r"^(?P<inner>[^()]+) as (?P<type>[A-Za-z]+)$")
 
@@ -267,6 +268,13 @@ class CompiledPath:
             for p in split_union(expression)
             if resource_type is None or piece_root(p) in {resource_type, *_BASES}
         ]
+        self._present_not_false = False
+        flag = _EXISTS_NOT_FALSE.match(pieces[0]) if len(pieces) == 1 else None
+        if flag is not None:
+            # ``X.exists() and X != false`` (Patient.deceased): a boolean, true when X is
+            # there and is not the boolean false (a dateTime is not false)
+            pieces = [flag["path"]]
+            self._present_not_false = True
         compiled = [_compile_piece(p) for p in pieces]
         self.fast = all(c is not None for c in compiled)
         self._pieces = [c for c in compiled if c is not None]
@@ -288,6 +296,12 @@ class CompiledPath:
                 return []
             return [Node(v, None, "") for v in _flatten(values)]
         rt = resource.get("resourceType", "")
+        if self._present_not_false:
+            found = self._walk(resource, rt)
+            return [Node(bool(found) and any(n.value is not False for n in found), "boolean", rt)]
+        return self._walk(resource, rt)
+
+    def _walk(self, resource: dict[str, Any], rt: str) -> list[Node]:
         out: list[Node] = []
         for piece in self._pieces:
             if piece.root != rt and piece.root not in _BASES:
@@ -315,6 +329,7 @@ def compile_relative(expression: str) -> CompiledPath:
     path.expression = expression
     path.resource_type = None
     path._fallback = None
+    path._present_not_false = False
     path.empty = False
     steps = _compile_segments(_split_dots(expression))
     if steps is None:

@@ -144,8 +144,26 @@ def test_normalize() -> None:
 
 
 def test_fallback_expression_still_extracts(registry: SearchRegistry) -> None:
-    path = CompiledPath("Patient.deceased.exists() and Patient.deceased != false", "Patient")
+    path = CompiledPath("Bundle.entry[0].resource", "Bundle")
     assert not path.fast
-    assert [
-        n.value for n in path.evaluate({"resourceType": "Patient", "deceasedBoolean": True})
-    ] == [True]
+    inner = {"resourceType": "Composition", "id": "c1"}
+    bundle = {"resourceType": "Bundle", "entry": [{"resource": inner}, {"resource": {}}]}
+    assert [n.value for n in path.evaluate(bundle)] == [inner]
+
+
+@pytest.mark.parametrize(
+    "deceased",
+    [{}, {"deceasedBoolean": True}, {"deceasedBoolean": False}, {"deceasedDateTime": "2020-01"}],
+    ids=["absent", "true", "false", "dateTime"],
+)
+def test_present_and_not_false_is_compiled_and_agrees_with_fhirpathpy(
+    registry: SearchRegistry, deceased: dict
+) -> None:
+    expression = "Patient.deceased.exists() and Patient.deceased != false"
+    path = CompiledPath(expression, "Patient")
+    assert path.fast
+    patient = {"resourceType": "Patient", **deceased}
+    theirs = fp_evaluate(patient, expression, {}, models["r4"])
+    assert [n.value for n in path.evaluate(patient)] == theirs
+    codes = {(r["system"], r["code"]) for r in extract_rows(registry, patient)["idx_token"]}
+    assert (None, str(theirs[0]).lower()) in codes
