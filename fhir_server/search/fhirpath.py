@@ -270,7 +270,7 @@ class CompiledPath:
         ]
         self._present_not_false = False
         flag = _EXISTS_NOT_FALSE.match(pieces[0]) if len(pieces) == 1 else None
-        if flag is not None:
+        if flag is not None and _compile_piece(flag["path"]) is not None:
             # ``X.exists() and X != false`` (Patient.deceased): a boolean, true when X is
             # there and is not the boolean false (a dateTime is not false)
             pieces = [flag["path"]]
