@@ -40,7 +40,7 @@ from fhir_server.auth.secrets import new_token
 from fhir_server.config import Settings
 from fhir_server.fhir.outcome import FhirError
 from fhir_server.storage.auth_schema import auth_access_token, auth_client, auth_user
-from fhir_server.storage.engine import driver_params
+from fhir_server.storage.engine import fetch_on_its_own
 from fhir_server.storage.repository import utc_now
 
 ACCESS_TOKEN_TYPE = "at+jwt"
@@ -355,21 +355,8 @@ class TokenService:
         """The revocation/disabled flags of ``jti``, by one indexed query on a raw DB-API
         connection: on this per-request path SQLAlchemy's connection and result machinery
         costs several times the query itself (measured: ~30 µs raw vs ~240 µs on SQLite)."""
-        sql, params = driver_params(_STATUS, self.engine.dialect, {"jti": jti})
-        conn = self.engine.raw_connection()
-        try:
-            # The engine's connections run statements on their own unless SQLAlchemy begins a
-            # transaction (storage.engine): one SELECT, no BEGIN/ROLLBACK round trips.
-            cursor = conn.driver_connection.cursor()
-            cursor.execute(sql, params)
-            row = cursor.fetchone()
-            cursor.close()
-        except Exception:
-            conn.invalidate()
-            raise
-        finally:
-            conn.close()
-        return tuple(row) if row is not None else None
+        rows = fetch_on_its_own(self.engine, _STATUS, {"jti": jti})
+        return tuple(rows[0]) if rows else None
 
     # -- revoking --------------------------------------------------------------------------------
 

@@ -118,6 +118,31 @@ def driver_params(statement: Executable, dialect: Dialect, values: dict[str, Any
     return sql, bound
 
 
+def fetch_on_its_own(engine: Engine, statement: Executable, values: dict[str, Any]) -> list[Any]:
+    """The rows (tuples) of ``statement`` with ``values``, run with no transaction around it on
+    a pooled DB-API connection of ``engine`` (SQL compiled once: :func:`driver_params`).
+
+    For single-statement reads on every request, where SQLAlchemy's Connection and result
+    machinery cost more CPU than the query. The engine's connections run statements on their
+    own unless SQLAlchemy begins a transaction (:func:`build_engine`): no BEGIN, no ROLLBACK.
+    A connection whose statement failed is discarded, not returned to the pool.
+    """
+    sql, params = driver_params(statement, engine.dialect, values)
+    pooled = engine.raw_connection()
+    try:
+        cursor = pooled.driver_connection.cursor()  # type: ignore[union-attr]
+        try:
+            cursor.execute(sql, params)
+            return cursor.fetchall()
+        finally:
+            cursor.close()
+    except Exception:
+        pooled.invalidate()
+        raise
+    finally:
+        pooled.close()
+
+
 def execute_constant(conn: Connection, statement: Executable, values: dict[str, Any]) -> None:
     """Run a constant ``statement`` (compiled once) with ``values`` on the DB-API cursor of
     ``conn``, inside its transaction: for statements on a write's hot path, where SQLAlchemy's

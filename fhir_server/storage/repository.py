@@ -48,7 +48,7 @@ from fhir_server.storage.engine import (
     AUTOCOMMIT_OPTION,
     WRITE_OPTION,
     build_engine,
-    driver_params,
+    fetch_on_its_own,
     fetch_unprepared,
 )
 from fhir_server.storage.schema import binary_content, resource, resource_history
@@ -219,18 +219,7 @@ class Repository:
             with generic.connect() as conn:
                 conn.execution_options(**{AUTOCOMMIT_OPTION: True})
                 return conn.execute(statement).all()
-        sql, params = driver_params(statement, generic.dialect, values)
-        pooled = generic.raw_connection()
-        try:
-            # the driver connection is in autocommit (build_engine): no BEGIN, no ROLLBACK
-            with pooled.driver_connection.cursor() as cursor:  # type: ignore[union-attr]
-                cursor.execute(sql, params)
-                return cursor.fetchall()
-        except Exception:
-            pooled.invalidate()
-            raise
-        finally:
-            pooled.close()
+        return fetch_on_its_own(generic, statement, values)
 
     def dispose(self) -> None:
         """Close the pooled connections (application shutdown)."""
