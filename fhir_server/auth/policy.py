@@ -26,7 +26,8 @@ same transaction as every write.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
 from enum import IntEnum
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -69,6 +70,17 @@ from fhir_server.workflow.codes import (
 if TYPE_CHECKING:
     from fhir_server.search.registry import SearchRegistry
     from fhir_server.storage.repository import StoredResource, Tx
+
+
+@dataclass(frozen=True)
+class ScopeWrite:
+    """The access rows one write adds beyond those its references give (see
+    :meth:`AccessPolicy.scope_write`)."""
+
+    pid: int
+    res_type: str
+    listed: list[dict[str, Any]]
+    replace: bool  # not a creation: the previous rows (but the owner's) go first
 
 
 class ScopeKind(IntEnum):
@@ -192,15 +204,16 @@ class AccessPolicy:
         return out
 
     def on_write(self, tx: Tx, stored: StoredResource, *, created: bool) -> None:
-        """Rewrite the ``access_scope`` rows of ``stored`` (and ``case_access`` for cases).
+        """Rewrite the access rows of ``stored`` now (its index rows are already written):
+        :meth:`scope_write`, :meth:`write_scopes` and :meth:`index_case` in one call."""
+        self.write_scopes(tx.conn, [self.scope_write(tx, stored, created=created)])
+        self.index_case(tx, stored)
 
-        Called after the search index rows of the new version are written (the compartment
-        and case memberships are read from them). Owner rows are written once, at creation.
-        """
-        conn = tx.conn
+    def scope_write(self, tx: Tx, stored: StoredResource, *, created: bool) -> ScopeWrite:
+        """The ``access_scope`` rows ``stored`` needs beyond those its references give, decided
+        at the write (who writes it is the caller of that moment). Owner rows are written once,
+        at creation."""
         pid, rtype, body = stored.pid, stored.res_type, stored.resource
-        if not created:
-            conn.execute(_DELETE_SCOPES, {"scope_pid": pid})
         rows: list[dict[str, Any]] = []
         if rtype == "Patient":
             rows.append(_row(pid, ScopeKind.PATIENT, "Patient", stored.res_id))
@@ -231,11 +244,49 @@ class AccessPolicy:
         caller = tx.caller
         if created and isinstance(caller, Principal):
             rows.append(_row(pid, ScopeKind.OWNER, None, owner_key(caller)))
-        self._insert_scopes(conn, pid, rtype, rows)
-        if rtype == "ServiceRequest":
+        return ScopeWrite(pid, rtype, rows, replace=not created)
+
+    def write_scopes(self, conn: Connection, writes: Sequence[ScopeWrite]) -> None:
+        """Rewrite the ``access_scope`` rows of written resources, in write order, once their
+        index rows are stored (compartment and case memberships are read from them).
+
+        A resource referencing a Task belongs to that Task's cases, read from the Task's own
+        rows: so the resources after a Task are written in a later statement than it. Without
+        a Task among them, a whole transaction Bundle's rows take a statement per type.
+        """
+        run: list[ScopeWrite] = []
+        for write in writes:
+            run.append(write)
+            if write.res_type == "Task":
+                self._write_scope_run(conn, run)
+                run = []
+        self._write_scope_run(conn, run)
+
+    def _write_scope_run(self, conn: Connection, run: list[ScopeWrite]) -> None:
+        if len(run) == 1:
+            write = run[0]
+            if write.replace:
+                conn.execute(_DELETE_SCOPES, {"scope_pid": write.pid})
+            self._insert_scopes(conn, write.pid, write.res_type, write.listed)
+            return
+        if not run:
+            return
+        replaced = [w.pid for w in run if w.replace]
+        if replaced:
+            conn.execute(_DELETE_SCOPES_OF, {"scope_pids": replaced})
+        by_type: dict[str, list[int]] = {}
+        for write in run:
+            by_type.setdefault(write.res_type, []).append(write.pid)
+        for rtype, pids in by_type.items():
+            execute_constant(conn, self._scope_statement(rtype, 0, many=True), {"scope_pids": pids})
+        _insert_listed(conn, [row for w in run for row in w.listed])
+
+    def index_case(self, tx: Tx, stored: StoredResource) -> None:
+        """Keep ``case_access`` current from a case (ServiceRequest) or its workflow Task."""
+        if stored.res_type == "ServiceRequest":
             self._index_case(tx, stored)
-        elif rtype == "Task":
-            self._index_case_task(tx, body)
+        elif stored.res_type == "Task":
+            self._index_case_task(tx, stored.resource)
 
     def _insert_scopes(
         self, conn: Connection, pid: int, rtype: str, rows: list[dict[str, Any]]
@@ -244,10 +295,7 @@ class AccessPolicy:
         ``rows``: one statement for the usual few rows (a write's round trips add up)."""
         if len(rows) > _LISTED_MAX:  # a Provenance of a whole transaction, a broadcast …
             conn.execute(self._scope_statement(rtype, 0), {"scope_pid": pid})
-            if conn.dialect.name == "postgresql":  # one statement, rows as one JSON array
-                conn.exec_driver_sql(_PG_INSERT_SCOPE_ROWS, (orjson.dumps(rows).decode(),))
-            else:
-                conn.execute(_INSERT_SCOPE, rows)
+            _insert_listed(conn, rows)
             return
         params: dict[str, Any] = {"scope_pid": pid}
         for i, row in enumerate(rows):
@@ -255,18 +303,29 @@ class AccessPolicy:
         execute_constant(conn, self._scope_statement(rtype, len(rows)), params)
 
     @functools.cache  # noqa: B019  (one policy per process; few types and row counts)
-    def _scope_statement(self, rtype: str, listed: int) -> Any:
+    def _scope_statement(self, rtype: str, listed: int, *, many: bool = False) -> Any:
         """One ``INSERT … SELECT … UNION ALL …`` per type and number of listed rows (bound as
-        ``s<i>_<column>``), built once (hot write path)."""
+        ``s<i>_<column>``), built once (hot write path). ``many``: for the resources whose
+        pids are bound as the list ``scope_pids``."""
         ref = idx_reference.c
-        pid = bindparam("scope_pid")
+        if many:
+            pids = bindparam("scope_pids", expanding=True)
+
+            def of_written(column: Any) -> Any:
+                return column.in_(pids)
+        else:
+            pid = bindparam("scope_pid")
+
+            def of_written(column: Any) -> Any:
+                return column == pid
+
         parts: list[Any] = []
         identities = self._compartment_identities.get(rtype)
         if identities:
             parts.append(
                 select(ref.pid, literal(int(ScopeKind.PATIENT)), literal("Patient"), ref.target_id)
                 .where(
-                    ref.pid == pid,
+                    of_written(ref.pid),
                     ref.target_type == "Patient",
                     ref.target_id.is_not(None),
                     # constants in the SQL: an expanding IN list is re-rendered per execution
@@ -276,7 +335,11 @@ class AccessPolicy:
             )
         parts.append(
             select(ref.pid, literal(int(ScopeKind.CASE)), literal("ServiceRequest"), ref.target_id)
-            .where(ref.pid == pid, ref.target_type == "ServiceRequest", ref.target_id.is_not(None))
+            .where(
+                of_written(ref.pid),
+                ref.target_type == "ServiceRequest",
+                ref.target_id.is_not(None),
+            )
             .distinct()
         )
         # A resource referencing a Task (a case issue partOf the case Task, a Provenance of
@@ -292,9 +355,9 @@ class AccessPolicy:
                 ).join(scope, scope.c.pid == parent.c.pid)
             )
             .where(
-                ref.pid == pid,
+                of_written(ref.pid),
                 ref.target_type == "Task",
-                parent.c.pid != pid,
+                parent.c.pid != ref.pid,
                 scope.c.kind == ScopeKind.CASE,
             )
             .distinct()
@@ -672,6 +735,10 @@ class _SearchFilter:
         return self._policy._search_condition(self._caller, self.cache_key, r)
 
 
+_DELETE_SCOPES_OF = delete(access_scope).where(
+    access_scope.c.pid.in_(bindparam("scope_pids", expanding=True)),
+    access_scope.c.kind != int(ScopeKind.OWNER),
+)
 _INSERT_SCOPE = insert(access_scope)
 _PG_INSERT_SCOPE_ROWS = (
     "INSERT INTO access_scope (pid, kind, ref_type, ref_id) SELECT pid, kind, ref_type, ref_id"
@@ -717,6 +784,16 @@ def _via(condition: ConditionOn, r: Any) -> ColumnElement[bool]:
         )
         .where(via_scope.c.pid == r.c.pid, via_scope.c.kind == ScopeKind.VIA, condition(target))
     )
+
+
+def _insert_listed(conn: Connection, rows: list[dict[str, Any]]) -> None:
+    """Insert ``access_scope`` rows (on PostgreSQL one statement, the rows as one JSON array)."""
+    if not rows:
+        return
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(_PG_INSERT_SCOPE_ROWS, (orjson.dumps(rows).decode(),))
+    else:
+        conn.execute(_INSERT_SCOPE, rows)
 
 
 def _row(pid: int, kind: ScopeKind, ref_type: str | None, ref_id: str) -> dict[str, Any]:

@@ -109,20 +109,33 @@ def _run_transaction(
     for entry in entries:
         if entry.resource is not None:
             _rewrite(tx, entry, entry.resource, mapping)
+    # the resources PUT by id: looked up and locked in one statement, not one per entry
+    tx.prefetch_current(
+        [
+            (res_type, res_id)
+            for e in entries
+            if e.method == "PUT" and e.path.count("/") == 1
+            for res_type, res_id in [e.path.split("/")]
+        ]
+    )
     results: dict[int, dict[str, Any]] = {}
-    for entry in sorted(entries, key=lambda e: (_ORDER[e.method], e.index)):
-        tx.error_context = partial(_in_entry, entry=entry)
-        try:
-            response = _execute(sub_ctx, req, tx, entry)
-        except FhirError as exc:
-            raise _in_entry(exc, entry) from exc
-        finally:
-            tx.error_context = None
-        if response.status >= 400:
-            raise FhirError(
-                response.status, "processing", f"Entry {entry.index} failed", code="MSO-TX-010"
-            )
-        results[entry.index] = _response_entry(ctx, entry, response)
+    with tx.batched_writes():
+        for entry in sorted(entries, key=lambda e: (_ORDER[e.method], e.index)):
+            tx.error_context = partial(_in_entry, entry=entry)
+            try:
+                response = _execute(sub_ctx, req, tx, entry)
+            except FhirError as exc:
+                raise _in_entry(exc, entry) from exc
+            finally:
+                tx.error_context = None
+            if response.status >= 400:
+                raise FhirError(
+                    response.status,
+                    "processing",
+                    f"Entry {entry.index} failed",
+                    code="MSO-TX-010",
+                )
+            results[entry.index] = _response_entry(ctx, entry, response)
     # rules spanning entries (a case document and its case) see the whole Bundle written
     tx.run_deferred()
     return [results[e.index] for e in entries]

@@ -1,27 +1,44 @@
-"""Write a resource's search index rows in its own transaction (http://hl7.org/fhir/R4/search.html).
+"""Write resources' search index rows in the writer's transaction (http://hl7.org/fhir/R4/search.html).
 
 Rows are extracted by :func:`fhir_server.search.extract.extract_rows` and replace the previous
 rows of the resource (``pid``). A first version (``meta.versionId == "1"``, a fresh pid) has no
-previous rows, so nothing is deleted. On PostgreSQL a write is one statement (one round trip: an
-update deletes and re-inserts the rows, see :func:`_write_postgres`); on
-SQLite an update reads the stored rows of each table and writes only the differences.
-``resource=None`` (delete) drops all rows.
+previous rows, so nothing is deleted. On PostgreSQL the rows of one write, or of all the
+resources a transaction Bundle wrote, are one statement (one round trip: an update deletes and
+re-inserts the rows, see :func:`_write_postgres`); on SQLite an update reads the stored rows of
+each table and writes only the differences. ``resource=None`` (delete) drops all rows.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from sqlalchemy import Connection, Table, delete, insert, select
 
-from fhir_server.search.extract import extract_rows
+from fhir_server.search.extract import RowsByTable, extract_rows
 from fhir_server.search.registry import SearchRegistry
 from fhir_server.storage.index_schema import INDEX_TABLES
 
 _VALUE_COLUMNS: dict[str, tuple[str, ...]] = {
     t.name: tuple(c.name for c in t.columns if c.name != "pid") for t in INDEX_TABLES
 }
+
+
+@dataclass(frozen=True)
+class IndexWrite:
+    """The index rows of one written resource, to be stored (``rows`` as extracted)."""
+
+    pid: int
+    rows: RowsByTable
+    fresh: bool  # a first version: there are no previous rows to delete
+
+
+def index_write(registry: SearchRegistry, pid: int, resource: dict[str, Any]) -> IndexWrite:
+    """Extract the rows of ``resource`` (stored under ``pid``), ready for :func:`write_rows`."""
+    fresh = str((resource.get("meta") or {}).get("versionId")) == "1"
+    return IndexWrite(pid, extract_rows(registry, resource), fresh)
 
 
 def write_index(
@@ -36,18 +53,36 @@ def write_index(
         for table in INDEX_TABLES:
             conn.execute(delete(table).where(table.c.pid == pid))
         return
-    rows = extract_rows(registry, resource)
-    fresh = str((resource.get("meta") or {}).get("versionId")) == "1"
+    write_rows(conn, [index_write(registry, pid, resource)])
+
+
+def write_rows(conn: Connection, writes: Sequence[IndexWrite]) -> None:
+    """Store the rows of several resources, each replacing its previous rows.
+
+    On PostgreSQL one statement whatever their number; on SQLite the rows of first versions
+    go in as one ``executemany`` per table, and each other resource's rows are diffed against
+    the stored ones.
+    """
+    if not writes:
+        return
     if conn.dialect.name == "postgresql":
-        _write_postgres(conn, pid, rows, fresh)
+        if len(writes) == 1:
+            _write_postgres(conn, writes[0].pid, writes[0].rows, writes[0].fresh)
+        else:
+            _write_postgres_many(conn, writes)
         return
     for table in INDEX_TABLES:
-        new = rows.get(table.name, [])
-        if fresh:
-            if new:
-                conn.execute(insert(table), [{"pid": pid, **row} for row in _dedupe(table, new)])
-            continue
-        _replace(conn, table, pid, new)
+        fresh_rows = [
+            {"pid": w.pid, **row}
+            for w in writes
+            if w.fresh
+            for row in _dedupe(table, w.rows.get(table.name, ()))
+        ]
+        if fresh_rows:
+            conn.execute(insert(table), fresh_rows)
+        for w in writes:
+            if not w.fresh:
+                _replace(conn, table, w.pid, w.rows.get(table.name, []))
 
 
 # The pid is a parameter of its own: the rows are serialized as extracted, without a copy
@@ -59,6 +94,15 @@ _INSERT_SQL = {
     for t in INDEX_TABLES
 }
 _DELETE_SQL = {t.name: f"DELETE FROM {t.name} WHERE pid = %s" for t in INDEX_TABLES}
+# Several resources: a JSON array of [pid, rows] pairs, each pair's rows expanded beside it.
+_INSERT_MANY_SQL = {
+    t.name: f"INSERT INTO {t.name} (pid, {', '.join(_VALUE_COLUMNS[t.name])}) "
+    f"SELECT (e->>0)::bigint, {', '.join('r.' + c for c in _VALUE_COLUMNS[t.name])} "
+    f"FROM json_array_elements(%s::json) AS e "
+    f"CROSS JOIN LATERAL json_populate_recordset(NULL::{t.name}, e->1) AS r"
+    for t in INDEX_TABLES
+}
+_DELETE_MANY_SQL = {t.name: f"DELETE FROM {t.name} WHERE pid = ANY(%s)" for t in INDEX_TABLES}
 
 
 def _write_postgres(
@@ -83,6 +127,28 @@ def _write_postgres(
         if new:
             parts.append(_INSERT_SQL[table.name])
             params.extend((pid, orjson.dumps(_dedupe(table, new)).decode()))
+    _run_chained(conn, parts, params)
+
+
+def _write_postgres_many(conn: Connection, writes: Sequence[IndexWrite]) -> None:
+    """PostgreSQL: the rows of several resources in one statement, as :func:`_write_postgres`
+    chains them for one (a transaction Bundle's entries are written together)."""
+    parts: list[str] = []
+    params: list[Any] = []
+    replaced = [w.pid for w in writes if not w.fresh]
+    for table in INDEX_TABLES:
+        if replaced:
+            parts.append(_DELETE_MANY_SQL[table.name])
+            params.append(replaced)
+        pairs = [(w.pid, _dedupe(table, new)) for w in writes if (new := w.rows.get(table.name))]
+        if pairs:
+            parts.append(_INSERT_MANY_SQL[table.name])
+            params.append(orjson.dumps(pairs).decode())
+    _run_chained(conn, parts, params)
+
+
+def _run_chained(conn: Connection, parts: list[str], params: list[Any]) -> None:
+    """Run data-modifying statements as one (all but the last as CTEs), on the DB-API cursor."""
     if not parts:
         return
     *ctes, last = parts
@@ -99,7 +165,7 @@ def _key(table: Table, row: dict[str, Any]) -> tuple[Any, ...]:
     return tuple(map(row.get, _VALUE_COLUMNS[table.name]))
 
 
-def _dedupe(table: Table, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _dedupe(table: Table, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     seen: dict[tuple[Any, ...], dict[str, Any]] = {}
     for row in rows:
         seen.setdefault(_key(table, row), row)

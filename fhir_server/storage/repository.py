@@ -49,6 +49,7 @@ from fhir_server.storage.engine import (
     WRITE_OPTION,
     build_engine,
     fetch_on_its_own,
+    fetch_rows,
     fetch_unprepared,
 )
 from fhir_server.storage.schema import binary_content, resource, resource_history
@@ -56,7 +57,7 @@ from fhir_server.storage.schema import binary_content, resource, resource_histor
 if TYPE_CHECKING:
     from sqlalchemy.sql import Executable
 
-    from fhir_server.auth.policy import AccessPolicy
+    from fhir_server.auth.policy import AccessPolicy, ScopeWrite
     from fhir_server.search.registry import SearchRegistry
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
@@ -298,15 +299,76 @@ class Tx:
         self._deferred: deque[tuple[Callable[[], None], Callable[[FhirError], FhirError] | None]]
         self._deferred = deque()
         self._lazy = conn is None  # the unit's connection is this Tx's to open and release
+        self._pending: list[_PendingWrite] = []  # index and access rows not yet stored
+        self._batching = False
+        self._prefetched: dict[tuple[str, str], StoredResource | None] = {}
 
     @property
     def conn(self) -> Connection:
-        """The unit's connection (an autocommit read unit takes it from the pool now)."""
+        """The unit's connection, with every write of the unit stored (an autocommit read unit
+        takes it from the pool now). Whoever reads through it sees the index and access rows
+        of the resources written so far, those :meth:`batched_writes` held back included."""
+        if self._pending:
+            self.flush_writes()
+        return self._db
+
+    @property
+    def _db(self) -> Connection:
+        """The connection as it is: for statements that read or write only resource rows."""
         conn = self._conn
         if conn is None:
             conn = self._conn = self.repo.engine.connect()
             conn.execution_options(**{AUTOCOMMIT_OPTION: True})
         return conn
+
+    @contextmanager
+    def batched_writes(self) -> Iterator[None]:
+        """Hold back the index and access rows of the resources written in the block, and store
+        them together: when anything reads through :attr:`conn` (a search, an access check, a
+        hook), and at the end of the block.
+
+        For transaction Bundles: their entries' rows go to the database in a statement per
+        table instead of two statements per entry. The resource rows themselves are written at
+        once, as always (a write needs its pid and must see a concurrent writer).
+        """
+        self._batching = True
+        try:
+            yield
+        finally:
+            self._batching = False
+        self.flush_writes()
+
+    def flush_writes(self) -> None:
+        """Store the index rows, then the access rows, of the writes held back."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        conn = self._db
+        indexer.write_rows(conn, [p.index for p in pending])
+        policy = self.repo.policy
+        if policy is not None:
+            policy.write_scopes(conn, [p.scopes for p in pending if p.scopes is not None])
+
+    def prefetch_current(self, keys: Sequence[tuple[str, str]]) -> None:
+        """Read and lock the current rows of the resources ``(type, id)`` a transaction is about
+        to update, in one statement per type; :meth:`current` ``for_update`` takes them from
+        here. Rows are locked in id order, as concurrent transactions lock them too.
+
+        A resource absent now may still be created before this unit creates it: the insert
+        then finds its id taken and the update looks the row up again (see :meth:`update`).
+        """
+        by_type: dict[str, set[str]] = {}
+        for res_type, res_id in keys:
+            by_type.setdefault(res_type, set()).add(res_id)
+        for res_type, ids in by_type.items():
+            values = {"c_type": res_type, "c_ids": sorted(ids)}
+            if self.repo.postgres:
+                rows = fetch_rows(self._db, _CURRENT_MANY_FOR_UPDATE, values, prepare=False)
+            else:
+                rows = self._db.execute(_CURRENT_MANY_FOR_UPDATE, values).all()
+            found = {row.res_id: _stored(row) for row in rows}
+            for res_id in ids:
+                self._prefetched[(res_type, res_id)] = found.get(res_id)
 
     def release(self) -> None:
         """Return a connection taken on first use to the pool (autocommit: nothing to end)."""
@@ -328,7 +390,8 @@ class Tx:
         self._deferred.append((check, self.error_context))
 
     def run_deferred(self) -> None:
-        """Run the deferred checks in order (checks may defer more)."""
+        """Run the deferred checks in order (checks may defer more), then store what is still
+        held back: the unit is about to commit."""
         while self._deferred:
             check, context = self._deferred.popleft()
             try:
@@ -337,6 +400,7 @@ class Tx:
                 if context is None:
                     raise
                 raise context(exc) from exc
+        self.flush_writes()
 
     # -- reads ------------------------------------------------------------------------------
 
@@ -344,12 +408,16 @@ class Tx:
         self, res_type: str, res_id: str, *, for_update: bool = False
     ) -> StoredResource | None:
         """The current row of a resource (deleted or not), or ``None`` if it never existed."""
+        if for_update and self._prefetched:
+            key = (res_type, res_id)
+            if key in self._prefetched:
+                return self._prefetched.pop(key)
         values = {"c_type": res_type, "c_id": res_id}
         if for_update and self.repo.postgres:
             # a write's lookup, planned afresh each time (see fetch_unprepared)
-            row = fetch_unprepared(self.conn, _CURRENT_FOR_UPDATE, values)
+            row = fetch_unprepared(self._db, _CURRENT_FOR_UPDATE, values)
         else:
-            row = self.conn.execute(_CURRENT, values).first()
+            row = self._db.execute(_CURRENT, values).first()
         return _stored(row) if row else None
 
     def read(self, res_type: str, res_id: str) -> StoredResource:
@@ -376,7 +444,7 @@ class Tx:
                 resource_history.c.version == version,
             )
         )
-        row = self.conn.execute(stmt).first()
+        row = self._db.execute(stmt).first()
         if row is None:
             raise FhirError(
                 404,
@@ -395,7 +463,7 @@ class Tx:
         """Current, non-deleted resources by pid, in the order of ``pids``."""
         if not pids:
             return []
-        rows = self.conn.execute(
+        rows = self._db.execute(
             select(*_CURRENT_COLUMNS).where(resource.c.pid.in_(pids), resource.c.deleted.is_(False))
         ).all()
         by_pid = {row.pid: _stored(row) for row in rows}
@@ -435,7 +503,7 @@ class Tx:
         """
         if self.repo.postgres:
             key = res_type + "?" + "&".join(f"{k}={v}" for k, v in sorted(params))
-            self.conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": key})
+            self._db.execute(text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": key})
 
     # -- writes -----------------------------------------------------------------------------
 
@@ -556,7 +624,7 @@ class Tx:
         self, stored: StoredResource, *, sha256: str, size: int, content_type: str
     ) -> None:
         """Record that a Binary version's content lives in the blob store."""
-        self.conn.execute(
+        self._db.execute(
             insert(binary_content).values(
                 pid=stored.pid,
                 version=stored.version,
@@ -568,7 +636,7 @@ class Tx:
 
     def blob_of(self, stored: StoredResource) -> Any:
         """The blob row (sha256, size, content_type) of a Binary version, or ``None`` if inline."""
-        return self.conn.execute(
+        return self._db.execute(
             select(
                 binary_content.c.sha256, binary_content.c.size, binary_content.c.content_type
             ).where(binary_content.c.pid == stored.pid, binary_content.c.version == stored.version)
@@ -708,12 +776,16 @@ class Tx:
         *,
         previous: dict[str, Any] | None,
     ) -> None:
-        indexer.write_index(
-            self.conn, self.repo.registry, stored.pid, stored.res_type, stored.resource
-        )
         policy = self.repo.policy
+        scopes = None
         if policy is not None:
-            policy.on_write(self, stored, created=stored.version == 1)
+            scopes = policy.scope_write(self, stored, created=stored.version == 1)
+        index = indexer.index_write(self.repo.registry, stored.pid, stored.resource)
+        self._pending.append(_PendingWrite(index, scopes))
+        if not self._batching:
+            self.flush_writes()
+        if policy is not None:
+            policy.index_case(self, stored)
             permission = Permission.UPDATE if previous is not None else Permission.CREATE
             if self.caller is not None:
                 # judged on the unit's final state: a transaction may write the case that
@@ -732,6 +804,7 @@ class Tx:
     ) -> None:
         """Move the row to ``version`` (``None``: deleted) and record the version in the history
         (one statement on PostgreSQL); 409 if another writer did first."""
+        self._prefetched.pop((current.res_type, current.res_id), None)  # now stale
         values = {
             "b_pid": current.pid,
             "b_version": current.version,
@@ -741,10 +814,10 @@ class Tx:
             "content": content,
         }
         if self.repo.postgres:
-            moved = self.conn.execute(_PG_BUMP_WITH_HISTORY, {**values, "h_method": method})
-            done = moved.first() is not None
+            # on the DB-API cursor: SQLAlchemy's per-execution work cost more than the statement
+            done = bool(fetch_rows(self._db, _PG_BUMP_WITH_HISTORY, {**values, "h_method": method}))
         else:
-            done = self.conn.execute(_BUMP_RESOURCE, values).rowcount == 1
+            done = self._db.execute(_BUMP_RESOURCE, values).rowcount == 1
             if done:
                 row = {"pid": current.pid, "res_type": current.res_type, "res_id": current.res_id}
                 self._insert_history({**values, **row}, method)
@@ -766,16 +839,17 @@ class Tx:
         unless_exists = method == "PUT"
         if self.repo.postgres:
             statement = _PG_INSERT_WITH_HISTORY[unless_exists]
-            return self.conn.execute(statement, {**values, "h_method": method}).first()
+            rows = fetch_rows(self._db, statement, {**values, "h_method": method})
+            return rows[0] if rows else None
         statement = _SQLITE_INSERT_UNLESS_EXISTS if unless_exists else _INSERT_RESOURCE
-        row = self.conn.execute(statement, values).first()
+        row = self._db.execute(statement, values).first()
         if row is not None:
             self._insert_history({**values, "pid": row.pid}, method)
         return row
 
     def _insert_history(self, version: dict[str, Any], method: str) -> None:
         """SQLite: record a version (the row's columns in ``version``) in the history."""
-        self.conn.execute(
+        self._db.execute(
             _INSERT_HISTORY,
             {column: version[column] for column in ("pid", *_VERSION_COLUMNS)} | {"method": method},
         )
@@ -840,6 +914,14 @@ def _history_filter(
     return conditions
 
 
+@dataclass(frozen=True)
+class _PendingWrite:
+    """The index and access rows of a write, held back by :meth:`Tx.batched_writes`."""
+
+    index: indexer.IndexWrite
+    scopes: ScopeWrite | None
+
+
 class _IdTaken(Exception):
     """A create-on-update lost the race for its id."""
 
@@ -873,6 +955,15 @@ _CURRENT = select(*_CURRENT_COLUMNS).where(
     resource.c.res_type == bindparam("c_type"), resource.c.res_id == bindparam("c_id")
 )
 _CURRENT_FOR_UPDATE = _CURRENT.with_for_update()
+_CURRENT_MANY_FOR_UPDATE = (
+    select(*_CURRENT_COLUMNS)
+    .where(
+        resource.c.res_type == bindparam("c_type"),
+        resource.c.res_id.in_(bindparam("c_ids", expanding=True)),
+    )
+    .order_by(resource.c.res_id)
+    .with_for_update()
+)
 _INSERT_RESOURCE = insert(resource).returning(resource.c.pid)
 _INSERT_HISTORY = insert(resource_history)
 _BUMP_RESOURCE = (
