@@ -9,7 +9,8 @@ transaction each with the batch's rows locked, so it can run beside a live serve
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from sqlalchemy import select
@@ -17,6 +18,9 @@ from sqlalchemy import select
 from fhir_server.storage import indexer
 from fhir_server.storage.repository import StoredResource, as_utc
 from fhir_server.storage.schema import resource
+
+if TYPE_CHECKING:
+    from fhir_server.storage.repository import Tx
 
 BATCH = 500
 
@@ -29,7 +33,6 @@ def reindex(settings: Any, resource_type: str | None, *, batch: int = BATCH) -> 
     from fhir_server.app import build_repository
 
     repo = build_repository(settings)
-    registry, policy = repo.registry, repo.policy
     done = 0
     last = 0
     try:
@@ -55,21 +58,29 @@ def reindex(settings: Any, resource_type: str | None, *, batch: int = BATCH) -> 
                 if resource_type:
                     stmt = stmt.where(resource.c.res_type == resource_type)
                 rows = tx.conn.execute(stmt).all()
-                for row in rows:
-                    body = orjson.loads(row.content)
-                    meta = dict(body.get("meta") or {})
-                    meta["versionId"] = "reindex"  # never "1": diff against stored rows
-                    body["meta"] = meta
-                    indexer.write_index(tx.conn, registry, row.pid, row.res_type, body)
-                    if policy is not None:
-                        stored = StoredResource(
-                            row.pid, row.res_type, row.res_id, row.version,
-                            as_utc(row.last_updated), False, row.content, _parsed=body,
-                        )  # fmt: skip
-                        policy.on_write(tx, stored, created=False)
+                reindex_rows(tx, rows)
             if not rows:
                 return done
             done += len(rows)
             last = rows[-1].pid
     finally:
         repo.engine.dispose()
+
+
+def reindex_rows(tx: Tx, rows: Sequence[Any]) -> None:
+    """Rewrite the index and access rows of stored resources, one after the other in the
+    order given, as their writes did. ``rows`` carry ``pid``, ``res_type``, ``res_id``,
+    ``version``, ``last_updated`` and ``content`` of current, non-deleted versions."""
+    registry, policy = tx.repo.registry, tx.repo.policy
+    for row in rows:
+        body = orjson.loads(row.content)
+        meta = dict(body.get("meta") or {})
+        meta["versionId"] = "reindex"  # never "1": diff against stored rows
+        body["meta"] = meta
+        indexer.write_index(tx.conn, registry, row.pid, row.res_type, body)
+        if policy is not None:
+            stored = StoredResource(
+                row.pid, row.res_type, row.res_id, row.version,
+                as_utc(row.last_updated), False, row.content, _parsed=body,
+            )  # fmt: skip
+            policy.on_write(tx, stored, created=False)
