@@ -15,7 +15,12 @@ RowsByTable = dict[str, list[dict[str, Any]]]
 
 
 def extract_rows(registry: SearchRegistry, resource: dict[str, Any]) -> RowsByTable:
-    """Every index row of ``resource`` (without ``pid``), grouped by table name."""
+    """Every index row of ``resource`` (without ``pid``), grouped by table name, each once.
+
+    Rows of different parameters (or composite groups) never coincide: they differ in
+    ``hash_identity`` (or ``grp``), and each type's extractor gives a repeated value of one
+    parameter one row.
+    """
     rt = resource.get("resourceType", "")
     plan = registry.extractor(rt)
     out: RowsByTable = {}

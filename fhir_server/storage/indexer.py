@@ -73,10 +73,7 @@ def write_rows(conn: Connection, writes: Sequence[IndexWrite]) -> None:
         return
     for table in INDEX_TABLES:
         fresh_rows = [
-            {"pid": w.pid, **row}
-            for w in writes
-            if w.fresh
-            for row in _dedupe(table, w.rows.get(table.name, ()))
+            {"pid": w.pid, **row} for w in writes if w.fresh for row in w.rows.get(table.name, ())
         ]
         if fresh_rows:
             conn.execute(insert(table), fresh_rows)
@@ -126,7 +123,7 @@ def _write_postgres(
         new = rows.get(table.name)
         if new:
             parts.append(_INSERT_SQL[table.name])
-            params.extend((pid, orjson.dumps(_dedupe(table, new)).decode()))
+            params.extend((pid, orjson.dumps(new).decode()))
     _run_chained(conn, parts, params)
 
 
@@ -140,7 +137,7 @@ def _write_postgres_many(conn: Connection, writes: Sequence[IndexWrite]) -> None
         if replaced:
             parts.append(_DELETE_MANY_SQL[table.name])
             params.append(replaced)
-        pairs = [(w.pid, _dedupe(table, new)) for w in writes if (new := w.rows.get(table.name))]
+        pairs = [(w.pid, new) for w in writes if (new := w.rows.get(table.name))]
         if pairs:
             parts.append(_INSERT_MANY_SQL[table.name])
             params.append(orjson.dumps(pairs).decode())
@@ -163,13 +160,6 @@ def _run_chained(conn: Connection, parts: list[str], params: list[Any]) -> None:
 
 def _key(table: Table, row: dict[str, Any]) -> tuple[Any, ...]:
     return tuple(map(row.get, _VALUE_COLUMNS[table.name]))
-
-
-def _dedupe(table: Table, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    seen: dict[tuple[Any, ...], dict[str, Any]] = {}
-    for row in rows:
-        seen.setdefault(_key(table, row), row)
-    return list(seen.values())
 
 
 def _replace(conn: Connection, table: Table, pid: int, new: list[dict[str, Any]]) -> None:

@@ -167,3 +167,29 @@ def test_present_and_not_false_is_compiled_and_agrees_with_fhirpathpy(
     assert [n.value for n in path.evaluate(patient)] == theirs
     codes = {(r["system"], r["code"]) for r in extract_rows(registry, patient)["idx_token"]}
     assert (None, str(theirs[0]).lower()) in codes
+
+
+def _doubled(value: object) -> object:
+    """``value`` with every array holding each of its elements twice."""
+    if isinstance(value, list):
+        return [_doubled(v) for v in value for _ in range(2)]
+    if isinstance(value, dict):
+        return {k: _doubled(v) for k, v in value.items()}
+    return value
+
+
+@pytest.mark.parametrize("resource", [PATIENT, OBSERVATION], ids=["Patient", "Observation"])
+def test_a_repeated_value_gives_one_row(registry: SearchRegistry, resource: dict) -> None:
+    """Every type's extractor gives a value once however often it repeats (the indexer
+    stores the rows as they come)."""
+    once, twice = extract_rows(registry, resource), extract_rows(registry, _doubled(resource))
+    for table, rows in twice.items():
+        if table == "idx_text":  # one row of all the text, which doubles
+            continue
+        keys = [tuple(sorted(r.items())) for r in rows]
+        assert len(keys) == len(set(keys)), table
+        # composite values come in groups per element: doubled elements are more groups
+        single = {k for k, r in zip(keys, rows, strict=True) if r.get("grp", 0) == 0}
+        assert single == {tuple(sorted(r.items())) for r in once[table] if r.get("grp", 0) == 0}, (
+            table
+        )

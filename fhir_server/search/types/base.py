@@ -22,8 +22,17 @@ from fhir_server.search.hashing import prefix_successor
 PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb", "ap")
 
 Row = dict[str, Any]
-# (table name, row) pairs produced by extraction
+# (table name, row) pairs produced by extraction; a type's extract() gives each row once
 IndexRows = list[tuple[str, Row]]
+
+
+def first_seen(seen: set[Any], key: Any) -> bool:
+    """True the first time ``key`` is offered to ``seen`` (which then remembers it): how the
+    extractors give a repeated value one row."""
+    if key in seen:
+        return False
+    seen.add(key)
+    return True
 
 
 class Pred:

@@ -27,6 +27,7 @@ from fhir_server.search.types.base import (
     all_of,
     any_of,
     bad_value,
+    first_seen,
     split_prefix,
     unsupported_modifier,
 )
@@ -114,9 +115,12 @@ def ranges_of(value: Any, typ: str | None) -> list[tuple[int, int]]:
 def extract(param: SearchParam, identity: int, nodes: list[Node], grp: int = 0) -> IndexRows:
     """Index rows of a date parameter."""
     rows: IndexRows = []
+    seen: set[tuple[int, int]] = set()
     for node in nodes:
         for low, high in ranges_of(node.value, node.type):
-            rows.append((TABLE, {"hash_identity": identity, "grp": grp, "low": low, "high": high}))
+            if first_seen(seen, (low, high)):
+                row = {"hash_identity": identity, "grp": grp, "low": low, "high": high}
+                rows.append((TABLE, row))
     return rows
 
 

@@ -20,6 +20,7 @@ from fhir_server.search.types.base import (
     ValueContext,
     all_of,
     bad_value,
+    first_seen,
     split_prefix,
     unsupported_modifier,
 )
@@ -45,9 +46,10 @@ def number_of(value: Any) -> float | None:
 def extract(param: SearchParam, identity: int, nodes: list[Node], grp: int = 0) -> IndexRows:
     """Index rows of a number parameter."""
     rows: IndexRows = []
+    seen: set[float] = set()
     for node in nodes:
         number = number_of(node.value)
-        if number is not None:
+        if number is not None and first_seen(seen, number):
             rows.append((TABLE, {"hash_identity": identity, "grp": grp, "value": number}))
     return rows
 

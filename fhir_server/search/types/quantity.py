@@ -20,6 +20,7 @@ from fhir_server.search.types.base import (
     ValueContext,
     all_of,
     bad_value,
+    first_seen,
     split_escaped,
     split_prefix,
     unescape,
@@ -57,9 +58,10 @@ def quantity_of(value: Any) -> tuple[float, str | None, str | None] | None:
 def extract(param: SearchParam, identity: int, nodes: list[Node], grp: int = 0) -> IndexRows:
     """Index rows of a quantity parameter."""
     rows: IndexRows = []
+    seen: set[tuple[float, str | None, str | None]] = set()
     for node in nodes:
         found = quantity_of(node.value)
-        if found is None:
+        if found is None or not first_seen(seen, found):
             continue
         number, system, code = found
         rows.append(

@@ -24,6 +24,7 @@ from fhir_server.search.types.base import (
     ValueContext,
     all_of,
     bad_value,
+    first_seen,
     unescape,
 )
 
@@ -71,6 +72,7 @@ def _row(
 def extract(param: SearchParam, identity: int, nodes: list[Node], grp: int = 0) -> IndexRows:
     """Index rows of a reference parameter (plus token rows for logical references)."""
     rows: IndexRows = []
+    seen: set[tuple[Any, ...]] = set()
     for node in nodes:
         value = node.value
         ref: str | None = None
@@ -79,7 +81,11 @@ def extract(param: SearchParam, identity: int, nodes: list[Node], grp: int = 0) 
         elif isinstance(value, dict):
             ref = value.get("reference") if isinstance(value.get("reference"), str) else None
             ident = value.get("identifier")
-            if isinstance(ident, dict) and ident.get("value"):
+            if (
+                isinstance(ident, dict)
+                and ident.get("value")
+                and first_seen(seen, ("identifier", ident.get("system"), ident["value"]))
+            ):
                 rows.append(
                     (
                         token.TABLE,
@@ -94,7 +100,7 @@ def extract(param: SearchParam, identity: int, nodes: list[Node], grp: int = 0) 
                 )
         if ref:
             typ, rid, url = parse_reference(ref)
-            if typ or url:
+            if (typ or url) and first_seen(seen, (typ, rid, url)):
                 rows.append((TABLE, _row(identity, typ, rid, url, grp)))
     return rows
 

@@ -22,6 +22,7 @@ from fhir_server.search.types.base import (
     Prefix,
     ValueContext,
     all_of,
+    first_seen,
     unescape,
     unsupported_modifier,
 )
@@ -73,8 +74,7 @@ def extract(param: SearchParam, identity: int, nodes: list[Node], grp: int = 0) 
     seen: set[str] = set()
     for node in nodes:
         for text in strings_of(node.value, node.type):
-            if text and text not in seen:
-                seen.add(text)
+            if text and first_seen(seen, text):
                 rows.append((TABLE, string_row(identity, text, grp)))
     return rows
 

@@ -29,6 +29,7 @@ from fhir_server.search.types.base import (
     all_of,
     any_of,
     bad_value,
+    first_seen,
     split_escaped,
     unescape,
     unsupported_modifier,
@@ -104,14 +105,12 @@ def tokens_of(value: Any, typ: str | None) -> list[tuple[str | None, str | None,
 def extract(param: SearchParam, identity: int, nodes: list[Node], grp: int = 0) -> IndexRows:
     """Index rows of a token parameter (plus ``:of-type`` rows for Identifiers)."""
     rows: IndexRows = []
-    seen: set[tuple[Any, ...]] = set()
+    seen: set[tuple[Any, ...] | str] = set()
     of_type_identity: int | None = None
     for node in nodes:
         for system, code, text in tokens_of(node.value, node.type):
-            key = (system, code, text)
-            if key in seen:
+            if not first_seen(seen, (system, code, text)):
                 continue
-            seen.add(key)
             rows.append((TABLE, token_row(identity, system, code, text, grp)))
         value = node.value
         if isinstance(value, dict) and node.type == "Identifier" and value.get("type"):
@@ -121,6 +120,8 @@ def extract(param: SearchParam, identity: int, nodes: list[Node], grp: int = 0) 
                 composed = (
                     f"{coding.get('system', '')}|{coding.get('code', '')}|{value.get('value', '')}"
                 )
+                if not first_seen(seen, composed):  # (a plain key is a 3-tuple: no clash)
+                    continue
                 rows.append((TABLE, token_row(of_type_identity, None, composed, None, grp)))
     return rows
 

@@ -19,6 +19,7 @@ from fhir_server.search.types.base import (
     Prefix,
     ValueContext,
     all_of,
+    first_seen,
     unescape,
     unsupported_modifier,
 )
@@ -35,8 +36,9 @@ def h_uri(identity: int, uri: str) -> int:
 def extract(param: SearchParam, identity: int, nodes: list[Node], grp: int = 0) -> IndexRows:
     """Index rows of a uri parameter."""
     rows: IndexRows = []
+    seen: set[str] = set()
     for node in nodes:
-        if isinstance(node.value, str) and node.value:
+        if isinstance(node.value, str) and node.value and first_seen(seen, node.value):
             rows.append(
                 (
                     TABLE,
