@@ -119,7 +119,7 @@ def _run_transaction(
         ]
     )
     results: dict[int, dict[str, Any]] = {}
-    with tx.batched_writes():
+    with tx.batched_writes(expected=sum(e.method in ("POST", "PUT") for e in entries)):
         for entry in sorted(entries, key=lambda e: (_ORDER[e.method], e.index)):
             tx.error_context = partial(_in_entry, entry=entry)
             try:

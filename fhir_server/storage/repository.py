@@ -271,6 +271,9 @@ class Repository:
             except OperationalError as exc:
                 if attempt == retries or not _is_retryable(exc):
                     raise
+            except ConcurrentCreate as exc:
+                if attempt == retries:
+                    raise FhirError(409, "conflict", str(exc), code="MSO-REST-409") from exc
         raise AssertionError("unreachable")
 
     def read_only(
@@ -300,7 +303,10 @@ class Tx:
         self._deferred = deque()
         self._lazy = conn is None  # the unit's connection is this Tx's to open and release
         self._pending: list[_PendingWrite] = []  # index and access rows not yet stored
+        self._versions: list[dict[str, Any]] = []  # first versions not yet stored
+        self._pids: deque[int] = deque()  # pids drawn for first versions held back
         self._batching = False
+        self._expected = 0
         self._prefetched: dict[tuple[str, str], StoredResource | None] = {}
 
     @property
@@ -308,13 +314,19 @@ class Tx:
         """The unit's connection, with every write of the unit stored (an autocommit read unit
         takes it from the pool now). Whoever reads through it sees the index and access rows
         of the resources written so far, those :meth:`batched_writes` held back included."""
-        if self._pending:
+        if self._pending or self._versions:
             self.flush_writes()
-        return self._db
+        return self._connection()
 
     @property
     def _db(self) -> Connection:
-        """The connection as it is: for statements that read or write only resource rows."""
+        """The connection with every resource row of the unit stored: for statements that read
+        or write only resource rows (the index and access rows may still be held back)."""
+        if self._versions:
+            self._flush_versions()
+        return self._connection()
+
+    def _connection(self) -> Connection:
         conn = self._conn
         if conn is None:
             conn = self._conn = self.repo.engine.connect()
@@ -322,16 +334,18 @@ class Tx:
         return conn
 
     @contextmanager
-    def batched_writes(self) -> Iterator[None]:
-        """Hold back the index and access rows of the resources written in the block, and store
-        them together: when anything reads through :attr:`conn` (a search, an access check, a
-        hook), and at the end of the block.
+    def batched_writes(self, expected: int = 0) -> Iterator[None]:
+        """Hold back the rows of the resources written in the block (about ``expected`` of
+        them), and store them together: when anything reads through :attr:`conn` (a search,
+        an access check, a hook) or :attr:`_db`, and at the end of the block.
 
-        For transaction Bundles: their entries' rows go to the database in a statement per
-        table instead of two statements per entry. The resource rows themselves are written at
-        once, as always (a write needs its pid and must see a concurrent writer).
+        For transaction Bundles: their entries' rows go to the database in a few statements
+        instead of three per entry. On PostgreSQL a first version's pid is drawn from the
+        sequence beforehand (:meth:`_next_pid`); a resource created concurrently under the
+        same id is found when the rows are stored, and the unit is run again
+        (:class:`ConcurrentCreate`), as a lost race of a single create-on-update would be.
         """
-        self._batching = True
+        self._batching, self._expected = True, expected
         try:
             yield
         finally:
@@ -339,11 +353,13 @@ class Tx:
         self.flush_writes()
 
     def flush_writes(self) -> None:
-        """Store the index rows, then the access rows, of the writes held back."""
+        """Store the resource rows, the index rows, then the access rows held back."""
+        if self._versions:
+            self._flush_versions()
         pending, self._pending = self._pending, []
         if not pending:
             return
-        conn = self._db
+        conn = self._connection()
         indexer.write_rows(conn, [p.index for p in pending])
         policy = self.repo.policy
         if policy is not None:
@@ -526,10 +542,15 @@ class Tx:
             "deleted": False,
             "content": content,
         }
-        row = self._insert_first_version(values, method)
-        if row is None:
-            raise _IdTaken()
-        stored = StoredResource(row.pid, res_type, res_id, 1, now, False, content, method, body)
+        if self._batching and self.repo.postgres:
+            pid = self._next_pid()
+            self._versions.append({**values, "pid": pid, "h_method": method})
+        else:
+            row = self._insert_first_version(values, method)
+            if row is None:
+                raise _IdTaken()
+            pid = row.pid
+        stored = StoredResource(pid, res_type, res_id, 1, now, False, content, method, body)
         self._after_write(stored, method, HookPoint.AFTER_CREATE, previous=None)
         return stored
 
@@ -829,6 +850,26 @@ class Tx:
                 code="MSO-REST-409",
             )
 
+    def _next_pid(self) -> int:
+        """PostgreSQL: a pid for a first version held back, drawn from the sequence with the
+        others the unit expects to create (one round trip for a transaction Bundle)."""
+        if not self._pids:
+            count = max(self._expected, 16)
+            self._expected = 0
+            rows = self._connection().exec_driver_sql(_PG_DRAW_PIDS, (count,))
+            self._pids.extend(pid for (pid,) in rows)
+        return self._pids.popleft()
+
+    def _flush_versions(self) -> None:
+        """PostgreSQL: insert the first versions held back and their history rows in one
+        statement; a unit that finds one of their ids taken is run again."""
+        versions, self._versions = self._versions, []
+        columns = ("pid", "res_type", "res_id", "last_updated", "content", "h_method")
+        arrays = tuple([v[c] for v in versions] for c in columns)
+        stored = self._connection().exec_driver_sql(_PG_INSERT_VERSIONS, arrays).rowcount
+        if stored != len(versions):
+            raise ConcurrentCreate("a resource of this unit was created meanwhile by another")
+
     def _insert_first_version(self, values: dict[str, Any], method: str) -> Any:
         """Insert version 1 and its history row (one statement on PostgreSQL); the new row
         (``pid``), or ``None`` when a create-on-update (PUT) finds the id taken.
@@ -922,6 +963,12 @@ class _PendingWrite:
     scopes: ScopeWrite | None
 
 
+class ConcurrentCreate(Exception):
+    """A unit found that an id it created (its rows held back) was taken by another writer in
+    the meantime: :meth:`Repository.write` runs the unit again, where the write becomes an
+    update of that resource."""
+
+
 class _IdTaken(Exception):
     """A create-on-update lost the race for its id."""
 
@@ -1008,6 +1055,21 @@ def _pg_insert_with_history(unless_exists: bool) -> Any:
 
 
 _PG_INSERT_WITH_HISTORY = {unless: _pg_insert_with_history(unless) for unless in (False, True)}
+_PG_DRAW_PIDS = (
+    "SELECT nextval(pg_get_serial_sequence('resource', 'pid')) FROM generate_series(1, %s)"
+)
+# First versions held back by a transaction (Tx.batched_writes), as one array per column: an
+# id taken meanwhile inserts nothing (ON CONFLICT), which the row count tells.
+_PG_INSERT_VERSIONS = (
+    "WITH v AS (SELECT * FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::timestamptz[],"
+    " %s::bytea[], %s::text[]) AS v(pid, res_type, res_id, last_updated, content, method)),"
+    " written AS (INSERT INTO resource (pid, res_type, res_id, version, last_updated, deleted,"
+    " content) SELECT pid, res_type, res_id, 1, last_updated, false, content FROM v"
+    " ON CONFLICT DO NOTHING RETURNING pid)"
+    " INSERT INTO resource_history (pid, version, res_type, res_id, last_updated, deleted,"
+    " content, method) SELECT v.pid, 1, v.res_type, v.res_id, v.last_updated, false, v.content,"
+    " v.method FROM v JOIN written USING (pid)"
+)
 _PG_BUMP_WITH_HISTORY = _history_of(
     _BUMP_RESOURCE.returning(resource.c.pid, *(resource.c[c] for c in _VERSION_COLUMNS)).cte(
         "written"

@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from sqlalchemy import select
 
 from fhir_server.cli_reindex import reindex_rows
@@ -312,3 +313,32 @@ def test_prefetched_rows_are_not_reused_once_written(app) -> None:
         return first.version, second.version, created
 
     assert app.state.repo.write(work) == (2, 3, True)
+
+
+# PostgreSQL only: there a transaction holds its first versions back until it stores them
+# together (SQLite's single writer cannot interleave with another).
+@pytest.mark.parametrize(
+    "db_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
+)
+def test_an_id_taken_while_held_back_makes_the_unit_run_again(app) -> None:
+    repo = app.state.repo
+    assert repo.postgres
+    rid = f"race-{uuid.uuid4().hex[:12]}"
+    attempts: list[int] = []
+
+    def work(tx: Tx) -> tuple[int, bool]:
+        attempts.append(1)
+        with tx.batched_writes(expected=1):
+            stored, created = tx.update(
+                "Patient", rid, {"resourceType": "Patient", "gender": "male"}
+            )
+            if len(attempts) == 1:  # another writer takes the id before this unit stores it
+                repo.write(lambda other: other.update("Patient", rid, {"resourceType": "Patient"}))
+        return stored.version, created
+
+    assert repo.write(work) == (2, False)  # the second run updates what the other created
+    assert len(attempts) == 2
+    with repo.unit() as tx:
+        current = tx.current("Patient", rid)
+    assert current is not None and current.version == 2
+    assert current.resource["gender"] == "male"
