@@ -304,6 +304,7 @@ class Tx:
         self._lazy = conn is None  # the unit's connection is this Tx's to open and release
         self._pending: list[_PendingWrite] = []  # index and access rows not yet stored
         self._versions: list[dict[str, Any]] = []  # first versions not yet stored
+        self._moves: list[dict[str, Any]] = []  # later versions not yet stored
         self._pids: deque[int] = deque()  # pids drawn for first versions held back
         self._batching = False
         self._expected = 0
@@ -314,7 +315,7 @@ class Tx:
         """The unit's connection, with every write of the unit stored (an autocommit read unit
         takes it from the pool now). Whoever reads through it sees the index and access rows
         of the resources written so far, those :meth:`batched_writes` held back included."""
-        if self._pending or self._versions:
+        if self._pending or self._versions or self._moves:
             self.flush_writes()
         return self._connection()
 
@@ -322,7 +323,7 @@ class Tx:
     def _db(self) -> Connection:
         """The connection with every resource row of the unit stored: for statements that read
         or write only resource rows (the index and access rows may still be held back)."""
-        if self._versions:
+        if self._versions or self._moves:
             self._flush_versions()
         return self._connection()
 
@@ -343,7 +344,9 @@ class Tx:
         instead of three per entry. On PostgreSQL a first version's pid is drawn from the
         sequence beforehand (:meth:`_next_pid`); a resource created concurrently under the
         same id is found when the rows are stored, and the unit is run again
-        (:class:`ConcurrentCreate`), as a lost race of a single create-on-update would be.
+        (:class:`ConcurrentCreate`), as a lost race of a single create-on-update would be. A
+        new version of an existing resource is held back too: its row is locked since it was
+        read (``FOR UPDATE``), so no other writer can move it meanwhile.
         """
         self._batching, self._expected = True, expected
         try:
@@ -354,7 +357,7 @@ class Tx:
 
     def flush_writes(self) -> None:
         """Store the resource rows, the index rows, then the access rows held back."""
-        if self._versions:
+        if self._versions or self._moves:
             self._flush_versions()
         pending, self._pending = self._pending, []
         if not pending:
@@ -834,6 +837,9 @@ class Tx:
             "deleted": content is None,
             "content": content,
         }
+        if self._batching and self.repo.postgres:
+            self._moves.append({**values, "h_method": method})
+            return
         if self.repo.postgres:
             # on the DB-API cursor: SQLAlchemy's per-execution work cost more than the statement
             done = bool(fetch_rows(self._db, _PG_BUMP_WITH_HISTORY, {**values, "h_method": method}))
@@ -862,13 +868,26 @@ class Tx:
 
     def _flush_versions(self) -> None:
         """PostgreSQL: insert the first versions held back and their history rows in one
-        statement; a unit that finds one of their ids taken is run again."""
+        statement, and move the resources with later versions in another; a unit that finds
+        one of its new ids taken is run again."""
         versions, self._versions = self._versions, []
-        columns = ("pid", "res_type", "res_id", "last_updated", "content", "h_method")
-        arrays = tuple([v[c] for v in versions] for c in columns)
-        stored = self._connection().exec_driver_sql(_PG_INSERT_VERSIONS, arrays).rowcount
-        if stored != len(versions):
-            raise ConcurrentCreate("a resource of this unit was created meanwhile by another")
+        moves, self._moves = self._moves, []
+        conn = self._connection()
+        if versions:
+            columns = ("pid", "res_type", "res_id", "last_updated", "content", "h_method")
+            arrays = tuple([v[c] for v in versions] for c in columns)
+            if conn.exec_driver_sql(_PG_INSERT_VERSIONS, arrays).rowcount != len(versions):
+                raise ConcurrentCreate("a resource of this unit was created meanwhile by another")
+        if moves:
+            columns = ("b_pid", "b_version", "version", "last_updated", "deleted", "content")
+            arrays = tuple([m[c] for m in moves] for c in (*columns, "h_method"))
+            if conn.exec_driver_sql(_PG_MOVE_VERSIONS, arrays).rowcount != len(moves):
+                raise FhirError(
+                    409,
+                    "conflict",
+                    "A resource of this transaction was changed by another request; retry",
+                    code="MSO-REST-409",
+                )
 
     def _insert_first_version(self, values: dict[str, Any], method: str) -> Any:
         """Insert version 1 and its history row (one statement on PostgreSQL); the new row
@@ -1069,6 +1088,19 @@ _PG_INSERT_VERSIONS = (
     " INSERT INTO resource_history (pid, version, res_type, res_id, last_updated, deleted,"
     " content, method) SELECT v.pid, 1, v.res_type, v.res_id, v.last_updated, false, v.content,"
     " v.method FROM v JOIN written USING (pid)"
+)
+# New versions of existing resources held back, likewise: each moves only from the version it
+# was read at (the row count tells if one did not).
+_PG_MOVE_VERSIONS = (
+    "WITH v AS (SELECT * FROM unnest(%s::bigint[], %s::int[], %s::int[], %s::timestamptz[],"
+    " %s::bool[], %s::bytea[], %s::text[]) AS v(pid, b_version, version, last_updated, deleted,"
+    " content, method)),"
+    " moved AS (UPDATE resource AS r SET version = v.version, last_updated = v.last_updated,"
+    " deleted = v.deleted, content = v.content FROM v"
+    " WHERE r.pid = v.pid AND r.version = v.b_version RETURNING r.pid, r.res_type, r.res_id)"
+    " INSERT INTO resource_history (pid, version, res_type, res_id, last_updated, deleted,"
+    " content, method) SELECT v.pid, v.version, m.res_type, m.res_id, v.last_updated,"
+    " v.deleted, v.content, v.method FROM v JOIN moved AS m USING (pid)"
 )
 _PG_BUMP_WITH_HISTORY = _history_of(
     _BUMP_RESOURCE.returning(resource.c.pid, *(resource.c[c] for c in _VERSION_COLUMNS)).cte(

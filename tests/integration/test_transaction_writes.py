@@ -7,6 +7,8 @@ before it. Reads inside the unit (searches, access checks, hooks) see every row 
 
 from __future__ import annotations
 
+import base64
+import json
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -342,3 +344,51 @@ def test_an_id_taken_while_held_back_makes_the_unit_run_again(app) -> None:
         current = tx.current("Patient", rid)
     assert current is not None and current.version == 2
     assert current.resource["gender"] == "male"
+
+
+def test_new_versions_held_back_keep_history_and_order(client, app) -> None:
+    u = uuid.uuid4().hex[:12]
+    ids = [f"v-{u}-{n}" for n in range(3)]
+    for rid in ids:
+        assert (
+            client.put(
+                f"/fhir/Patient/{rid}", json={"resourceType": "Patient", "id": rid}
+            ).status_code
+            == 201
+        )
+    patch = [{"op": "add", "path": "/gender", "value": "other"}]
+    entries = [
+        {"resource": {"resourceType": "Patient", "id": ids[0], "gender": "male"},
+         "request": {"method": "PUT", "url": f"Patient/{ids[0]}"}},
+        {"request": {"method": "DELETE", "url": f"Patient/{ids[1]}"}},
+        {"resource": {"resourceType": "Binary", "contentType": "application/json-patch+json",
+                      "data": base64.b64encode(json.dumps(patch).encode()).decode()},
+         "request": {"method": "PATCH", "url": f"Patient/{ids[2]}"}},
+        {"request": {"method": "GET", "url": f"Patient/{ids[2]}"}},
+    ]  # fmt: skip
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+    response = client.post("/fhir", json=bundle)
+    assert response.status_code == 200, response.text
+    got = response.json()["entry"]
+    assert got[3]["resource"]["gender"] == "other"  # the GET sees the PATCH of the same unit
+    assert got[3]["resource"]["meta"]["versionId"] == "2"
+    assert client.get(f"/fhir/Patient/{ids[1]}").status_code == 410
+    for rid, gender in ((ids[0], "male"), (ids[2], "other")):
+        history = client.get(f"/fhir/Patient/{rid}/_history").json()["entry"]
+        assert [e["resource"]["meta"]["versionId"] for e in history] == ["2", "1"]
+        assert history[0]["resource"]["gender"] == gender
+        found = client.get("/fhir/Patient", params={"_id": rid, "gender": gender}).json()
+        assert len(found["entry"]) == 1
+    deleted = client.get(f"/fhir/Patient/{ids[1]}/_history").json()["entry"]
+    assert [e["request"]["method"] for e in deleted] == ["DELETE", "PUT"]
+
+    def twice(tx: Tx) -> list[int]:
+        with tx.batched_writes():
+            first, _ = tx.update("Patient", ids[0], {"resourceType": "Patient", "gender": "female"})
+            second, _ = tx.update(
+                "Patient", ids[0], {"resourceType": "Patient", "gender": "unknown"}
+            )
+        return [first.version, second.version]
+
+    assert app.state.repo.write(twice) == [3, 4]
+    assert client.get(f"/fhir/Patient/{ids[0]}").json()["gender"] == "unknown"
