@@ -110,16 +110,12 @@ def _run_transaction(
         if entry.resource is not None:
             _rewrite(tx, entry, entry.resource, mapping)
     # the resources PUT by id: looked up and locked in one statement, not one per entry
-    tx.prefetch_current(
-        [
-            (res_type, res_id)
-            for e in entries
-            if e.method == "PUT" and e.path.count("/") == 1
-            for res_type, res_id in [e.path.split("/")]
-        ]
-    )
+    by_id = [e.path.split("/") for e in entries if e.method == "PUT" and e.path.count("/") == 1]
+    absent = tx.prefetch_current([(res_type, res_id) for res_type, res_id in by_id])
+    # what the unit may create: POSTs, conditional PUTs, PUTs of ids not found
+    creates = sum(e.method == "POST" or (e.method == "PUT" and "/" not in e.path) for e in entries)
     results: dict[int, dict[str, Any]] = {}
-    with tx.batched_writes(expected=sum(e.method in ("POST", "PUT") for e in entries)):
+    with tx.batched_writes(expected=creates + absent):
         for entry in sorted(entries, key=lambda e: (_ORDER[e.method], e.index)):
             tx.error_context = partial(_in_entry, entry=entry)
             try:

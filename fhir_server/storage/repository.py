@@ -368,14 +368,16 @@ class Tx:
         if policy is not None:
             policy.write_scopes(conn, [p.scopes for p in pending if p.scopes is not None])
 
-    def prefetch_current(self, keys: Sequence[tuple[str, str]]) -> None:
+    def prefetch_current(self, keys: Sequence[tuple[str, str]]) -> int:
         """Read and lock the current rows of the resources ``(type, id)`` a transaction is about
         to update, in one statement per type; :meth:`current` ``for_update`` takes them from
-        here. Rows are locked in id order, as concurrent transactions lock them too.
+        here. Rows are locked in id order, as concurrent transactions lock them too. Returns
+        how many of them do not exist (the unit will create them).
 
-        A resource absent now may still be created before this unit creates it: the insert
-        then finds its id taken and the update looks the row up again (see :meth:`update`).
+        A resource absent now may still be created by another writer before this unit stores
+        its own: that is found when it does (see :meth:`update` and :class:`ConcurrentCreate`).
         """
+        absent = 0
         by_type: dict[str, set[str]] = {}
         for res_type, res_id in keys:
             by_type.setdefault(res_type, set()).add(res_id)
@@ -388,6 +390,8 @@ class Tx:
             found = {row.res_id: _stored(row) for row in rows}
             for res_id in ids:
                 self._prefetched[(res_type, res_id)] = found.get(res_id)
+            absent += len(ids) - len(found)
+        return absent
 
     def release(self) -> None:
         """Return a connection taken on first use to the pool (autocommit: nothing to end)."""
