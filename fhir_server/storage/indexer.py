@@ -35,10 +35,33 @@ class IndexWrite:
     fresh: bool  # a first version: there are no previous rows to delete
 
 
+def index_rows(registry: SearchRegistry, resource: dict[str, Any]) -> RowsByTable:
+    """The index rows of a resource about to be written."""
+    return extract_rows(registry, resource)
+
+
 def index_write(registry: SearchRegistry, pid: int, resource: dict[str, Any]) -> IndexWrite:
     """Extract the rows of ``resource`` (stored under ``pid``), ready for :func:`write_rows`."""
     fresh = str((resource.get("meta") or {}).get("versionId")) == "1"
-    return IndexWrite(pid, extract_rows(registry, resource), fresh)
+    return IndexWrite(pid, index_rows(registry, resource), fresh)
+
+
+def rows_after(source: str, rows: RowsByTable | None) -> tuple[list[str], list[Any]]:
+    """PostgreSQL: the index writes of one resource as bodies of data-modifying CTEs, to chain
+    after the CTE ``source`` that wrote its resource row and returns its ``pid``: the row and
+    its index in one statement (one round trip). ``written`` (a first version): its rows are
+    inserted; ``moved`` (a later version): the previous rows are deleted first, and ``rows``
+    ``None`` (a deletion) inserts none. Nothing happens when ``source`` returns no row."""
+    parts: list[str] = []
+    params: list[Any] = []
+    for table in INDEX_TABLES:
+        if source == "moved":
+            parts.append(_DELETE_AFTER_MOVED_SQL[table.name])
+        new = rows.get(table.name) if rows else None
+        if new:
+            parts.append(_INSERT_AFTER_SQL[source, table.name])
+            params.append(orjson.dumps(new).decode())
+    return parts, params
 
 
 def write_index(
@@ -100,6 +123,17 @@ _INSERT_MANY_SQL = {
     for t in INDEX_TABLES
 }
 _DELETE_MANY_SQL = {t.name: f"DELETE FROM {t.name} WHERE pid = ANY(%s)" for t in INDEX_TABLES}
+# After the CTE that wrote the resource row (see rows_after).
+_INSERT_AFTER_SQL = {
+    (source, t.name): f"INSERT INTO {t.name} (pid, {', '.join(_VALUE_COLUMNS[t.name])}) "
+    f"SELECT w.pid, {', '.join('r.' + c for c in _VALUE_COLUMNS[t.name])} "
+    f"FROM {source} AS w CROSS JOIN json_populate_recordset(NULL::{t.name}, %s) AS r"
+    for t in INDEX_TABLES
+    for source in ("written", "moved")
+}
+_DELETE_AFTER_MOVED_SQL = {
+    t.name: f"DELETE FROM {t.name} AS t USING moved AS m WHERE t.pid = m.pid" for t in INDEX_TABLES
+}
 
 
 def _write_postgres(

@@ -36,7 +36,6 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import OperationalError
 
@@ -58,6 +57,7 @@ if TYPE_CHECKING:
     from sqlalchemy.sql import Executable
 
     from fhir_server.auth.policy import AccessPolicy, ScopeWrite
+    from fhir_server.search.extract import RowsByTable
     from fhir_server.search.registry import SearchRegistry
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
@@ -363,7 +363,7 @@ class Tx:
         if not pending:
             return
         conn = self._connection()
-        indexer.write_rows(conn, [p.index for p in pending])
+        indexer.write_rows(conn, [p.index for p in pending if p.index is not None])
         policy = self.repo.policy
         if policy is not None:
             policy.write_scopes(conn, [p.scopes for p in pending if p.scopes is not None])
@@ -549,16 +549,25 @@ class Tx:
             "deleted": False,
             "content": content,
         }
+        index_stored = False
         if self._batching and self.repo.postgres:
             pid = self._next_pid()
             self._versions.append({**values, "pid": pid, "h_method": method})
+        elif self.repo.postgres:
+            # the resource row, its history row and its index rows in one statement
+            found = self._insert_first_version_pg(values, method, body)
+            if found is None:
+                raise _IdTaken()
+            pid, index_stored = found, True
         else:
             row = self._insert_first_version(values, method)
             if row is None:
                 raise _IdTaken()
             pid = row.pid
         stored = StoredResource(pid, res_type, res_id, 1, now, False, content, method, body)
-        self._after_write(stored, method, HookPoint.AFTER_CREATE, previous=None)
+        self._after_write(
+            stored, method, HookPoint.AFTER_CREATE, previous=None, index_stored=index_stored
+        )
         return stored
 
     def update(
@@ -602,7 +611,7 @@ class Tx:
         version = current.version + 1
         now = max(utc_now(), current.last_updated)
         content = _stamp(body, current.res_id, version, now)
-        self._bump(current, version, now, content, method)
+        index_stored = self._bump(current, version, now, content, method, body)
         stored = StoredResource(
             current.pid,
             current.res_type,
@@ -615,7 +624,7 @@ class Tx:
             body,
         )
         after = HookPoint.AFTER_UPDATE if previous is not None else HookPoint.AFTER_CREATE
-        self._after_write(stored, method, after, previous=previous)
+        self._after_write(stored, method, after, previous=previous, index_stored=index_stored)
         return stored, previous is None
 
     def delete(
@@ -641,9 +650,9 @@ class Tx:
         self._fire(HookPoint.BEFORE_DELETE, res_type, res_id, None, previous=previous)
         version = current.version + 1
         now = max(utc_now(), current.last_updated)
-        self._bump(current, version, now, None, "DELETE")
         stored = StoredResource(current.pid, res_type, res_id, version, now, True, None, "DELETE")
-        indexer.write_index(self.conn, self.repo.registry, stored.pid, res_type, None)
+        if not self._bump(current, version, now, None, "DELETE", None):
+            indexer.write_index(self.conn, self.repo.registry, stored.pid, res_type, None)
         self._fire(HookPoint.AFTER_DELETE, res_type, res_id, None, previous=previous)
         self._queue_commit_event(res_type, res_id, None, previous)
         return stored
@@ -803,12 +812,15 @@ class Tx:
         point: HookPoint,
         *,
         previous: dict[str, Any] | None,
+        index_stored: bool = False,
     ) -> None:
         policy = self.repo.policy
         scopes = None
         if policy is not None:
             scopes = policy.scope_write(self, stored, created=stored.version == 1)
-        index = indexer.index_write(self.repo.registry, stored.pid, stored.resource)
+        index = None
+        if not index_stored:
+            index = indexer.index_write(self.repo.registry, stored.pid, stored.resource)
         self._pending.append(_PendingWrite(index, scopes))
         if not self._batching:
             self.flush_writes()
@@ -829,9 +841,11 @@ class Tx:
         now: datetime,
         content: bytes | None,
         method: str,
-    ) -> None:
-        """Move the row to ``version`` (``None``: deleted) and record the version in the history
-        (one statement on PostgreSQL); 409 if another writer did first."""
+        body: dict[str, Any] | None,
+    ) -> bool:
+        """Move the row to ``version`` (``None``: deleted) and record the version in the history;
+        409 if another writer did first. On PostgreSQL one statement that also replaces the
+        index rows by those of ``body`` (drops them for a deletion): returns whether it did."""
         self._prefetched.pop((current.res_type, current.res_id), None)  # now stale
         values = {
             "b_pid": current.pid,
@@ -843,10 +857,13 @@ class Tx:
         }
         if self._batching and self.repo.postgres:
             self._moves.append({**values, "h_method": method})
-            return
+            return False
         if self.repo.postgres:
-            # on the DB-API cursor: SQLAlchemy's per-execution work cost more than the statement
-            done = bool(fetch_rows(self._db, _PG_BUMP_WITH_HISTORY, {**values, "h_method": method}))
+            rows = None if body is None else indexer.index_rows(self.repo.registry, body)
+            params = [version, now, content is None, content, current.pid, current.version]
+            done = (
+                self._write_with_index(_PG_MOVE_ONE, "moved", [*params, method], rows) is not None
+            )
         else:
             done = self._db.execute(_BUMP_RESOURCE, values).rowcount == 1
             if done:
@@ -859,6 +876,7 @@ class Tx:
                 f"{current.reference} was changed by another request; retry with its new version",
                 code="MSO-REST-409",
             )
+        return self.repo.postgres
 
     def _next_pid(self) -> int:
         """PostgreSQL: a pid for a first version held back, drawn from the sequence with the
@@ -893,18 +911,41 @@ class Tx:
                     code="MSO-REST-409",
                 )
 
-    def _insert_first_version(self, values: dict[str, Any], method: str) -> Any:
-        """Insert version 1 and its history row (one statement on PostgreSQL); the new row
-        (``pid``), or ``None`` when a create-on-update (PUT) finds the id taken.
+    def _insert_first_version_pg(
+        self, values: dict[str, Any], method: str, body: dict[str, Any]
+    ) -> int | None:
+        """PostgreSQL: insert version 1, its history row and its index rows in one statement;
+        the new pid, or ``None`` when a create-on-update (PUT) finds the id taken (then
+        nothing is written).
 
         A concurrent create-on-update of the same id must not fail with a 500: whoever loses
         the race sees no row returned and the caller retries as an update.
         """
+        rows = indexer.index_rows(self.repo.registry, body)
+        params = [values[c] for c in ("res_type", "res_id", "last_updated", "content")]
+        return self._write_with_index(
+            _PG_INSERT_FIRST[method == "PUT"], "written", [*params, method], rows
+        )
+
+    def _write_with_index(
+        self, write: str, source: str, params: list[Any], rows: RowsByTable | None
+    ) -> int | None:
+        """PostgreSQL: run ``write`` (the CTE ``source`` writing a resource row, and its history
+        row) with the index writes chained after it; the pid written, or ``None``."""
+        parts, index_params = indexer.rows_after(source, rows)
+        sql = write + "".join(f", i{i} AS ({part})" for i, part in enumerate(parts))
+        raw = self._db.connection.dbapi_connection
+        assert raw is not None
+        with raw.cursor() as cursor:
+            cursor.execute(f"{sql} SELECT pid FROM {source}", [*params, *index_params])
+            row = cursor.fetchone()
+        return None if row is None else int(row[0])
+
+    def _insert_first_version(self, values: dict[str, Any], method: str) -> Any:
+        """SQLite: insert version 1 and its history row; the new row (``pid``), or ``None``
+        when a create-on-update (PUT) finds the id taken (see :meth:`_insert_first_version_pg`).
+        """
         unless_exists = method == "PUT"
-        if self.repo.postgres:
-            statement = _PG_INSERT_WITH_HISTORY[unless_exists]
-            rows = fetch_rows(self._db, statement, {**values, "h_method": method})
-            return rows[0] if rows else None
         statement = _SQLITE_INSERT_UNLESS_EXISTS if unless_exists else _INSERT_RESOURCE
         row = self._db.execute(statement, values).first()
         if row is not None:
@@ -982,7 +1023,7 @@ def _history_filter(
 class _PendingWrite:
     """The index and access rows of a write, held back by :meth:`Tx.batched_writes`."""
 
-    index: indexer.IndexWrite
+    index: indexer.IndexWrite | None  # None: stored with the resource row
     scopes: ScopeWrite | None
 
 
@@ -1051,33 +1092,32 @@ _BUMP_RESOURCE = (
 _VERSION_COLUMNS = ("res_type", "res_id", "version", "last_updated", "deleted", "content")
 
 
-def _history_of(written: Any) -> Any:
-    """PostgreSQL: insert into ``resource_history`` the rows a data-modifying CTE returned."""
+def _pg_insert_first(unless_exists: bool) -> str:
+    """PostgreSQL: the start of the statement inserting a first version (``ON CONFLICT DO
+    NOTHING`` if ``unless_exists``) as the CTE ``written`` and its history row; the index rows
+    are chained after it (``indexer.rows_after``)."""
     return (
-        insert(resource_history)
-        .from_select(
-            ["pid", *_VERSION_COLUMNS, "method"],
-            select(
-                written.c.pid,
-                *(written.c[c] for c in _VERSION_COLUMNS),
-                bindparam("h_method", type_=resource_history.c.method.type),
-            ),
-        )
-        .returning(resource_history.c.pid)
+        "WITH written AS (INSERT INTO resource (res_type, res_id, version, last_updated, deleted,"
+        " content) VALUES (%s, %s, 1, %s, false, %s)"
+        + (" ON CONFLICT DO NOTHING" if unless_exists else "")
+        + " RETURNING pid, res_type, res_id, last_updated, content),"
+        " history AS (INSERT INTO resource_history (pid, version, res_type, res_id, last_updated,"
+        " deleted, content, method) SELECT pid, 1, res_type, res_id, last_updated, false,"
+        " content, %s FROM written)"
     )
 
 
-def _pg_insert_with_history(unless_exists: bool) -> Any:
-    """PostgreSQL: insert a first version (``ON CONFLICT DO NOTHING`` if ``unless_exists``) and
-    its history row; returns the pid, or no row when the id was taken."""
-    written = pg_insert(resource).values({c: bindparam(c) for c in _VERSION_COLUMNS})
-    if unless_exists:
-        written = written.on_conflict_do_nothing()
-    returned = (resource.c.pid, *(resource.c[c] for c in _VERSION_COLUMNS))
-    return _history_of(written.returning(*returned).cte("written"))
-
-
-_PG_INSERT_WITH_HISTORY = {unless: _pg_insert_with_history(unless) for unless in (False, True)}
+_PG_INSERT_FIRST = {unless: _pg_insert_first(unless) for unless in (False, True)}
+# PostgreSQL: a later version (or a deletion) moves the row from the version it was read at, as
+# the CTE ``moved``, and records the history row; the index writes are chained after it.
+_PG_MOVE_ONE = (
+    "WITH moved AS (UPDATE resource SET version = %s, last_updated = %s, deleted = %s,"
+    " content = %s WHERE pid = %s AND version = %s"
+    " RETURNING pid, res_type, res_id, version, last_updated, deleted, content),"
+    " history AS (INSERT INTO resource_history (pid, version, res_type, res_id, last_updated,"
+    " deleted, content, method) SELECT pid, version, res_type, res_id, last_updated, deleted,"
+    " content, %s FROM moved)"
+)
 _PG_DRAW_PIDS = (
     "SELECT nextval(pg_get_serial_sequence('resource', 'pid')) FROM generate_series(1, %s)"
 )
@@ -1105,11 +1145,6 @@ _PG_MOVE_VERSIONS = (
     " INSERT INTO resource_history (pid, version, res_type, res_id, last_updated, deleted,"
     " content, method) SELECT v.pid, v.version, m.res_type, m.res_id, v.last_updated,"
     " v.deleted, v.content, v.method FROM v JOIN moved AS m USING (pid)"
-)
-_PG_BUMP_WITH_HISTORY = _history_of(
-    _BUMP_RESOURCE.returning(resource.c.pid, *(resource.c[c] for c in _VERSION_COLUMNS)).cte(
-        "written"
-    )
 )
 _SQLITE_INSERT_UNLESS_EXISTS = (
     sqlite_insert(resource).on_conflict_do_nothing().returning(resource.c.pid)
