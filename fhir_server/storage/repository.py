@@ -341,7 +341,7 @@ class Tx:
         an access check, a hook) or :attr:`_db`, and at the end of the block.
 
         For transaction Bundles: their entries' rows go to the database in a few statements
-        instead of three per entry. On PostgreSQL a first version's pid is drawn from the
+        instead of two or three per entry. On PostgreSQL a first version's pid is drawn from the
         sequence beforehand (:meth:`_next_pid`); a resource created concurrently under the
         same id is found when the rows are stored, and the unit is run again
         (:class:`ConcurrentCreate`), as a lost race of a single create-on-update would be. A
@@ -821,7 +821,8 @@ class Tx:
         index = None
         if not index_stored:
             index = indexer.index_write(self.repo.registry, stored.pid, stored.resource)
-        self._pending.append(_PendingWrite(index, scopes))
+        if index is not None or scopes is not None:
+            self._pending.append(_PendingWrite(index, scopes))
         if not self._batching:
             self.flush_writes()
         if policy is not None:
