@@ -110,8 +110,8 @@ def _run_transaction(
         if entry.resource is not None:
             _rewrite(tx, entry, entry.resource, mapping)
     # the resources PUT by id: looked up and locked in one statement, not one per entry
-    by_id = [e.path.split("/") for e in entries if e.method == "PUT" and e.path.count("/") == 1]
-    absent = tx.prefetch_current([(res_type, res_id) for res_type, res_id in by_id])
+    by_id = [e.path.partition("/") for e in entries if e.method == "PUT" and e.path.count("/") == 1]
+    absent = tx.prefetch_current([(res_type, res_id) for res_type, _, res_id in by_id])
     # what the unit may create: POSTs, conditional PUTs, PUTs of ids not found
     creates = sum(e.method == "POST" or (e.method == "PUT" and "/" not in e.path) for e in entries)
     results: dict[int, dict[str, Any]] = {}

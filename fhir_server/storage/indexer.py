@@ -2,10 +2,11 @@
 
 Rows are extracted by :func:`fhir_server.search.extract.extract_rows` and replace the previous
 rows of the resource (``pid``). A first version (``meta.versionId == "1"``, a fresh pid) has no
-previous rows, so nothing is deleted. On PostgreSQL the rows of one write, or of all the
-resources a transaction Bundle wrote, are one statement (one round trip: an update deletes and
-re-inserts the rows, see :func:`_write_postgres`); on SQLite an update reads the stored rows of
-each table and writes only the differences. ``resource=None`` (delete) drops all rows.
+previous rows, so nothing is deleted. On PostgreSQL a write's rows go in the same statement as
+its resource row (:func:`rows_after`), and those of all the resources a transaction Bundle wrote
+in one statement (:func:`_write_postgres`); an update deletes and re-inserts them. On SQLite an
+update reads the stored rows of each table and writes only the differences. ``resource=None``
+(delete) drops all rows.
 """
 
 from __future__ import annotations
@@ -89,10 +90,7 @@ def write_rows(conn: Connection, writes: Sequence[IndexWrite]) -> None:
     if not writes:
         return
     if conn.dialect.name == "postgresql":
-        if len(writes) == 1:
-            _write_postgres(conn, writes[0].pid, writes[0].rows, writes[0].fresh)
-        else:
-            _write_postgres_many(conn, writes)
+        _write_postgres(conn, writes)
         return
     for table in INDEX_TABLES:
         fresh_rows = [
@@ -105,29 +103,33 @@ def write_rows(conn: Connection, writes: Sequence[IndexWrite]) -> None:
                 _replace(conn, table, w.pid, w.rows.get(table.name, []))
 
 
-# The pid is a parameter of its own: the rows are serialized as extracted, without a copy
-# of each carrying it.
-_INSERT_SQL = {
-    t.name: f"INSERT INTO {t.name} (pid, {', '.join(_VALUE_COLUMNS[t.name])}) "
-    f"SELECT %s, {', '.join(_VALUE_COLUMNS[t.name])} "
-    f"FROM json_populate_recordset(NULL::{t.name}, %s)"
-    for t in INDEX_TABLES
-}
-_DELETE_SQL = {t.name: f"DELETE FROM {t.name} WHERE pid = %s" for t in INDEX_TABLES}
+def _insert_sql(table: str, pid: str, rows_from: str) -> str:
+    """``INSERT`` into index ``table`` of the rows ``rows_from`` gives (as ``r``), with ``pid``."""
+    columns = _VALUE_COLUMNS[table]
+    return (
+        f"INSERT INTO {table} (pid, {', '.join(columns)}) "
+        f"SELECT {pid}, {', '.join('r.' + c for c in columns)} FROM {rows_from}"
+    )
+
+
 # Several resources: a JSON array of [pid, rows] pairs, each pair's rows expanded beside it.
 _INSERT_MANY_SQL = {
-    t.name: f"INSERT INTO {t.name} (pid, {', '.join(_VALUE_COLUMNS[t.name])}) "
-    f"SELECT (e->>0)::bigint, {', '.join('r.' + c for c in _VALUE_COLUMNS[t.name])} "
-    f"FROM json_array_elements(%s::json) AS e "
-    f"CROSS JOIN LATERAL json_populate_recordset(NULL::{t.name}, e->1) AS r"
+    t.name: _insert_sql(
+        t.name,
+        "(e->>0)::bigint",
+        "json_array_elements(%s::json) AS e "
+        f"CROSS JOIN LATERAL json_populate_recordset(NULL::{t.name}, e->1) AS r",
+    )
     for t in INDEX_TABLES
 }
 _DELETE_MANY_SQL = {t.name: f"DELETE FROM {t.name} WHERE pid = ANY(%s)" for t in INDEX_TABLES}
 # After the CTE that wrote the resource row (see rows_after).
 _INSERT_AFTER_SQL = {
-    (source, t.name): f"INSERT INTO {t.name} (pid, {', '.join(_VALUE_COLUMNS[t.name])}) "
-    f"SELECT w.pid, {', '.join('r.' + c for c in _VALUE_COLUMNS[t.name])} "
-    f"FROM {source} AS w CROSS JOIN json_populate_recordset(NULL::{t.name}, %s) AS r"
+    (source, t.name): _insert_sql(
+        t.name,
+        "w.pid",
+        f"{source} AS w CROSS JOIN json_populate_recordset(NULL::{t.name}, %s) AS r",
+    )
     for t in INDEX_TABLES
     for source in ("written", "moved")
 }
@@ -136,34 +138,16 @@ _DELETE_AFTER_MOVED_SQL = {
 }
 
 
-def _write_postgres(
-    conn: Connection, pid: int, rows: dict[str, list[dict[str, Any]]], fresh: bool
-) -> None:
-    """PostgreSQL: every DELETE and INSERT of the write in one statement (one round trip).
+def _write_postgres(conn: Connection, writes: Sequence[IndexWrite]) -> None:
+    """PostgreSQL: every DELETE and INSERT of the resources' rows in one statement (one round
+    trip; a transaction Bundle's entries are written together).
 
     The statements are chained as data-modifying CTEs, which all see the same snapshot: each
-    DELETE removes only the resource's previous rows, never the ones inserted beside it. Each
-    table's rows go in as one JSON array (``json_populate_recordset`` maps its keys to the
-    columns by name), serialized by orjson: binding a dozen typed arrays through psycopg cost
-    more CPU than PostgreSQL spends inserting the rows. The SQL text depends only on which
-    tables get rows, so psycopg prepares the few variants.
+    DELETE removes only the previous rows, never the ones inserted beside them. Each table's
+    rows go in as one JSON array of ``[pid, rows]`` pairs (``json_populate_recordset`` maps the
+    rows' keys to the columns by name), serialized by orjson: binding a dozen typed arrays
+    through psycopg cost more CPU than PostgreSQL spends inserting the rows.
     """
-    parts: list[str] = []
-    params: list[Any] = []
-    for table in INDEX_TABLES:
-        if not fresh:
-            parts.append(_DELETE_SQL[table.name])
-            params.append(pid)
-        new = rows.get(table.name)
-        if new:
-            parts.append(_INSERT_SQL[table.name])
-            params.extend((pid, orjson.dumps(new).decode()))
-    _run_chained(conn, parts, params)
-
-
-def _write_postgres_many(conn: Connection, writes: Sequence[IndexWrite]) -> None:
-    """PostgreSQL: the rows of several resources in one statement, as :func:`_write_postgres`
-    chains them for one (a transaction Bundle's entries are written together)."""
     parts: list[str] = []
     params: list[Any] = []
     replaced = [w.pid for w in writes if not w.fresh]
