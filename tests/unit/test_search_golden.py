@@ -1,7 +1,8 @@
 """Golden SQL: the exact statement compiled for representative searches, per dialect.
 
 Regenerate after an intended change with ``MSO_UPDATE_GOLDEN=1 pytest`` on this file and
-review the diff. http://hl7.org/fhir/R4/search.html
+review the diff; without it a missing golden file fails the test (it is never written silently).
+http://hl7.org/fhir/R4/search.html
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def test_golden_sql(registry: SearchRegistry, case: str, dialect: str) -> None:
     options = CompileOptions(now_ms=1_700_000_000_000)
     sql = explain(compile_search(registry, query, options, limit=21).statement, DIALECTS[dialect])
     path = GOLDEN / f"{case}.{dialect}.sql"
-    if os.environ.get("MSO_UPDATE_GOLDEN") or not path.exists():
+    if os.environ.get("MSO_UPDATE_GOLDEN"):
         path.write_text(sql + "\n")
+    assert path.exists(), f"no golden file {path.name}: run with MSO_UPDATE_GOLDEN=1 and review it"
     assert sql + "\n" == path.read_text()
