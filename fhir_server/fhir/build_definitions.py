@@ -16,6 +16,7 @@ StructureDefinitions with snapshots, http://hl7.org/fhir/R4/structuredefinition.
     What :mod:`fhir_server.fhir.validation` walks (http://hl7.org/fhir/R4/validation.html)::
 
         {"fhirVersion": "4.0.1",
+         "bases": {"Patient": "DomainResource", "Age": "Quantity", "code": "string", ...},
          "primitives": {"date": {"json": "string", "regex": "..."},
                         "integer": {"json": "number", "regex": "...", "min": -2147483648, ...}},
          "types": {"Patient": {"gender": {"min": 0, "max": "1", "types": ["code"],
@@ -34,7 +35,9 @@ StructureDefinitions with snapshots, http://hl7.org/fhir/R4/structuredefinition.
     ``Reference`` may point to; absent when any type is allowed) and ``codes`` (the allowed codes
     of a required binding, as ``fhir.schema.json`` enumerates them). ``primitives`` gives each
     primitive type's JSON type and regex from ``fhir.schema.json``, and the numeric range from the
-    StructureDefinition (inherited along ``baseDefinition``).
+    StructureDefinition (inherited along ``baseDefinition``). ``bases`` maps every type (primitive,
+    complex, resource, abstract) to the type its ``baseDefinition`` names (FHIRPath ``is`` /
+    ``ofType`` follow it); ``Element`` and ``Resource`` have none.
 
 The files these are taken from are HL7's as redistributed by Medplum, which changed both a
 little: snapshot elements of its own (``Meta.project``, ``Meta.author`` …,
@@ -252,6 +255,17 @@ def primitive_types(
     return out
 
 
+def base_types(sds: Iterable[dict[str, Any]]) -> dict[str, str]:
+    """Each specialization's base type name (``Patient`` -> ``DomainResource``), sorted by name."""
+    bases: dict[str, str] = {}
+    for sd in sds:
+        base = sd.get("baseDefinition", "")
+        if sd.get("derivation") == "constraint" or not base.startswith(SD_PREFIX):
+            continue
+        bases[sd["type"]] = base.removeprefix(SD_PREFIX)
+    return dict(sorted(bases.items()))
+
+
 def build(source: Path) -> tuple[list[str], dict[str, Any]]:
     """Compute the contents of ``resource-types.json`` and ``elements.json``."""
     resources = _load(source / "profiles-resources.json")
@@ -272,8 +286,12 @@ def build(source: Path) -> tuple[list[str], dict[str, Any]]:
     tree = element_tree(structures)
     primitives = primitive_types(type_sds, schema)
     reconcile_with_schema(tree, element_tree(structures, "differential"), schema, primitives)
+    all_resource_sds = [
+        sd for sd in _structure_definitions(resources) if sd.get("kind") == "resource"
+    ]
     elements = {
         "fhirVersion": type_sds[0]["fhirVersion"],
+        "bases": base_types([*type_sds, *all_resource_sds]),
         "primitives": primitives,
         "types": tree,
     }
@@ -297,6 +315,7 @@ def write(resource_types: list[str], elements: dict[str, Any], out_dir: Path) ->
     body = (
         "{\n"
         f'"fhirVersion": {json.dumps(elements["fhirVersion"])},\n'
+        f'"bases": {json.dumps(elements["bases"], separators=(",", ":"))},\n'
         f'"primitives": {_dump_lines(elements["primitives"])},\n'
         f'"types": {_dump_lines(elements["types"])}\n'
         "}\n"

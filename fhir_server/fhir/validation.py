@@ -8,9 +8,10 @@ primitive extensions (``_birthDate``, ``_given`` aligned with ``given``), contai
 ``Bundle.entry.resource`` and ``Parameters.parameter.resource`` validated as their own type, and
 the form of ``Reference.reference`` (http://hl7.org/fhir/R4/references.html).
 
-The check is a walk over ``r4/elements.json``, which ``build_definitions`` derives from the HL7
-StructureDefinitions and ``fhir.schema.json`` (primitive regexes and required-binding codes are
-the schema's). Each type's table of JSON keys is compiled once and cached. It was chosen over
+The check is a walk over the shared type model (:mod:`fhir_server.fhir.model`, from
+``r4/elements.json``, which ``build_definitions`` derives from the HL7 StructureDefinitions and
+``fhir.schema.json``; primitive regexes and required-binding codes are the schema's). Each type's
+table of JSON keys is compiled once and cached there. It was chosen over
 running ``jsonschema`` on ``fhir.schema.json`` because it also covers what the schema does not
 say (required primitives such as ``Observation.status``, ``_x``/``x`` alignment, references,
 nested resources as their own type), gives FHIRPath locations, and is several times faster.
@@ -49,9 +50,10 @@ from __future__ import annotations
 import calendar
 import re
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
-from fhir_server.fhir.definitions import load_json, resource_types
+from fhir_server.fhir.model import COMPLEX, PRIMITIVE, Element, Slot, TypeInfo, TypeModel, model
 from fhir_server.fhir.outcome import FhirError, Issue
 
 MAX_ISSUES = 500
@@ -70,57 +72,12 @@ EMPTY_VALUE = "MSO-VAL-009"
 INVARIANT = "MSO-VAL-010"
 TOO_COSTLY = "MSO-VAL-011"
 
-_PRIMITIVE, _COMPLEX, _RESOURCE = 0, 1, 2
 _DATE_TYPES = frozenset({"date", "dateTime", "instant"})
 _JSON_NAMES = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number"}
 
 
 class _TooMany(Exception):
     """Raised inside the walk once MAX_ISSUES problems are collected."""
-
-
-@dataclass(frozen=True, slots=True)
-class _Primitive:
-    name: str
-    kind: str  # JSON type: "string", "number" or "boolean"
-    json: type | tuple[type, ...]
-    regex: re.Pattern[str] | None
-    low: int | None
-    high: int | None
-
-
-@dataclass(eq=False, slots=True)
-class _Element:
-    name: str  # without [x]
-    min: int
-    max: int | None  # None: unbounded
-    many: bool
-    choice: bool
-    keys: tuple[str, ...]  # JSON keys that make the element present
-    codes: frozenset[str] | None
-    targets: frozenset[str] | None
-
-
-@dataclass(frozen=True, slots=True)
-class _Slot:
-    """What one JSON key of an object means."""
-
-    element: _Element
-    type_code: str
-    kind: int
-    target: str | None  # shape key (complex), expected resource type (resource) or None
-    primitive: _Primitive | None
-    underscore: bool  # the ``_x`` companion of a primitive
-    expr: str  # FHIRPath step: ``name`` or ``name.ofType(Type)``
-    contained: bool
-
-
-@dataclass(frozen=True, slots=True)
-class _Shape:
-    key: str
-    slots: dict[str, _Slot]
-    required: tuple[_Element, ...]
-    is_resource: bool
 
 
 @dataclass(slots=True)
@@ -132,101 +89,28 @@ class _Scope:
 
 
 class _Definitions:
-    """elements.json compiled on demand into per-type key tables (one per process)."""
+    """The shared type model plus the reference forms, derived once per process."""
 
-    def __init__(self) -> None:
-        data = load_json("elements.json")
-        self.groups: dict[str, dict[str, dict[str, Any]]] = data["types"]
-        self.resource_types = resource_types()
-        self.primitives = {
-            name: _compile_primitive(name, info) for name, info in data["primitives"].items()
-        }
-        id_regex = data["primitives"]["id"]["regex"].removeprefix("^").removesuffix("$")
-        self.relative_ref = re.compile(rf"([A-Za-z]+)/({id_regex})(?:/_history/({id_regex}))?")
-        self.local_ref = re.compile(rf"#(?:{id_regex})?")
-        self.uuid = self.primitives["uuid"].regex
-        self.oid = self.primitives["oid"].regex
-        self.shapes: dict[str, _Shape] = {}
+    def __init__(self, types: TypeModel) -> None:
+        self.model = types
+        self.resource_types = types.resource_types
+        id_regex = types.primitives["id"].regex
+        assert id_regex is not None
+        id_pattern = id_regex.pattern.removeprefix("^").removesuffix("$")
+        self.relative_ref = re.compile(rf"([A-Za-z]+)/({id_pattern})(?:/_history/({id_pattern}))?")
+        self.local_ref = re.compile(rf"#(?:{id_pattern})?")
+        self.uuid = types.primitives["uuid"].regex
+        self.oid = types.primitives["oid"].regex
 
-    def shape(self, key: str) -> _Shape:
-        shape = self.shapes.get(key)
-        if shape is None:
-            shape = self.shapes[key] = self._compile(key)
-        return shape
-
-    def _compile(self, key: str) -> _Shape:
-        slots: dict[str, _Slot] = {}
-        required: list[_Element] = []
-        for name, spec in self.groups[key].items():
-            choice = name.endswith("[x]")
-            base = name[:-3] if choice else name
-            max_text: str = spec["max"]
-            codes = spec.get("codes")
-            targets = spec.get("targets")
-            element = _Element(
-                name=base,
-                min=spec["min"],
-                max=None if max_text == "*" else int(max_text),
-                many=max_text != "1",
-                choice=choice,
-                keys=(),
-                codes=frozenset(codes) if codes else None,
-                targets=frozenset(targets) if targets else None,
-            )
-            keys: list[str] = []
-            if "ref" in spec:
-                slots[base] = _Slot(
-                    element, spec["ref"], _COMPLEX, spec["ref"], None, False, base, False
-                )
-                keys.append(base)
-            for type_code in spec.get("types", []):
-                json_key = base + type_code[0].upper() + type_code[1:] if choice else base
-                expr = f"{base}.ofType({type_code})" if choice else base
-                keys.append(json_key)
-                primitive = self.primitives.get(type_code)
-                if primitive is not None:
-                    slots[json_key] = _Slot(
-                        element, type_code, _PRIMITIVE, None, primitive, False, expr, False
-                    )
-                    slots["_" + json_key] = _Slot(
-                        element, type_code, _COMPLEX, "Element", primitive, True, expr, False
-                    )
-                    keys.append("_" + json_key)
-                elif type_code == "Resource" or type_code in self.resource_types:
-                    expected = None if type_code == "Resource" else type_code
-                    contained = base == "contained" and key in self.resource_types
-                    slots[json_key] = _Slot(
-                        element, type_code, _RESOURCE, expected, None, False, expr, contained
-                    )
-                else:
-                    group = f"{key}.{base}"
-                    target = group if group in self.groups else type_code
-                    slots[json_key] = _Slot(
-                        element, type_code, _COMPLEX, target, None, False, expr, False
-                    )
-            element.keys = tuple(keys)
-            if element.min > 0:
-                required.append(element)
-        return _Shape(key, slots, tuple(required), key in self.resource_types)
+    def shape(self, key: str) -> TypeInfo:
+        info = self.model.info(key)
+        assert info is not None, key
+        return info
 
 
-def _compile_primitive(name: str, info: dict[str, Any]) -> _Primitive:
-    kind = info["json"]
-    json_type: type | tuple[type, ...] = {"boolean": bool, "number": (int, float)}.get(kind, str)
-    # FHIR's regexes are XML Schema regexes, where \s is only space, tab, CR and LF: ASCII mode
-    # keeps a non-breaking space (found even in HL7's own terminology content) a valid character.
-    regex = re.compile(info["regex"], re.ASCII) if "regex" in info else None
-    return _Primitive(name, kind, json_type, regex, info.get("min"), info.get("max"))
-
-
-_DEFINITIONS: _Definitions | None = None
-
-
+@cache
 def _definitions() -> _Definitions:
-    global _DEFINITIONS
-    if _DEFINITIONS is None:
-        _DEFINITIONS = _Definitions()
-    return _DEFINITIONS
+    return _Definitions(model())
 
 
 def _json_name(value: Any) -> str:
@@ -319,7 +203,7 @@ class _Walk:
 
     # objects -------------------------------------------------------------------------------
 
-    def object(self, obj: dict[str, Any], shape: _Shape, path: str, scope: _Scope) -> None:
+    def object(self, obj: dict[str, Any], shape: TypeInfo, path: str, scope: _Scope) -> None:
         if not obj:
             self.add("structure", EMPTY_VALUE, path, "Empty objects are not allowed")
             return
@@ -394,7 +278,7 @@ class _Walk:
         obj: dict[str, Any],
         key: str,
         value: Any,
-        slot: _Slot,
+        slot: Slot,
         path: str,
         scope: _Scope,
     ) -> None:
@@ -413,7 +297,7 @@ class _Walk:
                 base,
                 f"{element.name} allows at most {element.max} values, has {len(value)}",
             )
-        companion = obj.get("_" + key) if slot.kind == _PRIMITIVE else None
+        companion = obj.get("_" + key) if slot.kind == PRIMITIVE else None
         for index, item in enumerate(value):
             if item is None:
                 if (
@@ -431,7 +315,7 @@ class _Walk:
         obj: dict[str, Any],
         key: str,
         value: Any,
-        slot: _Slot,
+        slot: Slot,
         path: str,
         scope: _Scope,
     ) -> None:
@@ -481,11 +365,11 @@ class _Walk:
 
     # values --------------------------------------------------------------------------------
 
-    def item(self, value: Any, slot: _Slot, path: str, scope: _Scope) -> None:
+    def item(self, value: Any, slot: Slot, path: str, scope: _Scope) -> None:
         kind = slot.kind
-        if kind == _PRIMITIVE:
+        if kind == PRIMITIVE:
             self.primitive(value, slot, path)
-        elif kind == _COMPLEX:
+        elif kind == COMPLEX:
             if isinstance(value, dict):
                 self.object(value, self.defs.shape(slot.target or slot.type_code), path, scope)
                 if slot.type_code == "Reference":
@@ -513,7 +397,7 @@ class _Walk:
         else:
             self.resource(value, path, slot.target, None)
 
-    def primitive(self, value: Any, slot: _Slot, path: str) -> None:
+    def primitive(self, value: Any, slot: Slot, path: str) -> None:
         primitive = slot.primitive
         assert primitive is not None
         if value is None:
@@ -557,7 +441,7 @@ class _Walk:
                 f"{_show(value)} is not a valid code for {slot.element.name} (one of: {allowed})",
             )
 
-    def reference(self, value: dict[str, Any], element: _Element, path: str, scope: _Scope) -> None:
+    def reference(self, value: dict[str, Any], element: Element, path: str, scope: _Scope) -> None:
         ref = value.get("reference")
         if not isinstance(ref, str) or not ref:
             return
