@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from sqlalchemy import Column, Index, SmallInteger, String, Table
 
-from fhir_server.storage.schema import PidType, metadata
+from fhir_server.storage.base_schema import PidType, metadata
 
 access_scope = Table(
     "access_scope",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from sqlalchemy import BigInteger, Column, Index, LargeBinary, String, Table
 
-from fhir_server.storage.schema import PidType, metadata
+from fhir_server.storage.base_schema import PidType, metadata
 
 audit_event = Table(
     "audit_event",

@@ -21,7 +21,7 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 
-from fhir_server.storage.schema import PidType, metadata
+from fhir_server.storage.base_schema import PidType, metadata
 
 auth_user = Table(
     "auth_user",

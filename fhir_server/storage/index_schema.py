@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from sqlalchemy import BigInteger, Column, Float, Index, SmallInteger, String, Table, Text, text
 
-from fhir_server.storage.schema import PidType, metadata
+from fhir_server.storage.base_schema import PidType, metadata
 
 BinaryString = String(200).with_variant(String(200, collation="C"), "postgresql")
 BinaryText = Text().with_variant(Text(collation="C"), "postgresql")

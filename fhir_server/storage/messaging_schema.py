@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from sqlalchemy import Column, DateTime, Index, Integer, String, Table, Text, UniqueConstraint
 
-from fhir_server.storage.schema import PidType, metadata
+from fhir_server.storage.base_schema import PidType, metadata
 
 mail_outbox = Table(
     "mail_outbox",

@@ -1,83 +1,20 @@
-"""SQLAlchemy Core tables of the FHIR store (the same schema on SQLite and PostgreSQL).
+"""Every table of the store on one ``metadata`` (the same schema on SQLite and PostgreSQL).
 
-``resource`` holds the current version of every resource (a deleted one keeps its row with
-``deleted`` set and no content); ``resource_history`` holds every version, including the current
-one, so vread and ``_history`` never touch ``resource``. Search index tables live in
-:mod:`fhir_server.storage.index_schema`, one per SearchParameter type (HAPI's design), keyed by
-``resource.pid``. ``binary_content`` maps a Binary version to its blob in the content store.
+An aggregator that only imports downward: the tables live in their modules
+(:mod:`.resource_schema` the resources, their history and blobs; :mod:`.index_schema` the search
+index; :mod:`.access_schema` the access policy's memberships; :mod:`.auth_schema`,
+:mod:`.audit_schema`, :mod:`.messaging_schema`), each on :mod:`.base_schema`'s ``metadata``.
+Importing this module registers them all (Alembic and ``create_all`` need every table).
 """
 
 from __future__ import annotations
 
-from sqlalchemy import (
-    BigInteger,
-    Boolean,
-    Column,
-    DateTime,
-    ForeignKey,
-    Index,
-    Integer,
-    LargeBinary,
-    MetaData,
-    String,
-    Table,
-    UniqueConstraint,
-)
+from fhir_server.storage import access_schema as _access_schema  # noqa: F401
+from fhir_server.storage import audit_schema as _audit_schema  # noqa: F401
+from fhir_server.storage import auth_schema as _auth_schema  # noqa: F401
+from fhir_server.storage import index_schema as _index_schema  # noqa: F401
+from fhir_server.storage import messaging_schema as _messaging_schema  # noqa: F401
+from fhir_server.storage.base_schema import PidType, metadata
+from fhir_server.storage.resource_schema import binary_content, resource, resource_history
 
-metadata = MetaData(
-    naming_convention={
-        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
-        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
-        "fk": "fk_%(table_name)s_%(column_0_name)s",
-        "pk": "pk_%(table_name)s",
-    }
-)
-
-# SQLite only makes an auto-incrementing rowid alias of an INTEGER PRIMARY KEY, not a BIGINT one.
-PidType = BigInteger().with_variant(Integer(), "sqlite")
-
-resource = Table(
-    "resource",
-    metadata,
-    Column("pid", PidType, primary_key=True, autoincrement=True),
-    Column("res_type", String(64), nullable=False),
-    Column("res_id", String(64), nullable=False),
-    Column("version", Integer, nullable=False),
-    Column("last_updated", DateTime(timezone=True), nullable=False),
-    Column("deleted", Boolean, nullable=False, default=False),
-    Column("content", LargeBinary, nullable=True),
-    UniqueConstraint("res_type", "res_id"),
-    Index(None, "res_type", "last_updated"),
-)
-
-resource_history = Table(
-    "resource_history",
-    metadata,
-    Column("pid", PidType, ForeignKey("resource.pid", ondelete="CASCADE"), primary_key=True),
-    Column("version", Integer, primary_key=True),
-    Column("res_type", String(64), nullable=False),
-    Column("res_id", String(64), nullable=False),
-    Column("last_updated", DateTime(timezone=True), nullable=False),
-    Column("deleted", Boolean, nullable=False, default=False),
-    Column("method", String(8), nullable=False),
-    Column("content", LargeBinary, nullable=True),
-    Index(None, "last_updated"),
-    Index(None, "res_type", "last_updated"),
-)
-
-binary_content = Table(
-    "binary_content",
-    metadata,
-    Column("pid", PidType, ForeignKey("resource.pid", ondelete="CASCADE"), primary_key=True),
-    Column("version", Integer, primary_key=True),
-    Column("sha256", String(64), nullable=False),
-    Column("size", BigInteger, nullable=False),
-    Column("content_type", String(255), nullable=False),
-    Index(None, "sha256"),
-)
-
-from fhir_server.storage import access_schema as _access_schema  # noqa: E402,F401
-from fhir_server.storage import audit_schema as _audit_schema  # noqa: E402,F401
-from fhir_server.storage import auth_schema as _auth_schema  # noqa: E402,F401  (registers auth_*)
-from fhir_server.storage import index_schema as _index_schema  # noqa: E402,F401  (registers idx_*)
-from fhir_server.storage import messaging_schema as _messaging_schema  # noqa: E402,F401
+__all__ = ["PidType", "binary_content", "metadata", "resource", "resource_history"]
