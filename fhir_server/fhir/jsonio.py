@@ -18,9 +18,14 @@ def loads(data: bytes | str) -> Any:
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError as exc:
+        # orjson's message is position-only today, but the exception carries the whole body:
+        # the outcome says where, from numbers, and the cause is not chained into tracebacks.
         raise FhirError(
-            400, "structure", f"Request body is not valid JSON: {exc}", code="MSO-FHIR-001"
-        ) from exc
+            400,
+            "structure",
+            f"Request body is not valid JSON (line {exc.lineno}, column {exc.colno})",
+            code="MSO-FHIR-001",
+        ) from None
 
 
 def dumps(value: Any, *, pretty: bool = False) -> bytes:

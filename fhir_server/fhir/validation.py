@@ -19,8 +19,10 @@ Not checked: invariants (FHIRPath constraints) other than dom-2 and ext-1, profi
 extensible/preferred bindings, terminology, and whether a referenced resource exists.
 
 Every problem found becomes one :class:`~fhir_server.fhir.outcome.Issue` (severity ``error``)
-with the FHIRPath of the offending element in ``expression`` (``Patient.name[0].given[1]``,
-``Observation.value.ofType(Quantity).unit``, ``Bundle.entry[2].resource.ofType(Patient).gender``,
+whose text names the element and what is wrong with it, never the offending value (it may be
+patient data), with the FHIRPath of the offending element in ``expression``
+(``Patient.name[0].given[1]``, ``Observation.value.ofType(Quantity).unit``,
+``Bundle.entry[2].resource.ofType(Patient).gender``,
 ``Patient.contained[0].ofType(Organization).name``) and a stable error code:
 
 ============  ===============  =============================================================
@@ -119,11 +121,6 @@ def _json_name(value: Any) -> str:
     return _JSON_NAMES.get(type(value), "number" if isinstance(value, float) else "value")
 
 
-def _show(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _valid_calendar_date(text: str) -> bool:
     if len(text) < 10:
         return True
@@ -167,7 +164,7 @@ class _Walk:
                 "structure",
                 BAD_RESOURCE_TYPE,
                 type_path,
-                f"Unknown resourceType {_show(resource_type)}: not an R4 resource type",
+                "Unknown resourceType: not an R4 resource type",
             )
             return
         if expected is not None and resource_type != expected:
@@ -421,15 +418,22 @@ class _Walk:
             self.add("structure", EMPTY_VALUE, path, "Empty strings are not allowed")
             return
         if primitive.regex is not None and primitive.regex.fullmatch(text) is None:
-            self.add("value", BAD_VALUE, path, f"{_show(value)} is not a valid {primitive.name}")
+            self.add(
+                "value", BAD_VALUE, path, f"{slot.element.name} is not a valid {primitive.name}"
+            )
             return
         if (primitive.low is not None and value < primitive.low) or (
             primitive.high is not None and value > primitive.high
         ):
-            self.add("value", BAD_VALUE, path, f"{value} is out of range for {primitive.name}")
+            self.add(
+                "value",
+                BAD_VALUE,
+                path,
+                f"{slot.element.name} is out of range for {primitive.name}",
+            )
             return
         if primitive.name in _DATE_TYPES and not _valid_calendar_date(text):
-            self.add("value", BAD_VALUE, path, f"{_show(value)} is not a calendar date")
+            self.add("value", BAD_VALUE, path, f"{slot.element.name} is not a calendar date")
             return
         codes = slot.element.codes
         if codes is not None and value not in codes:
@@ -438,7 +442,7 @@ class _Walk:
                 "code-invalid",
                 BAD_CODE,
                 path,
-                f"{_show(value)} is not a valid code for {slot.element.name} (one of: {allowed})",
+                f"{slot.element.name} is not one of its codes ({allowed})",
             )
 
     def reference(self, value: dict[str, Any], element: Element, path: str, scope: _Scope) -> None:
@@ -450,7 +454,7 @@ class _Walk:
         target_type: str | None = None
         if ref.startswith("#"):
             if defs.local_ref.fullmatch(ref) is None:
-                self.add("value", BAD_REFERENCE, where, f"Malformed local reference {_show(ref)}")
+                self.add("value", BAD_REFERENCE, where, "Malformed local reference")
                 return
             local = ref[1:]
             if not local:
@@ -468,20 +472,20 @@ class _Walk:
                     "value",
                     BAD_REFERENCE,
                     where,
-                    f"{_show(ref)} does not match the id of a contained resource",
+                    "The local reference does not match the id of a contained resource",
                 )
                 return
         elif ref.startswith("urn:uuid:"):
             if defs.uuid is not None and defs.uuid.fullmatch(ref) is None:
-                self.add("value", BAD_REFERENCE, where, f"{_show(ref)} is not a valid urn:uuid")
+                self.add("value", BAD_REFERENCE, where, "The reference is not a valid urn:uuid")
             return
         elif ref.startswith("urn:oid:"):
             if defs.oid is not None and defs.oid.fullmatch(ref) is None:
-                self.add("value", BAD_REFERENCE, where, f"{_show(ref)} is not a valid urn:oid")
+                self.add("value", BAD_REFERENCE, where, "The reference is not a valid urn:oid")
             return
         elif ref.startswith(("http://", "https://")):
             if _ABSOLUTE_URL.fullmatch(ref) is None:
-                self.add("value", BAD_REFERENCE, where, f"{_show(ref)} is not a valid URL")
+                self.add("value", BAD_REFERENCE, where, "The reference is not a valid URL")
             return
         elif "?" in ref:
             target_type, _, query = ref.partition("?")
@@ -490,7 +494,7 @@ class _Walk:
                     "value",
                     BAD_REFERENCE,
                     where,
-                    f"{_show(ref)} is not a valid conditional reference (Type?search)",
+                    "The reference is not a valid conditional reference (Type?search)",
                 )
                 return
         else:
@@ -500,7 +504,7 @@ class _Walk:
                     "value",
                     BAD_REFERENCE,
                     where,
-                    f"{_show(ref)} is not a valid reference: expected Type/id, an absolute URL, "
+                    "The reference is not valid: expected Type/id, an absolute URL, "
                     "urn:uuid:, urn:oid:, #local-id or Type?search",
                 )
                 return
