@@ -74,6 +74,7 @@ class Interaction:
     source: str | None = None
     message: str | None = None
     patients: list[str] = field(default_factory=list)
+    entities: list[str] = field(default_factory=list)  # versioned references of what was written
 
 
 def outcome_code(status: int) -> str:
@@ -145,18 +146,20 @@ def interaction_event(
         if event.interaction != "search-compartment"
         else _coding(INTERACTION, "search-type", "search-type")
     )
-    entities: list[dict[str, Any]] = []
+    references = list(event.entities)
     if event.resource_type and event.resource_id:
         ref = f"{event.resource_type}/{event.resource_id}"
-        if event.version_id:
-            ref += f"/_history/{event.version_id}"
-        entities.append(
-            {
-                "what": {"reference": ref},
-                "type": _coding(ENTITY_TYPE, "2", "System Object"),
-                "role": _coding(OBJECT_ROLE, "4", "Domain Resource"),
-            }
-        )
+        written = {r.split("/_history/")[0] for r in references}
+        if ref not in written:
+            references.insert(0, f"{ref}/_history/{event.version_id}" if event.version_id else ref)
+    entities: list[dict[str, Any]] = [
+        {
+            "what": {"reference": ref},
+            "type": _coding(ENTITY_TYPE, "2", "System Object"),
+            "role": _coding(OBJECT_ROLE, "4", "Domain Resource"),
+        }
+        for ref in references
+    ]
     for patient in event.patients:
         entities.append(
             {

@@ -1,13 +1,36 @@
-"""Request, response and context types shared by every interaction handler."""
+"""Request, response and context types shared by every interaction handler.
+
+The storage types a handler's context carries (:class:`Repository`, :class:`Tx`,
+:class:`BlobStore`) are re-exported here: the REST layer names them through this module and
+never imports storage itself. :class:`Router` is what a handler that dispatches to other
+handlers (transaction and batch entries) or describes them (the CapabilityStatement) is given
+instead of importing the route table, which imports every handler.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
+
+from fhir_server.storage.blobs import BlobStore
+from fhir_server.storage.repository import Repository, Tx
 
 if TYPE_CHECKING:
     from fhir_server.config import Settings
-    from fhir_server.storage.repository import Repository, Tx
+
+__all__ = [
+    "BlobStore",
+    "FhirRequest",
+    "FhirResponse",
+    "Handler",
+    "InteractionContext",
+    "Prefer",
+    "Repository",
+    "Router",
+    "Tx",
+    "Written",
+]
 
 
 @dataclass(slots=True)
@@ -69,6 +92,16 @@ class FhirRequest:
         return None
 
 
+@dataclass(frozen=True, slots=True)
+class Written:
+    """One resource a request wrote (or, for a conditional create that matched, named): the
+    RESTful ``interaction`` that did it and the versioned ``reference``
+    (``Type/id/_history/vid``). The audit trail names it as the event's entity."""
+
+    interaction: str
+    reference: str
+
+
 @dataclass(slots=True)
 class FhirResponse:
     """The result of an interaction.
@@ -85,6 +118,28 @@ class FhirResponse:
     media_type: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
     last_updated: str | None = None  # meta.lastUpdated of the version returned, for Bundle entries
+    written: tuple[Written, ...] = ()  # what the request wrote, for its AuditEvent(s)
+
+
+Handler = Callable[["InteractionContext", FhirRequest], FhirResponse]
+
+
+class Router(Protocol):
+    """The route table as handlers see it (:data:`fhir_server.interactions.table.ROUTER`)."""
+
+    @property
+    def type_interactions(self) -> tuple[str, ...]:
+        """The interaction codes every resource type supports (CapabilityStatement)."""
+        ...
+
+    @property
+    def system_interactions(self) -> tuple[str, ...]:
+        """The system-level interaction codes (CapabilityStatement)."""
+        ...
+
+    def resolve(self, method: str, path: str, req: FhirRequest) -> Handler:
+        """The handler of ``method`` on ``path`` (relative to the base), filling ``req``."""
+        ...
 
 
 @dataclass(slots=True)
@@ -93,7 +148,9 @@ class InteractionContext:
 
     ``tx`` is set when the handler runs inside a transaction Bundle: handlers then use it instead
     of opening their own unit of work. ``services`` holds the application's domain services by
-    name (e.g. ``"workflow"``) for operations that need them.
+    name (e.g. ``"workflow"``) for operations that need them. ``router`` is the route table
+    (set by the REST layer): transaction and batch entries other than a plain POST, and the
+    CapabilityStatement, need it.
     """
 
     repo: Repository
@@ -102,3 +159,4 @@ class InteractionContext:
     tx: Tx | None = None
     caller: Any = None
     services: dict[str, Any] = field(default_factory=dict)
+    router: Router | None = None

@@ -1,7 +1,8 @@
 """capabilities (http://hl7.org/fhir/R4/http.html#capabilities): ``GET [base]/metadata``.
 
-The CapabilityStatement is generated from what the server really has: the route table
-(:mod:`fhir_server.interactions.table`), the operation registry, and the SearchParameter
+The CapabilityStatement is generated from what the server really has: the route table (handed
+in as the context's :class:`~fhir_server.interactions.base.Router`, this module does not import
+:mod:`fhir_server.interactions.table`), the operation registry, and the SearchParameter
 registry, never from a static file that could drift. ``?mode=full`` (the default) is the only
 mode; ``_summary=true`` drops the per-resource details. ``rest[0].security`` declares SMART on
 FHIR with the OAuth endpoint URLs (:func:`fhir_server.auth.discovery.capability_security`).
@@ -22,13 +23,14 @@ from fhir_server.audit import store as audit_store
 from fhir_server.auth.discovery import capability_security, issuer_for
 from fhir_server.fhir.definitions import FHIR_VERSION, resource_types
 from fhir_server.interactions import audit_events
-from fhir_server.interactions.base import FhirRequest, FhirResponse, InteractionContext
+from fhir_server.interactions.base import FhirRequest, FhirResponse, InteractionContext, Router
+from fhir_server.interactions.operations.catalog import all_operations
 
 
 def capabilities(ctx: InteractionContext, req: FhirRequest) -> FhirResponse:
     """GET [base]/metadata."""
     issuer = issuer_for(ctx.base_url, ctx.settings.auth_issuer)
-    statement = _for_base(_statement(ctx.repo.registry), ctx.base_url, issuer)
+    statement = _for_base(_statement(ctx.repo.registry, ctx.router), ctx.base_url, issuer)
     if req.param("_summary") == "true":
         statement = {
             **statement,
@@ -37,27 +39,26 @@ def capabilities(ctx: InteractionContext, req: FhirRequest) -> FhirResponse:
     return FhirResponse(resource=statement)
 
 
-def build_statement(base_url: str, registry: Any, *, issuer: str | None = None) -> dict[str, Any]:
-    """The CapabilityStatement for a server at ``base_url`` with this search registry, whose
-    authorization server is ``issuer`` (default: derived from ``base_url``)."""
-    return _for_base(_build_core(registry), base_url, issuer or issuer_for(base_url))
+def build_statement(
+    base_url: str, registry: Any, *, issuer: str | None = None, router: Router | None = None
+) -> dict[str, Any]:
+    """The CapabilityStatement for a server at ``base_url`` with this search registry and route
+    table, whose authorization server is ``issuer`` (default: derived from ``base_url``).
+    Without a ``router`` the statement lists no RESTful interactions."""
+    return _for_base(_build_core(registry, router), base_url, issuer or issuer_for(base_url))
 
 
-def _build_core(registry: Any) -> dict[str, Any]:
+def _build_core(registry: Any, router: Router | None) -> dict[str, Any]:
     """Everything of the statement that does not depend on the base URL."""
-    from fhir_server.interactions.operations import all_operations
-    from fhir_server.interactions.table import ROUTES, SYSTEM_INTERACTIONS
-
-    type_codes = sorted(
-        {r.interaction for r in ROUTES if r.level in ("type", "instance") and r.interaction}
-    )
+    type_codes = router.type_interactions if router is not None else ()
+    system_codes = router.system_interactions if router is not None else ()
     operations = all_operations()
     resources = []
     for res_type in sorted(resource_types()):
         entry: dict[str, Any] = {
             "type": res_type,
             "profile": f"http://hl7.org/fhir/StructureDefinition/{res_type}",
-            "interaction": [{"code": code} for code in type_codes],
+            **({"interaction": [{"code": code} for code in type_codes]} if type_codes else {}),
             "versioning": "versioned-update",
             "readHistory": True,
             "updateCreate": True,
@@ -86,7 +87,7 @@ def _build_core(registry: Any) -> dict[str, Any]:
         "mode": "server",
         "documentation": "MSO FHIR server: FHIR R4 REST API",
         "resource": resources,
-        "interaction": [{"code": code} for code in SYSTEM_INTERACTIONS],
+        **({"interaction": [{"code": code} for code in system_codes]} if system_codes else {}),
     }
     system_ops = [
         {"name": op.name, "definition": op.definition} for op in operations if "system" in op.levels
@@ -167,14 +168,14 @@ def _for_base(core: dict[str, Any], base_url: str, issuer: str) -> dict[str, Any
     }
 
 
-_built: dict[int, tuple[Any, dict[str, Any]]] = {}
+_built: dict[tuple[int, int], tuple[Any, Router | None, dict[str, Any]]] = {}
 
 
-def _statement(registry: Any) -> dict[str, Any]:
-    """The base-independent part of the statement for this registry, built once."""
-    key = id(registry)
+def _statement(registry: Any, router: Router | None) -> dict[str, Any]:
+    """The base-independent part of the statement for this registry and routes, built once."""
+    key = (id(registry), id(router))
     hit = _built.get(key)
-    if hit is None or hit[0] is not registry:
-        hit = (registry, _build_core(registry))
+    if hit is None or hit[0] is not registry or hit[1] is not router:
+        hit = (registry, router, _build_core(registry, router))
         _built[key] = hit
-    return hit[1]
+    return hit[2]

@@ -10,7 +10,7 @@ from urllib.parse import parse_qsl
 
 from fhir_server.fhir.definitions import is_resource_type
 from fhir_server.fhir.outcome import FhirError, information
-from fhir_server.interactions.base import FhirRequest, FhirResponse, InteractionContext
+from fhir_server.interactions.base import FhirRequest, FhirResponse, InteractionContext, Written
 from fhir_server.storage.repository import StoredResource, Tx, as_utc, format_instant
 
 T = TypeVar("T")
@@ -107,13 +107,28 @@ def version_headers(
     return headers
 
 
+def written(interaction: str, stored: StoredResource) -> Written:
+    """What the audit trail names for a write of ``stored`` by ``interaction``."""
+    return Written(interaction, f"{stored.reference}/_history/{stored.version}")
+
+
 def write_response(
-    ctx: InteractionContext, req: FhirRequest, stored: StoredResource, *, status: int, message: str
+    ctx: InteractionContext,
+    req: FhirRequest,
+    stored: StoredResource,
+    *,
+    status: int,
+    message: str,
+    interaction: str | None = None,
 ) -> FhirResponse:
-    """The reply to create/update/patch, shaped by ``Prefer: return=…``."""
+    """The reply to create/update/patch, shaped by ``Prefer: return=…``; it names ``stored``
+    as written by ``interaction`` (default: ``create`` for a 201, else ``update``)."""
     headers = version_headers(ctx, stored, location=True)
     response = FhirResponse(
-        status=status, headers=headers, last_updated=format_instant(stored.last_updated)
+        status=status,
+        headers=headers,
+        last_updated=format_instant(stored.last_updated),
+        written=(written(interaction or ("create" if status == 201 else "update"), stored),),
     )
     preference = req.prefer.return_
     if preference == "OperationOutcome":

@@ -19,6 +19,7 @@ from fhir_server.interactions.common import (
     run_write,
     version_headers,
     write_response,
+    written,
 )
 from fhir_server.storage.repository import StoredResource, Tx, format_instant
 
@@ -42,11 +43,12 @@ def existing_response(
     caller may see it, else only its Location and an OperationOutcome saying so."""
     message = f"{stored.reference} already exists"
     if visible:
-        return write_response(ctx, req, stored, status=200, message=message)
+        return write_response(ctx, req, stored, status=200, message=message, interaction="create")
     return FhirResponse(
         status=200,
         headers=version_headers(ctx, stored, location=True),
         last_updated=format_instant(stored.last_updated),
+        written=(written("create", stored),),
         resource=information(
             f"{message}; reference it: it becomes visible to you once a case of yours names it"
         ),

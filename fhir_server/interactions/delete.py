@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from fhir_server.fhir.outcome import FhirError, information
 from fhir_server.interactions.base import FhirRequest, FhirResponse, InteractionContext
-from fhir_server.interactions.common import check_type, parse_etag, run_write
+from fhir_server.interactions.common import check_type, parse_etag, run_write, written
 from fhir_server.storage.repository import StoredResource, Tx
 
 
@@ -48,7 +48,8 @@ def conditional_delete_in(
 
 def _reply(req: FhirRequest, stored: StoredResource | None, what: str) -> FhirResponse:
     headers = {"ETag": stored.etag} if stored else {}
+    wrote = (written("delete", stored),) if stored else ()
     if req.prefer.return_ == "minimal":
-        return FhirResponse(status=204, headers=headers)
+        return FhirResponse(status=204, headers=headers, written=wrote)
     message = f"Deleted {what}" if stored else f"Nothing to delete: {what} does not exist"
-    return FhirResponse(status=200, resource=information(message), headers=headers)
+    return FhirResponse(status=200, resource=information(message), headers=headers, written=wrote)

@@ -26,7 +26,7 @@ def patch(ctx: InteractionContext, req: FhirRequest) -> FhirResponse:
     stored = run_write(
         ctx, lambda tx: patch_in(tx, res_type, res_id, req.body, content_type, if_match)
     )
-    return write_response(ctx, req, stored, status=200, message=f"Patched {stored.reference}")
+    return _reply(ctx, req, stored)
 
 
 def conditional_patch(ctx: InteractionContext, req: FhirRequest) -> FhirResponse:
@@ -47,7 +47,13 @@ def conditional_patch(ctx: InteractionContext, req: FhirRequest) -> FhirResponse
         return patch_in(tx, res_type, matches[0].res_id, req.body, content_type, if_match)
 
     stored = run_write(ctx, work)
-    return write_response(ctx, req, stored, status=200, message=f"Patched {stored.reference}")
+    return _reply(ctx, req, stored)
+
+
+def _reply(ctx: InteractionContext, req: FhirRequest, stored: StoredResource) -> FhirResponse:
+    return write_response(
+        ctx, req, stored, status=200, message=f"Patched {stored.reference}", interaction="patch"
+    )
 
 
 def patch_in(

@@ -4,12 +4,15 @@ CapabilityStatement are all derived from it, so they cannot drift apart.
 Paths are relative to the FHIR base and matched segment by segment. Placeholders: ``{type}`` a
 resource type, ``{id}`` a logical id, ``{vid}`` a version, ``{op}`` an ``$operation`` name,
 ``{ctype}`` the resource type searched in a compartment.
+
+The arrows go one way: this module imports every handler; handlers that need the table
+(transaction and batch entries, the CapabilityStatement) are handed :data:`ROUTER` through
+:attr:`InteractionContext.router <fhir_server.interactions.base.InteractionContext.router>`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 
@@ -20,16 +23,14 @@ from fhir_server.interactions import (
     create,
     delete,
     history,
-    operations,
     patch,
     read,
     search,
     transaction,
     update,
 )
-from fhir_server.interactions.base import FhirRequest, FhirResponse, InteractionContext
-
-Handler = Callable[[InteractionContext, FhirRequest], FhirResponse]
+from fhir_server.interactions.base import FhirRequest, FhirResponse, Handler, InteractionContext
+from fhir_server.interactions.operations import catalog as operations
 
 
 def _compartment_search(ctx: InteractionContext, req: FhirRequest) -> FhirResponse:
@@ -131,6 +132,19 @@ def _segment_matches(pattern: str, segment: str) -> bool:
     return pattern == segment
 
 
+class RouteTable:
+    """:data:`ROUTES` as the :class:`~fhir_server.interactions.base.Router` handlers are given."""
+
+    type_interactions: tuple[str, ...] = tuple(
+        sorted({r.interaction for r in ROUTES if r.level in ("type", "instance") and r.interaction})
+    )
+    system_interactions: tuple[str, ...] = SYSTEM_INTERACTIONS
+
+    def resolve(self, method: str, path: str, req: FhirRequest) -> Handler:
+        """See :func:`resolve`."""
+        return resolve_route(method, path, req).handler
+
+
 def resolve(method: str, path: str, req: FhirRequest) -> Handler:
     """Find the handler for ``method`` and ``path`` and fill ``req``'s path fields.
 
@@ -174,3 +188,7 @@ def resolve_route(method: str, path: str, req: FhirRequest) -> Route:
     raise FhirError(
         404, "not-found", f"No FHIR interaction at '{path or '/'}'", code="MSO-REST-404P"
     )
+
+
+ROUTER = RouteTable()
+"""The route table handed to handlers in their context."""

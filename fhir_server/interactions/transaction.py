@@ -7,7 +7,10 @@ entry gets its id (or, with ``ifNoneExist``, the existing match), each condition
 target, and each conditional reference (``Patient?identifier=…``) its single match; then every
 ``fullUrl`` (``urn:uuid:…`` or otherwise) and conditional reference in the Bundle is rewritten
 to the ``Type/id`` it now stands for. Entries other than POST re-enter the same handlers as
-plain REST calls, inside the transaction's unit of work.
+plain REST calls (found through the route table the context carries,
+:attr:`~fhir_server.interactions.base.InteractionContext.router`), inside the transaction's
+unit of work. The response names what every entry wrote (``FhirResponse.written``): the audit
+trail records an event per written resource.
 
 A batch runs each entry on its own; a failure becomes that entry's OperationOutcome.
 """
@@ -24,7 +27,13 @@ import orjson
 from fhir_server.fhir.definitions import is_resource_type
 from fhir_server.fhir.outcome import FhirError, Issue
 from fhir_server.interactions import audit_events
-from fhir_server.interactions.base import FhirRequest, FhirResponse, InteractionContext
+from fhir_server.interactions.base import (
+    FhirRequest,
+    FhirResponse,
+    Handler,
+    InteractionContext,
+    Written,
+)
 from fhir_server.interactions.common import write_response
 from fhir_server.interactions.create import existing_response, if_none_exist_match
 from fhir_server.storage.repository import Tx, check_id, new_id
@@ -92,10 +101,10 @@ def transaction_or_batch(ctx: InteractionContext, req: FhirRequest) -> FhirRespo
         return _batch(ctx, req, raw_entries)
     entries = [_parse_entry(i, raw) for i, raw in enumerate(raw_entries)]
     _check_overlaps(entries)
-    responses = ctx.repo.write(
+    responses, wrote = ctx.repo.write(
         lambda tx: _run_transaction(ctx, req, tx, entries), caller=ctx.caller
     )
-    return FhirResponse(resource=_response_bundle("transaction-response", responses))
+    return FhirResponse(resource=_response_bundle("transaction-response", responses), written=wrote)
 
 
 # -- transaction ----------------------------------------------------------------------------
@@ -103,7 +112,8 @@ def transaction_or_batch(ctx: InteractionContext, req: FhirRequest) -> FhirRespo
 
 def _run_transaction(
     ctx: InteractionContext, req: FhirRequest, tx: Tx, entries: list[_Entry]
-) -> list[dict[str, Any]]:
+) -> tuple[list[dict[str, Any]], tuple[Written, ...]]:
+    """The response entries, in request order, and what the entries wrote (for the audit)."""
     sub_ctx = replace(ctx, tx=tx)
     mapping = _assign_identities(tx, entries)
     for entry in entries:
@@ -115,6 +125,7 @@ def _run_transaction(
     # what the unit may create: POSTs, conditional PUTs, PUTs of ids not found
     creates = sum(e.method == "POST" or (e.method == "PUT" and "/" not in e.path) for e in entries)
     results: dict[int, dict[str, Any]] = {}
+    wrote: dict[int, tuple[Written, ...]] = {}
     with tx.batched_writes(expected=creates + absent):
         for entry in sorted(entries, key=lambda e: (_ORDER[e.method], e.index)):
             tx.error_context = partial(_in_entry, entry=entry)
@@ -132,9 +143,10 @@ def _run_transaction(
                     code="MSO-TX-010",
                 )
             results[entry.index] = _response_entry(ctx, entry, response)
+            wrote[entry.index] = response.written
     # rules spanning entries (a case document and its case) see the whole Bundle written
     tx.run_deferred()
-    return [results[e.index] for e in entries]
+    return [results[e.index] for e in entries], tuple(w for e in entries for w in wrote[e.index])
 
 
 def _assign_identities(tx: Tx, entries: list[_Entry]) -> dict[str, str]:
@@ -230,10 +242,7 @@ def _execute(ctx: InteractionContext, req: FhirRequest, tx: Tx, entry: _Entry) -
     )
     if entry.method == "POST":
         return _post(ctx, sub, tx, entry)
-    from fhir_server.interactions.table import resolve
-
-    handler = resolve(entry.method, entry.path, sub)
-    return handler(ctx, sub)
+    return _route(ctx, entry, sub)(ctx, sub)
 
 
 def _post(ctx: InteractionContext, sub: FhirRequest, tx: Tx, entry: _Entry) -> FhirResponse:
@@ -262,20 +271,20 @@ def _post(ctx: InteractionContext, sub: FhirRequest, tx: Tx, entry: _Entry) -> F
 
 def _batch(ctx: InteractionContext, req: FhirRequest, raw_entries: list[Any]) -> FhirResponse:
     results = []
+    wrote: list[Written] = []
     for index, raw in enumerate(raw_entries):
         try:
             entry = _parse_entry(index, raw)
             response = _batch_entry(ctx, req, entry)
             results.append(_response_entry(ctx, entry, response))
+            wrote.extend(response.written)
         except FhirError as exc:
             results.append(_error_entry(exc))
-    return FhirResponse(resource=_response_bundle("batch-response", results))
+    return FhirResponse(resource=_response_bundle("batch-response", results), written=tuple(wrote))
 
 
 def _batch_entry(ctx: InteractionContext, req: FhirRequest, entry: _Entry) -> FhirResponse:
     """Run one batch entry through the same route table as a plain REST call."""
-    from fhir_server.interactions.table import resolve
-
     sub = FhirRequest(
         method=entry.method,
         params=entry.params,
@@ -283,8 +292,19 @@ def _batch_entry(ctx: InteractionContext, req: FhirRequest, entry: _Entry) -> Fh
         body=entry.resource,
         prefer=req.prefer,
     )
-    handler = resolve(entry.method, entry.path, sub)
-    return handler(ctx, sub)
+    return _route(ctx, entry, sub)(ctx, sub)
+
+
+def _route(ctx: InteractionContext, entry: _Entry, sub: FhirRequest) -> Handler:
+    """The handler of an entry, from the route table the context carries."""
+    if ctx.router is None:
+        raise FhirError(
+            500,
+            "exception",
+            f"No route table to run {entry.method} entries with",
+            code="MSO-TX-030",
+        )
+    return ctx.router.resolve(entry.method, entry.path, sub)
 
 
 # -- parsing and responses ------------------------------------------------------------------

@@ -88,6 +88,7 @@ def conditional_update_in(
 def _reply(
     ctx: InteractionContext, req: FhirRequest, stored: StoredResource, created: bool
 ) -> FhirResponse:
-    if created:
-        return write_response(ctx, req, stored, status=201, message=f"Created {stored.reference}")
-    return write_response(ctx, req, stored, status=200, message=f"Updated {stored.reference}")
+    status, verb = (201, "Created") if created else (200, "Updated")
+    return write_response(
+        ctx, req, stored, status=status, message=f"{verb} {stored.reference}", interaction="update"
+    )

@@ -32,11 +32,17 @@ from fhir_server.config import Settings
 from fhir_server.fhir import jsonio
 from fhir_server.fhir.outcome import FhirError
 from fhir_server.interactions import binary, capabilities, create, read, search, update
-from fhir_server.interactions.base import FhirRequest, FhirResponse, InteractionContext, Prefer
-from fhir_server.interactions.table import Route, interaction_of, resolve_route
+from fhir_server.interactions.base import (
+    BlobStore,
+    FhirRequest,
+    FhirResponse,
+    InteractionContext,
+    Prefer,
+    Repository,
+    Written,
+)
+from fhir_server.interactions.table import ROUTER, Route, interaction_of, resolve_route
 from fhir_server.messaging.presence import touch_presence
-from fhir_server.storage.blobs import BlobStore
-from fhir_server.storage.repository import Repository
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +66,13 @@ _PRIVATE_QUERY_TYPES = frozenset({"Communication"})
 class _Seen:
     """What the audit record of a request needs, filled in as the request is handled."""
 
-    __slots__ = ("principal", "req", "route")
+    __slots__ = ("principal", "req", "route", "written")
 
     def __init__(self) -> None:
         self.principal: Principal | None = None
         self.route: Route | None = None
         self.req: FhirRequest | None = None
+        self.written: tuple[Written, ...] = ()
 
 
 def _mime(value: str | None) -> str:
@@ -132,12 +139,19 @@ class FhirEndpoint:
         return response
 
     def _audit(self, request: Request, seen: _Seen, status: int, message: str | None) -> None:
-        """Queue the AuditEvent of a request (never for ``metadata``)."""
+        """Queue the AuditEvent of a request (never for ``metadata``).
+
+        A write's event names what it wrote (``Type/id/_history/vid``, see
+        :attr:`FhirResponse.written`), which a create's URL does not. A transaction or batch
+        gets its own event and one more per resource an entry wrote, each with that entry's
+        interaction, so that ``AuditEvent?entity=…`` finds every write.
+        """
         route, req = seen.route, seen.req
         assert route is not None and req is not None
         if route.handler is capabilities.capabilities:
             return
         code = interaction_of(route, req)
+        source = request.client.host if request.client else None
         query = None
         patients: list[str] = []
         if code.startswith(("search", "history")):
@@ -146,6 +160,8 @@ class FhirEndpoint:
             patients = _patients_in(req)
         if req.resource_type == "Patient" and req.resource_id:
             patients.append(req.resource_id)
+        per_entry = code in ("transaction", "batch")
+        entities = [] if per_entry else [w.reference for w in seen.written]
         self.audit.interaction(
             seen.principal,
             Interaction(
@@ -156,11 +172,26 @@ class FhirEndpoint:
                 version_id=req.version_id,
                 operation=req.operation,
                 query=query,
-                source=request.client.host if request.client else None,
+                source=source,
                 message=message,
-                patients=sorted(set(patients)),
+                patients=sorted(set(patients + _patients_of(entities))),
+                entities=entities,
             ),
         )
+        if not per_entry:
+            return
+        for wrote in seen.written:
+            self.audit.interaction(
+                seen.principal,
+                Interaction(
+                    interaction=wrote.interaction,
+                    status=status,
+                    resource_type=wrote.reference.split("/", 1)[0],
+                    source=source,
+                    patients=_patients_of([wrote.reference]),
+                    entities=[wrote.reference],
+                ),
+            )
 
     async def _handle(self, request: Request, path: str, pretty: bool, seen: _Seen) -> Response:
         method = request.method
@@ -182,6 +213,7 @@ class FhirEndpoint:
             settings=self.settings,
             base_url=self.base_url(request),
             services=self.services,
+            router=ROUTER,
         )
         authenticate = None
         if self.tokens is not None and handler is not capabilities.capabilities:
@@ -205,7 +237,7 @@ class FhirEndpoint:
             response = await self._in_thread(
                 self._admit_and_handle, ctx, req, seen, authenticate, handler
             )
-            return self._render(response, pretty)
+            return self._render(response, pretty, seen)
         if authenticate is not None:
             if inline:
                 self._admit(ctx, seen, authenticate())
@@ -214,7 +246,7 @@ class FhirEndpoint:
         if req.resource_type == "Binary":
             special = await self._binary(request, req, ctx, handler, fhir_accept)
             if special is not None:
-                return self._render(special, pretty)
+                return self._render(special, pretty, seen)
         if not fhir_accept:
             raise FhirError(
                 406, "not-supported", "This server speaks FHIR JSON only", code="MSO-REST-406"
@@ -227,7 +259,7 @@ class FhirEndpoint:
             response = handler(ctx, req)
         else:
             response = await self._in_thread(handler, ctx, req)
-        return self._render(response, pretty)
+        return self._render(response, pretty, seen)
 
     def _admit(self, ctx: InteractionContext, seen: _Seen, principal: Principal) -> None:
         """Make ``principal`` the request's caller."""
@@ -286,7 +318,7 @@ class FhirEndpoint:
         )
         instance_read = handler in (read.read, read.vread)
         if raw_write and handler in (create.create, update.update):
-            self._check_length(request, self.settings.max_binary_bytes)
+            self._check_length(request, self.settings.max_binary_bytes, _file_too_large)
             blob = await self.blobs.put_async(
                 request.stream(), max_bytes=self.settings.max_binary_bytes
             )
@@ -301,20 +333,22 @@ class FhirEndpoint:
             return await self._in_thread(binary.read_json, ctx, req, self.blobs)
         return None
 
-    def _check_length(self, request: Request, limit: int) -> None:
+    def _check_length(
+        self, request: Request, limit: int, error: Callable[[int], FhirError]
+    ) -> None:
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:
-            raise _too_large(limit)
+            raise error(limit)
 
     async def _read_body(self, request: Request, req: FhirRequest, handler: Any) -> None:
         limit = self.settings.max_resource_bytes
-        self._check_length(request, limit)
+        self._check_length(request, limit, _body_too_large)
         chunks: list[bytes] = []
         size = 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                raise _too_large(limit)
+                raise _body_too_large(limit)
             chunks.append(chunk)
         raw = b"".join(chunks)
         content_type = _mime(request.headers.get("content-type"))
@@ -327,19 +361,19 @@ class FhirEndpoint:
                 return
             raise FhirError(400, "required", "The request body is empty", code="MSO-REST-003")
         patch_document = req.method == "PATCH" and content_type in PATCH_TYPES
-        if content_type and content_type not in binary.FHIR_JSON_TYPES and not patch_document:
-            raise FhirError(
-                415,
-                "not-supported",
-                f"Content-Type '{content_type}' is not supported; send application/fhir+json",
-                code="MSO-REST-415",
-            )
+        if not content_type:
+            # A body says what it is (http://hl7.org/fhir/R4/http.html#mime-type); only an
+            # operation's empty POST (above) may come without one.
+            raise _unsupported_media("The request body has no Content-Type")
+        if content_type not in binary.FHIR_JSON_TYPES and not patch_document:
+            raise _unsupported_media(f"Content-Type '{content_type}' is not supported")
         if req.method == "PATCH":
             req.body = jsonio.loads(raw)
             return
         req.body = jsonio.parse_resource(raw)
 
-    def _render(self, response: FhirResponse, pretty: bool) -> Response:
+    def _render(self, response: FhirResponse, pretty: bool, seen: _Seen) -> Response:
+        seen.written = response.written
         headers = response.headers
         if response.stream is not None:
             stream = response.stream
@@ -365,6 +399,11 @@ class FhirEndpoint:
         return Response(status_code=response.status, headers=headers)
 
 
+def _patients_of(references: list[str]) -> list[str]:
+    """The ids of the Patients among versioned references (``Patient/id/_history/vid``)."""
+    return [ref.split("/", 2)[1] for ref in references if ref.startswith("Patient/")]
+
+
 def _patients_in(req: FhirRequest) -> list[str]:
     """Patient ids a search names (``patient=``, ``subject=Patient/…``, ``Patient?_id=``)."""
     out: list[str] = []
@@ -382,11 +421,35 @@ def _patients_in(req: FhirRequest) -> list[str]:
     return out
 
 
-def _too_large(limit: int) -> FhirError:
+def _unsupported_media(problem: str) -> FhirError:
+    """415 for a body without a Content-Type or with one this server does not read."""
+    return FhirError(
+        415,
+        "not-supported",
+        f"{problem}; send application/fhir+json (a PATCH also application/json-patch+json)",
+        code="MSO-REST-415",
+    )
+
+
+def _body_too_large(limit: int) -> FhirError:
+    """413 for a FHIR JSON body over ``MSO_MAX_RESOURCE_BYTES``: it says how a large file goes."""
     return FhirError(
         413,
         "too-costly",
-        f"Request body is larger than the limit of {limit} bytes",
+        f"The FHIR JSON body is larger than the limit of {limit} bytes. Upload a large file "
+        "as raw content with POST [base]/Binary (Content-Type: the file's media type, e.g. "
+        "application/pdf) and reference it from the attachment with "
+        "attachment.url = 'Binary/<id>' (the id the upload answers in Location)",
+        code="MSO-REST-413",
+    )
+
+
+def _file_too_large(limit: int) -> FhirError:
+    """413 for a raw Binary upload over ``MSO_MAX_BINARY_BYTES``."""
+    return FhirError(
+        413,
+        "too-costly",
+        f"The file is larger than the limit of {limit} bytes for a Binary",
         code="MSO-REST-413",
     )
 

@@ -470,7 +470,7 @@ def test_bindings_use_the_constants() -> None:
 def test_every_mso_operation_has_its_definition() -> None:
     """Each registered MSO operation names an OperationDefinition in ``profiles/operations``
     whose code, resource types and levels are the registered ones."""
-    from fhir_server.interactions.operations import all_operations
+    from fhir_server.interactions.operations.catalog import all_operations
 
     mso = [op for op in all_operations() if op.definition.startswith(BASE)]
     assert len(mso) >= 11
