@@ -44,7 +44,7 @@ def _tokens(text: str) -> list[tuple[str, str]]:
             break
         m = _TOKEN.match(text, pos)
         if m is None:
-            raise FilterError(f"cannot read _filter at {text[pos:]!r}")
+            raise FilterError(f"cannot read _filter at character {pos}")
         pos = m.end()
         if m.group(1):
             out.append(("(", "("))
@@ -98,17 +98,17 @@ def parse_filter(text: str, param_types: dict[str, str]) -> Leaf | Node:
                 raise FilterError("missing ')' in _filter")
             return Node("not", [inner])
         if tok[0] != "word":
-            raise FilterError(f"expected a parameter name, not {tok[1]!r}")
+            raise FilterError(f"expected a parameter name at token {pos}")
         name = tok[1]
         op = take()[1].lower()
         if op not in OPS:
-            raise FilterError(f"operator '{op}' is not supported in _filter")
+            raise FilterError(f"the operator at token {pos} is not supported in _filter")
         value = take()[1]
         return _leaf(name, op, value, param_types.get(name))
 
     tree = expression()
     if pos != len(tokens):
-        raise FilterError(f"unexpected {tokens[pos][1]!r} in _filter")
+        raise FilterError(f"unexpected token {pos + 1} in _filter")
     return tree
 
 

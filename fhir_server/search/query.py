@@ -134,7 +134,7 @@ def parse_query(
 def _result_param(registry: SearchRegistry, q: SearchQuery, name: str, value: str) -> None:
     if name == "_count":
         if not value.isdigit():
-            raise _Bad(f"_count must be a non-negative integer, not '{value}'")
+            raise _Bad("_count must be a non-negative integer")
         q.count = int(value)
     elif name == "_sort":
         for key in value.split(","):
@@ -152,7 +152,7 @@ def _result_param(registry: SearchRegistry, q: SearchQuery, name: str, value: st
         q.includes.extend(parse_include(registry, q, name, value))
     elif name == "_total":
         if value not in TOTAL_VALUES:
-            raise _Bad(f"_total must be one of none, estimate, accurate, not '{value}'")
+            raise _Bad("_total must be one of none, estimate, accurate")
         q.total = value
     elif name == "_summary":
         if value not in SUMMARY_VALUES:
@@ -181,7 +181,7 @@ def parse_include(registry: SearchRegistry, q: SearchQuery, name: str, value: st
         return [Include(t, "*", None, iterate, reverse) for t in q.types]
     parts = value.split(":")
     if len(parts) not in (2, 3):
-        raise _Bad(f"{name} must be Source:param[:Target], not '{value}'")
+        raise _Bad(f"{name} must be Source:param[:Target]")
     source, code = parts[0], parts[1]
     target = parts[2] if len(parts) == 3 else None
     if code != "*":
@@ -267,7 +267,7 @@ def check_values(registry: SearchRegistry, types: tuple[str, ...], clause: Claus
             try:
                 date_range(split_prefix(value)[1])
             except (ValueError, OverflowError):
-                raise _Bad(f"Invalid date '{value}' for _lastUpdated", BAD_VALUE) from None
+                raise _Bad("Invalid date for _lastUpdated", BAD_VALUE) from None
         return
     param = clause.param
     if param is None or clause.modifier in ("missing", "in", "not-in", "above", "below"):
@@ -279,7 +279,8 @@ def check_values(registry: SearchRegistry, types: tuple[str, ...], clause: Claus
                 parts = composite.split_value(param, value)
                 if len(parts) != len(param.components):
                     raise _Bad(
-                        f"'{value}' needs {len(param.components)} components joined by $", BAD_VALUE
+                        f"{param.code} needs {len(param.components)} components joined by $",
+                        BAD_VALUE,
                     )
                 for comp, part in zip(param.components, parts, strict=True):
                     sub = registry.by_url(comp.definition)

@@ -310,11 +310,16 @@ def split_prefix(value: str) -> tuple[str, str]:
 
 
 def bad_value(param: str, value: str, why: str) -> FhirError:
-    """The 400 for a malformed search value."""
+    """The 400 for a malformed search value.
+
+    The text names the parameter and what is wrong, never ``value``: a search value may be patient
+    data (a name, a birth date, an identifier). ``why`` must not quote it either.
+    """
+    del value  # kept in the signature so every caller says which value it rejects
     return FhirError(
         400,
         "invalid",
-        f"Invalid value '{value}' for search parameter '{param}': {why}",
+        f"Invalid value for search parameter '{param}': {why}",
         code="MSO-SEARCH-002",
         expression=[param],
     )

@@ -59,9 +59,9 @@ def parse_number(text: str) -> tuple[float, float, float]:
     try:
         dec = Decimal(text)
     except InvalidOperation:
-        raise ValueError(text) from None
+        raise ValueError("not a decimal") from None
     if not dec.is_finite():
-        raise ValueError(text)
+        raise ValueError("not a finite decimal")
     half = Decimal(5).scaleb(dec.as_tuple().exponent - 1)  # type: ignore[operator]
     return float(dec), float(dec - half), float(dec + half)
 
