@@ -21,6 +21,7 @@ from fhir_server.config import Settings
 from fhir_server.fhir.validation import validate_resource
 from fhir_server.hooks import Hooks
 from fhir_server.messaging.service import Messaging
+from fhir_server.rest.errors import install as install_error_handlers
 from fhir_server.rest.fhir import FhirASGI, FhirEndpoint
 from fhir_server.search.registry import SearchRegistry
 from fhir_server.storage.blobs import BlobStore
@@ -79,6 +80,7 @@ def create_app(settings: Settings | None = None) -> FrontDoor:
     app.state.blobs = blobs
     app.state.auth = build_auth_server(engine, settings, tokens=tokens)
     app.include_router(auth_router)
+    install_error_handlers(app)  # errors outside /fhir as OperationOutcomes
     app.state.tokens = tokens
     app.state.audit = audit
     app.state.messaging = messaging
