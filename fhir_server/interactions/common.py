@@ -77,6 +77,12 @@ def parse_etag(value: str | None, header: str = "If-Match") -> int | None:
     return int(raw)
 
 
+def criteria_names(params: list[tuple[str, str]]) -> str:
+    """The parameter names of search criteria, for error texts: their values (an identifier,
+    a name) may be patient data and are never quoted."""
+    return ", ".join(dict.fromkeys(name for name, _ in params)) or "none"
+
+
 def http_date(value: datetime) -> str:
     """An RFC 9110 HTTP date (``Last-Modified``)."""
     return format_datetime(as_utc(value), usegmt=True)

@@ -15,6 +15,7 @@ from fhir_server.interactions.base import FhirRequest, FhirResponse, Interaction
 from fhir_server.interactions.common import (
     check_type,
     criteria,
+    criteria_names,
     require_body,
     run_write,
     version_headers,
@@ -74,7 +75,8 @@ def if_none_exist_match(
         raise FhirError(
             412,
             "duplicate",
-            f"If-None-Exist criteria '{condition}' match more than one {res_type}",
+            f"If-None-Exist criteria (parameters: {criteria_names(params)}) match more than "
+            f"one {res_type}",
             code="MSO-REST-412",
         )
     return (matches[0] if matches else None), visible

@@ -34,7 +34,7 @@ from fhir_server.interactions.base import (
     InteractionContext,
     Written,
 )
-from fhir_server.interactions.common import write_response
+from fhir_server.interactions.common import criteria_names, write_response
 from fhir_server.interactions.create import existing_response, if_none_exist_match
 from fhir_server.storage.repository import Tx, check_id, new_id
 
@@ -203,25 +203,28 @@ def _rewrite(
 
 
 def _resolve_conditional_reference(tx: Tx, entry: _Entry, reference: str) -> str:
+    # The texts name the type and the parameters, never the values (patient data).
     res_type, _, query = reference.partition("?")
     if not is_resource_type(res_type):
         raise _in_entry(
             FhirError(
                 400,
                 "invalid",
-                f"Conditional reference '{reference}' names no resource type",
+                "A conditional reference names no resource type before '?'",
                 code="MSO-TX-020",
             ),
             entry,
         )
-    matches = tx.find(res_type, parse_qsl(query, keep_blank_values=True), limit=2)
+    params = parse_qsl(query, keep_blank_values=True)
+    matches = tx.find(res_type, params, limit=2)
     if len(matches) != 1:
         found = "no" if not matches else "more than one"
         raise _in_entry(
             FhirError(
                 412 if matches else 404,
                 "not-found" if not matches else "multiple-matches",
-                f"Conditional reference '{reference}' matches {found} resource",
+                f"A conditional reference to {res_type} (parameters: {criteria_names(params)}) "
+                f"matches {found} resource",
                 code="MSO-TX-021",
             ),
             entry,
