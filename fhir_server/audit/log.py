@@ -68,8 +68,8 @@ class AuditLog:
         """Queue one AuditEvent resource for storage (never fails the caller's request)."""
         try:
             row = store.prepare(audit_event)[1]
-        except Exception:
-            log.exception("Could not store an AuditEvent")
+        except Exception as exc:
+            _log_failure(exc, audit_event.get("id"))
             return
         self._ensure_writer()
         self._queue.put(row)
@@ -193,5 +193,11 @@ class AuditLog:
             for row in batch:
                 try:
                     self.repo.write(lambda tx, r=row: store.write_rows(tx.conn, [r]), retries=5)
-                except Exception:
-                    log.exception("Could not store an AuditEvent")
+                except Exception as exc:
+                    _log_failure(exc, row.get("id"))
+
+
+def _log_failure(exc: Exception, event_id: str | None) -> None:
+    """Log an AuditEvent that could not be stored by its id and the error's type only: the
+    error's text (a database error quotes the row's values) may carry a search's values."""
+    log.error("Could not store an AuditEvent (id %s): %s", event_id, type(exc).__name__)

@@ -146,3 +146,19 @@ def test_bundle_entries_are_each_audited_with_what_they_wrote(app, admin, kind) 
         # the conditional create that matched names the match
         matched = [e for e in on_existing if e["subtype"][0]["code"] == "create"]
         assert len(matched) == 2  # the plain create before the Bundle, and the matching entry
+
+
+def test_a_failed_audit_row_is_logged_without_its_values(app, caplog) -> None:
+    """A database error quotes the row's values; the log names the event's id and the error's
+    type only (an AuditEvent may hold a search's values)."""
+    event = {"resourceType": "AuditEvent", "id": uuid.uuid4().hex}
+    event["recorded"] = "2026-01-01T00:00:00Z"
+    event["entity"] = [{"query": "aWRlbnRpZmllcj1aZWJlZGlhaA=="}]  # identifier=Zebediah
+    event["outcomeDesc"] = "Zebediah"
+    app.state.audit.record(event)
+    app.state.audit.flush()
+    assert "Could not store an AuditEvent" not in caplog.text
+    app.state.audit.record(event)  # the same id again: the unique index refuses it
+    app.state.audit.flush()
+    assert "Could not store an AuditEvent" in caplog.text
+    assert "Zebediah" not in caplog.text and "aWRlbnRpZmllcj1" not in caplog.text
