@@ -93,7 +93,7 @@ def _validated_json_patch(operations: Any) -> list[dict[str, Any]]:
         if not isinstance(op, dict):
             raise _json_patch_error(i, {}, 400, "invalid", MALFORMED, "not a JSON object")
         name = op.get("op")
-        if name not in _JSON_PATCH_MEMBERS:
+        if not isinstance(name, str) or name not in _JSON_PATCH_MEMBERS:
             raise _json_patch_error(
                 i,
                 op,
@@ -121,7 +121,7 @@ def _json_patch_error(
     path = op.get("path")
     name = op.get("op")
     where = f"JSON Patch operation {index}"
-    if name in _JSON_PATCH_MEMBERS:
+    if isinstance(name, str) and name in _JSON_PATCH_MEMBERS:
         parts = [str(name)]
         if isinstance(path, str):
             parts.append(repr(path))

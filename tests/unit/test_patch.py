@@ -880,3 +880,76 @@ def test_dispatch_fhir_json_requires_parameters() -> None:
 def test_dispatch_unsupported_media_type_is_415(body: Any, content_type: str) -> None:
     err = raises(415, "MSO-PATCH-415", apply_patch, PATIENT, body, content_type)
     assert err.issue_code == "not-supported"
+
+
+# --------------------------------------------------------------------------------------------
+# Error texts never carry resource content (issue 14)
+# --------------------------------------------------------------------------------------------
+
+SECRET = "Quorblewitz"
+SECRET_PATIENT: dict[str, Any] = {
+    "resourceType": "Patient",
+    "id": "p9",
+    "name": [{"family": SECRET, "given": [SECRET + "-given"]}],
+    "birthDate": "1961-02-03",
+}
+
+
+@pytest.mark.parametrize(
+    ("op", "code"),
+    [
+        ({"op": "remove", "path": "/nothing/here"}, "MSO-PATCH-003"),
+        ({"op": "remove", "path": "/name/one"}, "MSO-PATCH-003"),
+        ({"op": "replace", "path": "/name/7/family", "value": "X"}, "MSO-PATCH-003"),
+        ({"op": "add", "path": "name", "value": 1}, "MSO-PATCH-003"),
+        ({"op": "move", "from": "/name", "path": "/name/0/x"}, "MSO-PATCH-003"),
+        ({"op": "copy", "from": "/nothing", "path": "/text"}, "MSO-PATCH-003"),
+        ({"op": "test", "path": "/name/0/family", "value": "Other"}, "MSO-PATCH-002"),
+        ({"op": "test", "path": "/birthDate", "value": "2000-01-01"}, "MSO-PATCH-002"),
+        ({"op": "test", "path": "/name/0", "value": {"family": "x"}}, "MSO-PATCH-002"),
+        ({"op": {"v": SECRET}, "path": "/name"}, "MSO-PATCH-001"),
+    ],
+)
+def test_json_patch_errors_name_index_op_path_never_content(op: dict[str, Any], code: str) -> None:
+    err = raises(
+        400 if code == "MSO-PATCH-001" else 422, code, apply_json_patch, SECRET_PATIENT, [op]
+    )
+    text = err.message + repr(err.to_outcome())
+    for secret in (SECRET, "1961-02-03", "2000-01-01", "Other"):
+        assert secret not in text
+    assert "operation 0" in err.message
+    assert (
+        err.__cause__ is None
+    )  # the library's exception (its text quotes the document) is dropped
+    if isinstance(op.get("op"), str):
+        assert op["op"] in err.message and op["path"] in err.message
+
+
+@pytest.mark.parametrize(
+    "parts",
+    [
+        [
+            {"name": "type", "valueCode": "replace"},
+            {"name": "path", "valueString": "Patient.name.where(family.foo(1))"},
+            {"name": "value", "valueString": "x"},
+        ],
+        [
+            {"name": "type", "valueCode": SECRET + " with spaces"},
+            {"name": "path", "valueString": "Patient.name"},
+        ],
+        [{"name": "type", "valueCode": "delete"}, SECRET],
+        [
+            {"name": "type", "valueCode": "add"},
+            {"name": "path", "valueString": "Patient"},
+            {"name": "name", "valueString": "birthDate"},
+            {"name": "value", "valueDate": "2000-01-01"},
+        ],
+    ],
+)
+def test_fhirpath_patch_errors_never_carry_content(parts: list[Any]) -> None:
+    body = {"resourceType": "Parameters", "parameter": [{"name": "operation", "part": parts}]}
+    with pytest.raises(FhirError) as info:
+        apply_fhirpath_patch(SECRET_PATIENT, body)
+    text = info.value.message + repr(info.value.to_outcome())
+    for secret in (SECRET, "1961-02-03", "2000-01-01"):
+        assert secret not in text

@@ -542,3 +542,33 @@ def test_typical_patient_validates_fast() -> None:
         validation_issues(resource)
     per_resource = (time.perf_counter() - start) / runs
     assert per_resource < 0.002  # measured ~25 µs; generous for a loaded shared machine
+
+
+# error texts never carry the value (issue 14) ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("element", "value", "code"),
+    [
+        ("birthDate", "1999-99-99-SECRET", "MSO-VAL-002"),
+        ("birthDate", "2023-02-30", "MSO-VAL-002"),
+        ("gender", "SECRET", "MSO-VAL-007"),
+        ("multipleBirthInteger", 98765432109, "MSO-VAL-002"),
+        ("generalPractitioner", [{"reference": "Practitioner/SECRET is here"}], "MSO-VAL-005"),
+        ("generalPractitioner", [{"reference": "#SECRET"}], "MSO-VAL-005"),
+        ("managingOrganization", {"reference": "urn:uuid:SECRET"}, "MSO-VAL-005"),
+    ],
+)
+def test_messages_name_the_element_not_the_value(element: str, value: Any, code: str) -> None:
+    resource = {"resourceType": "Patient", element: value}
+    issues = validation_issues(resource)
+    assert [i.error_code for i in issues] == [code]
+    text = repr([i.to_fhir() for i in issues])
+    assert "SECRET" not in text and "98765432109" not in text and "2023-02-30" not in text
+    assert issues[0].expression and issues[0].expression[0].startswith("Patient.")
+
+
+def test_unknown_resource_type_is_not_echoed() -> None:
+    issues = validation_issues({"resourceType": "SECRET"})
+    assert [i.error_code for i in issues] == ["MSO-VAL-006"]
+    assert "SECRET" not in issues[0].diagnostics
