@@ -6,8 +6,9 @@ Nothing is built at import time: :func:`fhir_server.app.create_app` takes a :cla
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -23,6 +24,11 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address `mso serve` binds to")
     port: int = Field(8080, description="Port `mso serve` listens on")
     workers: int = Field(1, description="Worker processes for `mso serve`")
+    access_log: bool = Field(
+        True,
+        description="`mso serve` logs one line per request to stdout: client address, method, "
+        "path (never the query string), status, duration",
+    )
     base_url: str | None = Field(
         None,
         description="Public base URL of the FHIR endpoint (for Location and Bundle links); "
@@ -102,7 +108,11 @@ class Settings(BaseSettings):
     smtp_port: int = Field(587, description="SMTP server port")
     smtp_user: str | None = Field(None, description="SMTP login (unset: no AUTH)")
     smtp_password: SecretStr | None = Field(None, description="SMTP password")
-    smtp_starttls: bool = Field(True, description="Upgrade the SMTP connection with STARTTLS")
+    smtp_starttls: Literal["auto", "true", "false"] = Field(
+        "auto",
+        description="STARTTLS: auto (when the server offers it), true (required: fail without "
+        "it), false (never)",
+    )
     smtp_from: str = Field("MSO <no-reply@localhost>", description="From address of emails")
     smtp_timeout: float = Field(30.0, description="SMTP connect/command timeout in seconds")
     smtp_max_attempts: int = Field(
@@ -127,6 +137,21 @@ class Settings(BaseSettings):
     sla_hours_urgent: int = Field(24, description="Hours an urgent case may take (SLA due)")
     sla_hours_asap: int = Field(8, description="Hours an asap case may take (SLA due)")
     sla_hours_stat: int = Field(4, description="Hours a stat case may take (SLA due)")
+
+    @field_validator("smtp_starttls", mode="before")
+    @classmethod
+    def _starttls_choice(cls, value: object) -> object:
+        """Accept booleans and their usual spellings (``1``, ``yes``, ``off`` …) besides auto."""
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, str):
+            text = value.strip().lower()
+            if text in ("1", "yes", "on"):
+                return "true"
+            if text in ("0", "no", "off"):
+                return "false"
+            return text
+        return value
 
     @property
     def blob_path(self) -> Path:

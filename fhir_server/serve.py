@@ -5,17 +5,101 @@ and accepts every pending connection, so a burst of keep-alive connections can a
 worker while the other idles. With one ``SO_REUSEPORT`` socket per worker the kernel spreads
 new connections across the workers. The supervisor restarts a worker that dies and stops them
 all on SIGINT/SIGTERM.
+
+The access log (``MSO_ACCESS_LOG``, on by default; ``--no-access-log``) is :class:`AccessLog`,
+one line per request on stdout from the logger ``fhir_server.access``: client address, method,
+path, status and duration. It replaces uvicorn's, which writes the query string (search values
+can be patient data, ``name=Smith``) and no duration. The path is the raw, still
+percent-encoded one, so a decoded control character cannot forge a log line.
 """
 
 from __future__ import annotations
 
+import copy
+import logging
 import multiprocessing
+import os
 import signal
 import socket
 import time
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-APP = "fhir_server.app:app_from_env"
+APP = "fhir_server.serve:app_factory"
+ACCESS_LOGGER = "fhir_server.access"
+
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[MutableMapping[str, Any], Receive, Send], Awaitable[None]]
+
+
+class AccessLog:
+    """ASGI wrapper logging each HTTP request once it is answered (or failed: status 500)."""
+
+    def __init__(self, app: ASGIApp, logger: logging.Logger | None = None) -> None:
+        self.app = app
+        self.state = getattr(app, "state", None)
+        self.log = logger or logging.getLogger(ACCESS_LOGGER)
+
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
+        """Pass the event on; for HTTP, note the response status and log when done."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500  # if the app fails before it starts a response
+
+        async def send_noting_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_noting_status)
+        finally:
+            client = scope.get("client")
+            raw = scope.get("raw_path")
+            path = raw.decode("latin-1") if raw else scope["path"]
+            self.log.info(
+                "%s %s %s %d %.1fms",
+                f"{client[0]}:{client[1]}" if client else "-",
+                scope["method"],
+                path.partition("?")[0],
+                status,
+                (time.perf_counter() - started) * 1000.0,
+            )
+
+
+def app_factory() -> Any:
+    """The factory uvicorn runs in each worker: the app of the environment's settings, inside
+    :class:`AccessLog` unless ``MSO_ACCESS_LOG`` is off."""
+    from fhir_server.app import create_app
+    from fhir_server.config import Settings
+
+    settings = Settings()
+    app = create_app(settings)
+    return AccessLog(app) if settings.access_log else app
+
+
+def log_config() -> dict[str, Any]:
+    """uvicorn's logging configuration plus the access logger (to stdout, with a timestamp)."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["formatters"]["mso_access"] = {"format": "%(asctime)s %(message)s"}
+    config["handlers"]["mso_access"] = {
+        "formatter": "mso_access",
+        "class": "logging.StreamHandler",
+        "stream": "ext://sys.stdout",
+    }
+    config["loggers"][ACCESS_LOGGER] = {
+        "handlers": ["mso_access"],
+        "level": "INFO",
+        "propagate": False,
+    }
+    return config
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -29,33 +113,37 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _worker(host: str, port: int, log_level: str, access_log: bool) -> None:
+def _uvicorn_options(log_level: str) -> dict[str, Any]:
+    """What every uvicorn process gets; its own access log stays off (see :class:`AccessLog`)."""
+    return {
+        "factory": True,
+        "log_level": log_level,
+        "access_log": False,
+        "log_config": log_config(),
+    }
+
+
+def _worker(host: str, port: int, log_level: str) -> None:
     import uvicorn
 
     sock = _listen(host, port)
-    config = uvicorn.Config(
-        APP, factory=True, host=host, port=port, log_level=log_level, access_log=access_log
-    )
+    config = uvicorn.Config(APP, host=host, port=port, **_uvicorn_options(log_level))
     uvicorn.Server(config).run(sockets=[sock])
 
 
 def serve(*, host: str, port: int, workers: int, log_level: str, access_log: bool) -> int:
-    """Serve the app on ``host:port`` with ``workers`` processes until a signal stops it."""
+    """Serve the app on ``host:port`` with ``workers`` processes until a signal stops it.
+
+    ``access_log`` reaches the workers as ``MSO_ACCESS_LOG`` (they build the app from the
+    environment)."""
+    os.environ["MSO_ACCESS_LOG"] = "true" if access_log else "false"
     if workers <= 1 or not hasattr(socket, "SO_REUSEPORT"):
         import uvicorn
 
-        uvicorn.run(
-            APP,
-            factory=True,
-            host=host,
-            port=port,
-            workers=workers,
-            log_level=log_level,
-            access_log=access_log,
-        )
+        uvicorn.run(APP, host=host, port=port, workers=workers, **_uvicorn_options(log_level))
         return 0
     spawn = multiprocessing.get_context("spawn")
-    args = (host, port, log_level, access_log)
+    args = (host, port, log_level)
     procs: list[Any] = []
     stopping = False
 

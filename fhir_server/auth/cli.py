@@ -349,12 +349,18 @@ def add_auth_commands(sub: argparse._SubParsersAction) -> None:
         dest="user_command", required=True
     )
     create = user.add_parser("create", help="create a user (password from stdin or a prompt)")
-    create.add_argument("--username", required=True)
+    create.add_argument("--username", required=True, help="login name of the new user")
     create.add_argument(
-        "--password-stdin", action="store_true", help="read the password from stdin"
+        "--password-stdin",
+        action="store_true",
+        help="read the password from stdin (default: prompt for it twice)",
     )
     create.add_argument(
-        "--role", required=True, choices=["admin", "requester", "provider", "patient"]
+        "--role",
+        required=True,
+        choices=["admin", "requester", "provider", "patient"],
+        help="what the user may do: admin (everything), requester (submits cases for an "
+        "organization), provider (a specialist answering cases), patient (own data)",
     )
     create.add_argument("--practitioner-role", help="PractitionerRole id the user acts as")
     create.add_argument("--organization", help="Organization id the user acts for")
@@ -362,11 +368,21 @@ def add_auth_commands(sub: argparse._SubParsersAction) -> None:
     create.add_argument("--fhir-user", help="Type/id of the user's FHIR resource (fhirUser)")
     create.add_argument("--totp", action="store_true", help="require a TOTP one-time code")
     create.add_argument("--email", help="address for notification emails when offline")
-    create.set_defaults(func=_run(_user_create))
+    create.set_defaults(func=_run(_user_create), creates_database=True)
     user.add_parser("list", help="list users").set_defaults(func=_run(_user_list))
-    for name in ("disable", "enable"):
-        toggle = user.add_parser(name, help=f"{name} a user (disabling stops its tokens at once)")
-        toggle.add_argument("--username", required=True)
+    toggles = {
+        "disable": (
+            "disable a user: no more logins, its tokens stop working at once",
+            "the user to disable",
+        ),
+        "enable": (
+            "enable a disabled user again: it can sign in and be issued tokens",
+            "the user to enable",
+        ),
+    }
+    for name, (help_text, username_help) in toggles.items():
+        toggle = user.add_parser(name, help=help_text)
+        toggle.add_argument("--username", required=True, help=username_help)
         toggle.set_defaults(func=_run(_user_disable))
 
     client = sub.add_parser("client", help="manage client applications").add_subparsers(
@@ -377,27 +393,39 @@ def add_auth_commands(sub: argparse._SubParsersAction) -> None:
         help="register a client: --public, confidential (with redirect URIs), or backend "
         "(keys, no redirect URIs)",
     )
-    create.add_argument("--id", required=True, help="client_id")
-    create.add_argument("--redirect-uri", action="append", help="repeatable")
+    create.add_argument("--id", required=True, help="the client_id to register")
+    create.add_argument(
+        "--redirect-uri",
+        action="append",
+        metavar="URI",
+        help="an allowed OAuth redirect URI (repeat for several); none: a backend client",
+    )
     create.add_argument("--public", action="store_true", help="no secret; PKCE required")
     create.add_argument("--secret-stdin", action="store_true", help="read the secret from stdin")
     create.add_argument("--jwks-url", help="where the client publishes its public keys")
     create.add_argument("--jwks-file", help="a JSON Web Key Set file with the client's keys")
     create.add_argument("--scope", help="scopes the client may be granted (space-separated)")
     create.add_argument("--organization", help="Organization id a backend client acts for")
-    create.set_defaults(func=_run(_client_create))
+    create.set_defaults(func=_run(_client_create), creates_database=True)
     client.add_parser("list", help="list clients").set_defaults(func=_run(_client_list))
     disable = client.add_parser("disable", help="disable a client (stops its tokens at once)")
-    disable.add_argument("--id", required=True)
+    disable.add_argument("--id", required=True, help="client_id of the client to disable")
     disable.set_defaults(func=_run(_client_disable))
 
     launch = sub.add_parser("launch", help="EHR launch contexts").add_subparsers(
         dest="launch_command", required=True
     )
     create = launch.add_parser("create", help="create a launch context; prints the launch id")
-    create.add_argument("--patient", required=True)
-    create.add_argument("--encounter")
-    create.add_argument("--context", action="append", help="extra fhirContext Type/id")
+    create.add_argument(
+        "--patient", required=True, help="id of the Patient in context (the launch's patient)"
+    )
+    create.add_argument("--encounter", help="id of the Encounter in context (optional)")
+    create.add_argument(
+        "--context",
+        action="append",
+        metavar="TYPE/ID",
+        help="an extra fhirContext reference, e.g. ServiceRequest/123 (repeat for several)",
+    )
     create.add_argument("--ttl", type=int, help="seconds the launch id stays valid")
     create.set_defaults(func=_run(_launch_create))
 
@@ -405,7 +433,7 @@ def add_auth_commands(sub: argparse._SubParsersAction) -> None:
         dest="key_command", required=True
     )
     key.add_parser("rotate", help="start signing with a new key").set_defaults(
-        func=_run(_key_rotate)
+        func=_run(_key_rotate), creates_database=True
     )
 
     token = sub.add_parser("token", help="access tokens for operators").add_subparsers(

@@ -30,7 +30,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from fhir_server.storage.engine import WRITE_OPTION
 from fhir_server.storage.messaging_schema import mail_outbox
-from fhir_server.storage.repository import utc_now
+from fhir_server.storage.repository import as_utc, utc_now
 
 _o = mail_outbox.c
 
@@ -202,3 +202,47 @@ def counts(conn: Connection) -> dict[str, int]:
     """Rows per status (monitoring, tests)."""
     rows = conn.execute(select(_o.status, func.count()).group_by(_o.status))
     return {status: n for status, n in rows}
+
+
+@dataclass(frozen=True, slots=True)
+class MailProblem:
+    """An email whose last attempt failed: still to retry (pending) or given up (failed)."""
+
+    id: int
+    event: str
+    status: str
+    attempts: int
+    created: datetime
+    due: datetime  # pending: the next attempt; failed: when it was given up
+    last_error: str
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxStatus:
+    """What ``mso outbox status`` reports; no addresses, subjects or bodies."""
+
+    counts: dict[str, int]
+    oldest_pending: datetime | None  # created time of the oldest email not yet delivered
+    problems: list[MailProblem]
+
+
+def status(conn: Connection, *, problems: int = 10) -> OutboxStatus:
+    """Counts per status, the oldest undelivered email and the ``problems`` latest failures."""
+    undelivered = _o.status.in_((MailStatus.PENDING.value, MailStatus.SENDING.value))
+    oldest = conn.execute(select(func.min(_o.created)).where(undelivered)).scalar()
+    failing = conn.execute(
+        select(_o.id, _o.event, _o.status, _o.attempts, _o.created, _o.due, _o.last_error)
+        .where(_o.last_error.is_not(None), _o.status != MailStatus.SENT.value)
+        .order_by(_o.due.desc(), _o.id.desc())
+        .limit(problems)
+    ).all()
+    return OutboxStatus(
+        counts={s.value: 0 for s in MailStatus} | counts(conn),
+        oldest_pending=as_utc(oldest) if oldest is not None else None,
+        problems=[
+            MailProblem(
+                r.id, r.event, r.status, r.attempts, as_utc(r.created), as_utc(r.due), r.last_error
+            )
+            for r in failing
+        ],
+    )

@@ -1,10 +1,15 @@
 """Delivery over SMTP (RFC 5321) with :mod:`smtplib`: one connection per batch of emails.
 
 :class:`SmtpConfig` comes from the ``MSO_SMTP_*`` settings. STARTTLS (RFC 3207) verifies the
-server's certificate with the system's trust store. Errors are sorted into permanent ones (the
+server's certificate with the system's trust store. ``MSO_SMTP_STARTTLS=auto`` (the default)
+upgrades when the server's EHLO reply offers STARTTLS and talks plain SMTP otherwise, so a local
+relay without TLS works out of the box; ``true`` requires it (delivery fails without), ``false``
+never upgrades. Errors are sorted into permanent ones (the
 server refused this message or recipient with a 5xx reply: retrying cannot help) and transient
 ones (connection trouble, 4xx replies, authentication or configuration problems that an
-operator can fix): see :func:`is_permanent`.
+operator can fix): see :func:`is_permanent`. :func:`describe` reduces an error to what may be
+logged and stored: its class, SMTP reply code or errno, never the server's reply text (which
+can echo addresses) nor anything of the message.
 """
 
 from __future__ import annotations
@@ -15,8 +20,11 @@ from dataclasses import dataclass
 from email.message import EmailMessage
 from email.utils import formatdate, parseaddr
 from types import TracebackType
+from typing import Literal
 
 from fhir_server.config import Settings
+
+StartTls = Literal["auto", "true", "false"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,7 +35,7 @@ class SmtpConfig:
     port: int = 587
     user: str | None = None
     password: str | None = None
-    starttls: bool = True
+    starttls: StartTls = "auto"
     sender: str = "MSO <no-reply@localhost>"
     timeout: float = 30.0
 
@@ -80,7 +88,9 @@ class SmtpSession:
         smtp = smtplib.SMTP(config.host, config.port, timeout=config.timeout)
         try:
             smtp.ehlo()
-            if config.starttls:
+            if config.starttls == "true" or (
+                config.starttls == "auto" and smtp.has_extn("starttls")
+            ):
                 smtp.starttls(context=ssl.create_default_context())
                 smtp.ehlo()
             if config.user:
@@ -123,5 +133,18 @@ def is_permanent(exc: BaseException) -> bool:
 
 
 def describe(exc: BaseException) -> str:
-    """A short, log-safe description of a delivery error."""
-    return f"{type(exc).__name__}: {exc}"[:2000]
+    """A short, log-safe description of a delivery error: its class and SMTP reply code(s),
+    errno or TLS reason, e.g. ``SMTPRecipientsRefused 550``, ``ConnectionRefusedError errno 111``.
+    Never the reply text or the exception's message: they can carry addresses."""
+    parts = [type(exc).__name__]
+    if isinstance(exc, smtplib.SMTPRecipientsRefused):
+        parts += sorted({str(code) for code, _ in exc.recipients.values()})
+    elif isinstance(exc, smtplib.SMTPResponseException):
+        parts.append(str(exc.smtp_code))
+    elif isinstance(exc, ssl.SSLError) and exc.reason:
+        parts.append(str(exc.reason))
+    elif isinstance(exc, smtplib.SMTPNotSupportedError):
+        parts.append("(server does not offer a required extension: STARTTLS or AUTH)")
+    elif isinstance(exc, OSError) and exc.errno is not None:
+        parts.append(f"errno {exc.errno}")
+    return " ".join(parts)
