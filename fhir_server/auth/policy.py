@@ -11,88 +11,47 @@ the MSO rules —
 * directory and conformance resources (organizations, practitioners, profiles, terminology …)
   are readable by every authenticated caller.
 
-The rule is applied inside the repository: :meth:`AccessPolicy.visible` is a SQL condition on a
-``resource`` row that the repository ANDs into reads, searches (matches, ``_include``,
+The rule is applied inside the repository (through
+:class:`fhir_server.storage.access.AccessRules`): :meth:`AccessPolicy.visible` is a SQL condition
+on a ``resource`` row that the repository ANDs into reads, searches (matches, ``_include``,
 ``_revinclude``, chains, ``_has``, totals), ``_history``, conditional interactions and
 ``$everything``, so no path can return what it excludes. Writes are allowed when the caller
 may see the resource before the write and will still see it after: nobody can create or move a
 resource out of their own reach (a requester cannot file a case for another organization).
 
 What a resource belongs to is kept in ``access_scope`` / ``case_access``
-(:mod:`fhir_server.storage.access_schema`), rewritten by :meth:`AccessPolicy.on_write` in the
-same transaction as every write.
+(:mod:`fhir_server.storage.access_schema`) by :mod:`.access_index` and :mod:`.case_projection`
+(:attr:`AccessPolicy.index`), in the same transaction as every write.
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass
-from enum import IntEnum
-from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Hashable
+from typing import Any
 
-import orjson
 from sqlalchemy import (
     Connection,
     and_,
-    bindparam,
-    delete,
     exists,
     false,
-    insert,
     literal,
-    literal_column,
     not_,
     or_,
     select,
     true,
-    union_all,
 )
 from sqlalchemy.sql.elements import ColumnElement
 
+from fhir_server.auth.access_index import USER_REF_TYPE, AccessIndex, owner_key
 from fhir_server.auth.principal import Principal, Role
+from fhir_server.auth.resource_kinds import is_chat, is_notification
 from fhir_server.auth.scopes import Permission, ResourceScope
-from fhir_server.fhir.definitions import load_json
 from fhir_server.fhir.outcome import FhirError
-from fhir_server.storage.access_schema import access_scope, case_access
-from fhir_server.storage.engine import execute_constant
-from fhir_server.storage.index_schema import idx_reference
+from fhir_server.search.registry import SearchRegistry
+from fhir_server.storage.access import AccessUnit
+from fhir_server.storage.access_schema import ScopeKind, access_scope, case_access
+from fhir_server.storage.records import StoredResource
 from fhir_server.storage.schema import resource
-from fhir_server.workflow.codes import (
-    COMMUNICATION_CATEGORY_SYSTEM,
-    COMMUNICATION_NOTIFICATION,
-    TASK_CODE_CASE,
-    TASK_CODE_SYSTEM,
-    USERNAME_SYSTEM,
-)
-
-if TYPE_CHECKING:
-    from fhir_server.search.registry import SearchRegistry
-    from fhir_server.storage.repository import StoredResource, Tx
-
-
-@dataclass(frozen=True)
-class ScopeWrite:
-    """The access rows one write adds beyond those its references give (see
-    :meth:`AccessPolicy.scope_write`)."""
-
-    pid: int
-    res_type: str
-    listed: list[dict[str, Any]]
-    replace: bool  # not a creation: the previous rows (but the owner's) go first
-
-
-class ScopeKind(IntEnum):
-    """Kinds of ``access_scope`` rows (see :mod:`fhir_server.storage.access_schema`)."""
-
-    PATIENT = 1
-    CASE = 2
-    OWNER = 3
-    CHAT = 4
-    VIA = 5
-    RECIPIENT = 6
-
 
 # Directory, conformance and terminology resources: shared reference data of the platform.
 OPEN_TYPES = frozenset(
@@ -161,8 +120,6 @@ _PERMISSION_TEXT = {
 }
 
 ConditionOn = Callable[[Any], ColumnElement[bool]]
-# RECIPIENT rows naming a user account rather than a FHIR identity.
-_USER = "user"
 
 
 def forbidden(message: str, code: str = "MSO-AUTH-403") -> FhirError:
@@ -178,253 +135,17 @@ def require_platform(caller: Any, action: str, code: str) -> None:
 
 
 class AccessPolicy:
-    """Scope maintenance on write, visibility conditions and permission checks."""
+    """Visibility conditions and permission checks; :attr:`index` keeps the rows they read."""
 
     def __init__(self, registry: SearchRegistry) -> None:
         self.registry = registry
+        self.index = AccessIndex(registry)
         self._filters: dict[tuple[Any, int], tuple[Any, ColumnElement[bool]]] = {}
 
-    # -- what a resource belongs to (maintained on every write) ------------------------------
-
-    @cached_property
-    def _compartment_identities(self) -> dict[str, list[int]]:
-        """Per type, the hash identities of the reference parameters linking it to a Patient."""
-        definition = load_json("compartmentdefinition-patient.json")
-        out: dict[str, list[int]] = {}
-        for entry in definition.get("resource", ()):
-            rtype = entry["code"]
-            ids = [
-                param.identity(rtype)
-                for code in entry.get("param", ())
-                if (param := self.registry.get(rtype, code)) is not None
-                and param.type == "reference"
-            ]
-            if ids:
-                out[rtype] = ids
-        return out
-
-    def on_write(self, tx: Tx, stored: StoredResource, *, created: bool) -> None:
-        """Rewrite the access rows of ``stored`` now (its index rows are already written):
-        :meth:`scope_write`, :meth:`write_scopes` and :meth:`index_case` in one call."""
-        self.write_scopes(tx.conn, [self.scope_write(tx, stored, created=created)])
-        self.index_case(tx, stored)
-
-    def scope_write(self, tx: Tx, stored: StoredResource, *, created: bool) -> ScopeWrite:
-        """The ``access_scope`` rows ``stored`` needs beyond those its references give, decided
-        at the write (who writes it is the caller of that moment). Owner rows are written once,
-        at creation."""
-        pid, rtype, body = stored.pid, stored.res_type, stored.resource
-        rows: list[dict[str, Any]] = []
-        if rtype == "Patient":
-            rows.append(_row(pid, ScopeKind.PATIENT, "Patient", stored.res_id))
-        if rtype == "ServiceRequest":
-            rows.append(_row(pid, ScopeKind.CASE, "ServiceRequest", stored.res_id))
-        if is_chat(rtype, body):
-            rows.append(_row(pid, ScopeKind.CHAT, None, ""))
-        if is_notification(rtype, body):
-            for recipient in body.get("recipient") or ():
-                ref = (recipient or {}).get("reference") or ""
-                ident = (recipient or {}).get("identifier") or {}
-                if ref.count("/") == 1:
-                    ttype, tid = ref.split("/")
-                    rows.append(_row(pid, ScopeKind.RECIPIENT, ttype, tid))
-                elif ident.get("system") == USERNAME_SYSTEM and ident.get("value"):
-                    rows.append(_row(pid, ScopeKind.RECIPIENT, _USER, ident["value"]))
-        if rtype == "Binary":
-            target = (body.get("securityContext") or {}).get("reference") or ""
-            if "/" in target:
-                ttype, tid = target.split("/")[-2:]
-                rows.append(_row(pid, ScopeKind.VIA, ttype, tid))
-        if rtype == "Provenance":
-            for target in body.get("target") or ():
-                ref = (target or {}).get("reference") or ""
-                if "/" in ref:
-                    ttype, tid = ref.split("/_history/")[0].split("/")[-2:]
-                    rows.append(_row(pid, ScopeKind.VIA, ttype, tid))
-        caller = tx.caller
-        if created and isinstance(caller, Principal):
-            rows.append(_row(pid, ScopeKind.OWNER, None, owner_key(caller)))
-        return ScopeWrite(pid, rtype, rows, replace=not created)
-
-    def write_scopes(self, conn: Connection, writes: Sequence[ScopeWrite]) -> None:
-        """Rewrite the ``access_scope`` rows of written resources, in write order, once their
-        index rows are stored (compartment and case memberships are read from them).
-
-        A resource referencing a Task belongs to that Task's cases, read from the Task's own
-        rows: so the resources after a Task are written in a later statement than it. Without
-        a Task among them, a whole transaction Bundle's rows take a statement per type.
-        """
-        run: list[ScopeWrite] = []
-        for write in writes:
-            run.append(write)
-            if write.res_type == "Task":
-                self._write_scope_run(conn, run)
-                run = []
-        self._write_scope_run(conn, run)
-
-    def _write_scope_run(self, conn: Connection, run: list[ScopeWrite]) -> None:
-        if len(run) == 1:
-            write = run[0]
-            if write.replace:
-                conn.execute(_DELETE_SCOPES, {"scope_pid": write.pid})
-            self._insert_scopes(conn, write.pid, write.res_type, write.listed)
-            return
-        if not run:
-            return
-        replaced = [w.pid for w in run if w.replace]
-        if replaced:
-            conn.execute(_DELETE_SCOPES_OF, {"scope_pids": replaced})
-        by_type: dict[str, list[int]] = {}
-        for write in run:
-            by_type.setdefault(write.res_type, []).append(write.pid)
-        for rtype, pids in by_type.items():
-            execute_constant(conn, self._scope_statement(rtype, 0, many=True), {"scope_pids": pids})
-        _insert_listed(conn, [row for w in run for row in w.listed])
-
-    def index_case(self, tx: Tx, stored: StoredResource) -> None:
-        """Keep ``case_access`` current from a case (ServiceRequest) or its workflow Task."""
-        if stored.res_type == "ServiceRequest":
-            self._index_case(tx, stored)
-        elif stored.res_type == "Task":
-            self._index_case_task(tx, stored.resource)
-
-    def _insert_scopes(
-        self, conn: Connection, pid: int, rtype: str, rows: list[dict[str, Any]]
-    ) -> None:
-        """PATIENT rows from the compartment references, CASE rows from case references, and
-        ``rows``: one statement for the usual few rows (a write's round trips add up)."""
-        if len(rows) > _LISTED_MAX:  # a Provenance of a whole transaction, a broadcast …
-            conn.execute(self._scope_statement(rtype, 0), {"scope_pid": pid})
-            _insert_listed(conn, rows)
-            return
-        params: dict[str, Any] = {"scope_pid": pid}
-        for i, row in enumerate(rows):
-            params.update({f"s{i}_{column}": value for column, value in row.items()})
-        execute_constant(conn, self._scope_statement(rtype, len(rows)), params)
-
-    @functools.cache  # noqa: B019  (one policy per process; few types and row counts)
-    def _scope_statement(self, rtype: str, listed: int, *, many: bool = False) -> Any:
-        """One ``INSERT … SELECT … UNION ALL …`` per type and number of listed rows (bound as
-        ``s<i>_<column>``), built once (hot write path). ``many``: for the resources whose
-        pids are bound as the list ``scope_pids``."""
-        ref = idx_reference.c
-        if many:
-            pids = bindparam("scope_pids", expanding=True)
-
-            def of_written(column: Any) -> Any:
-                return column.in_(pids)
-        else:
-            pid = bindparam("scope_pid")
-
-            def of_written(column: Any) -> Any:
-                return column == pid
-
-        parts: list[Any] = []
-        identities = self._compartment_identities.get(rtype)
-        if identities:
-            parts.append(
-                select(ref.pid, literal(int(ScopeKind.PATIENT)), literal("Patient"), ref.target_id)
-                .where(
-                    of_written(ref.pid),
-                    ref.target_type == "Patient",
-                    ref.target_id.is_not(None),
-                    # constants in the SQL: an expanding IN list is re-rendered per execution
-                    ref.hash_identity.in_([literal_column(str(int(i))) for i in identities]),
-                )
-                .distinct()
-            )
-        parts.append(
-            select(ref.pid, literal(int(ScopeKind.CASE)), literal("ServiceRequest"), ref.target_id)
-            .where(
-                of_written(ref.pid),
-                ref.target_type == "ServiceRequest",
-                ref.target_id.is_not(None),
-            )
-            .distinct()
-        )
-        # A resource referencing a Task (a case issue partOf the case Task, a Provenance of
-        # it …) belongs to that Task's cases.
-        parent = resource.alias("parent")
-        scope = access_scope.alias("parent_scope")
-        parts.append(
-            select(ref.pid, literal(int(ScopeKind.CASE)), literal("ServiceRequest"), scope.c.ref_id)
-            .select_from(
-                idx_reference.join(
-                    parent,
-                    and_(parent.c.res_type == ref.target_type, parent.c.res_id == ref.target_id),
-                ).join(scope, scope.c.pid == parent.c.pid)
-            )
-            .where(
-                of_written(ref.pid),
-                ref.target_type == "Task",
-                parent.c.pid != ref.pid,
-                scope.c.kind == ScopeKind.CASE,
-            )
-            .distinct()
-        )
-        columns = ("pid", "kind", "ref_type", "ref_id")
-        parts.extend(
-            select(*(bindparam(f"s{i}_{c}", type_=access_scope.c[c].type) for c in columns))
-            for i in range(listed)
-        )
-        return _scope_from_select(union_all(*parts))
-
-    def _index_case(self, tx: Tx, stored: StoredResource) -> None:
-        body = stored.resource
-        requester = (body.get("requester") or {}).get("reference")
-        caller = tx.caller
-        org = self._organization_of(tx, requester)
-        if org is None and isinstance(caller, Principal) and caller.role is Role.REQUESTER:
-            org = caller.organization
-        performer = next(
-            (
-                ref.split("/")[-1]
-                for p in body.get("performer") or ()
-                if (ref := (p or {}).get("reference") or "").startswith("PractitionerRole/")
-            ),
-            None,
-        )
-        values: dict[str, Any] = {
-            "patient_id": _id_of((body.get("subject") or {}).get("reference"), "Patient"),
-            "requester_ref": requester,
-        }
-        if org is not None:
-            values["requester_org"] = org
-        if performer is not None:
-            values["provider_role"] = performer
-        _upsert_case(tx.conn, stored.res_id, values)
-
-    def _index_case_task(self, tx: Tx, body: dict[str, Any]) -> None:
-        """A case's workflow Task (code ``case``) carries its assignment (owner) and status."""
-        if not _has_code(body.get("code"), TASK_CODE_CASE, TASK_CODE_SYSTEM) or body.get("partOf"):
-            return
-        case_id = _id_of((body.get("focus") or {}).get("reference"), "ServiceRequest")
-        if case_id is None:
-            case_id = next(
-                (
-                    cid
-                    for b in body.get("basedOn") or ()
-                    if (cid := _id_of((b or {}).get("reference"), "ServiceRequest"))
-                ),
-                None,
-            )
-        if case_id is None:
-            return
-        owner = _id_of((body.get("owner") or {}).get("reference"), "PractitionerRole")
-        _upsert_case(tx.conn, case_id, {"provider_role": owner, "status": body.get("status")})
-
-    def _organization_of(self, tx: Tx, reference: str | None) -> str | None:
-        if not reference or "/" not in reference:
-            return None
-        rtype, rid = reference.split("/")[-2:]
-        if rtype == "Organization":
-            return rid
-        if rtype == "PractitionerRole":
-            role = tx.current("PractitionerRole", rid)
-            if role is not None and not role.deleted:
-                org = (role.resource.get("organization") or {}).get("reference")
-                return _id_of(org, "Organization")
-        return None
+    def on_write(self, unit: AccessUnit, stored: StoredResource, *, created: bool) -> None:
+        """Rewrite the access rows of ``stored`` now (``mso reindex``): see
+        :meth:`AccessIndex.on_write`."""
+        self.index.on_write(unit, stored, created=created)
 
     # -- visibility ------------------------------------------------------------------------
 
@@ -637,11 +358,11 @@ class AccessPolicy:
             )
 
     def require_visible(
-        self, tx: Tx, stored: StoredResource, permission: Permission, *, after: bool
+        self, unit: AccessUnit, stored: StoredResource, permission: Permission, *, after: bool
     ) -> None:
         """403 when the caller may not write ``stored`` (before: its current version; after:
         the version just written, which must stay within the caller's reach)."""
-        caller = tx.caller
+        caller = unit.caller
         if not isinstance(caller, Principal):
             return
         if (
@@ -658,7 +379,7 @@ class AccessPolicy:
         ):
             if not is_chat(stored.res_type, stored.resource):
                 return
-        elif self.is_visible(tx.conn, caller, stored.pid, permission):
+        elif self.is_visible(unit.conn, caller, stored.pid, permission):
             return
         if after:
             raise forbidden(
@@ -669,21 +390,9 @@ class AccessPolicy:
         raise forbidden(f"Not allowed to change {stored.reference}", "MSO-AUTH-403")
 
 
-def is_notification(res_type: str, body: dict[str, Any]) -> bool:
-    """An in-app notification: a Communication of the MSO category ``notification``."""
-    if res_type != "Communication":
-        return False
-    return any(
-        (c or {}).get("system") == COMMUNICATION_CATEGORY_SYSTEM
-        and (c or {}).get("code") == COMMUNICATION_NOTIFICATION
-        for concept in body.get("category") or ()
-        for c in (concept or {}).get("coding") or ()
-    )
-
-
 def _addressed_to(caller: Principal) -> ConditionOn:
     """SQL on ``r``: a notification addressed to the caller (FHIR identity or user name)."""
-    identities = [(_USER, caller.subject)]
+    identities = [(USER_REF_TYPE, caller.subject)]
     if caller.fhir_user and caller.fhir_user.count("/") == 1:
         ttype, tid = caller.fhir_user.split("/")
         identities.append((ttype, tid))
@@ -701,24 +410,6 @@ def _addressed_to(caller: Principal) -> ConditionOn:
         )
 
     return condition
-
-
-def is_chat(res_type: str, body: dict[str, Any]) -> bool:
-    """Chat content: a Communication about a case (basedOn its ServiceRequest), or a Binary
-    attached to a Communication (securityContext). Admins never see it."""
-    if res_type == "Communication":
-        return _references(body.get("basedOn"), "ServiceRequest")
-    if res_type == "Binary":
-        return (
-            _id_of((body.get("securityContext") or {}).get("reference"), "Communication")
-            is not None
-        )
-    return False
-
-
-_DELETE_SCOPES = delete(access_scope).where(
-    access_scope.c.pid == bindparam("scope_pid"), access_scope.c.kind != int(ScopeKind.OWNER)
-)
 
 
 _FILTER_CACHE_MAX = 2048
@@ -740,18 +431,6 @@ class _SearchFilter:
         return self._policy._search_condition(self._caller, self.cache_key, r)
 
 
-_DELETE_SCOPES_OF = delete(access_scope).where(
-    access_scope.c.pid.in_(bindparam("scope_pids", expanding=True)),
-    access_scope.c.kind != int(ScopeKind.OWNER),
-)
-_INSERT_SCOPE = insert(access_scope)
-_PG_INSERT_SCOPE_ROWS = (
-    "INSERT INTO access_scope (pid, kind, ref_type, ref_id) SELECT pid, kind, ref_type, ref_id"
-    " FROM json_populate_recordset(NULL::access_scope, %s)"
-)
-_LISTED_MAX = 8  # access rows of a write listed in its scope statement (more: executemany)
-
-
 def _visibility_key(caller: Principal) -> tuple[Any, ...]:
     """What a caller's visibility depends on (not the token id, address or client)."""
     return (
@@ -763,13 +442,6 @@ def _visibility_key(caller: Principal) -> tuple[Any, ...]:
         caller.patient,
         caller.scopes,
     )
-
-
-def owner_key(caller: Principal) -> str:
-    """The OWNER key recorded on what ``caller`` creates."""
-    if caller.role is Role.REQUESTER and caller.organization:
-        return f"org:{caller.organization}"
-    return f"user:{caller.subject}"
 
 
 def _via(condition: ConditionOn, r: Any) -> ColumnElement[bool]:
@@ -791,20 +463,6 @@ def _via(condition: ConditionOn, r: Any) -> ColumnElement[bool]:
     )
 
 
-def _insert_listed(conn: Connection, rows: list[dict[str, Any]]) -> None:
-    """Insert ``access_scope`` rows (on PostgreSQL one statement, the rows as one JSON array)."""
-    if not rows:
-        return
-    if conn.dialect.name == "postgresql":
-        conn.exec_driver_sql(_PG_INSERT_SCOPE_ROWS, (orjson.dumps(rows).decode(),))
-    else:
-        conn.execute(_INSERT_SCOPE, rows)
-
-
-def _row(pid: int, kind: ScopeKind, ref_type: str | None, ref_id: str) -> dict[str, Any]:
-    return {"pid": pid, "kind": int(kind), "ref_type": ref_type, "ref_id": ref_id}
-
-
 def _has_scope(r: Any, kind: ScopeKind, refs: Any = None) -> ColumnElement[bool]:
     """SQL: ``r`` has an ``access_scope`` row of ``kind`` (with ``ref_id`` in ``refs``)."""
     s = access_scope.alias()
@@ -814,45 +472,6 @@ def _has_scope(r: Any, kind: ScopeKind, refs: Any = None) -> ColumnElement[bool]
     return exists(select(literal(1)).select_from(s).where(*conds))
 
 
-def _scope_from_select(sel: Any) -> Any:
-    return insert(access_scope).from_select(["pid", "kind", "ref_type", "ref_id"], sel)
-
-
-def _references(refs: Any, rtype: str) -> bool:
-    return any(_id_of((ref or {}).get("reference"), rtype) for ref in refs or ())
-
-
-def _id_of(reference: str | None, rtype: str) -> str | None:
-    """The id in a ``Type/id`` (or absolute / versioned) reference of type ``rtype``."""
-    if not reference:
-        return None
-    parts = reference.split("/_history/")[0].split("/")
-    if len(parts) >= 2 and parts[-2] == rtype:
-        return parts[-1]
-    return None
-
-
-def _has_code(concept: Any, code: str, system: str) -> bool:
-    return any(
-        (c or {}).get("code") == code and (c or {}).get("system") == system
-        for c in (concept or {}).get("coding") or ()
-    )
-
-
-def _upsert_case(conn: Connection, case_id: str, values: dict[str, Any]) -> None:
-    """Insert or update the ``case_access`` row of ``case_id`` (only the given columns)."""
-    if conn.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as dialect_insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert as dialect_insert
-    stmt = dialect_insert(case_access).values(case_id=case_id, **values)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=[case_access.c.case_id],
-        set_={k: stmt.excluded[k] for k in values},
-    )
-    conn.execute(stmt)
-
-
 __all__ = [
     "AUDIT_TYPES",
     "IMMUTABLE_TYPES",
@@ -860,5 +479,7 @@ __all__ = [
     "AccessPolicy",
     "ScopeKind",
     "forbidden",
+    "is_chat",
+    "is_notification",
     "owner_key",
 ]

@@ -1,4 +1,5 @@
-"""Tables the access policy (:mod:`fhir_server.auth.policy`) maintains on every write.
+"""Tables of the access policy, kept by :mod:`fhir_server.auth.access_index` on every write and
+read by the rules of :mod:`fhir_server.auth.policy`.
 
 ``access_scope`` says what a resource belongs to, one row per membership, so that visibility is
 an indexed ``EXISTS`` in the same SQL statement as the read or search it guards:
@@ -9,7 +10,8 @@ an indexed ``EXISTS`` in the same SQL statement as the read or search it guards:
 * ``OWNER`` - who created it (``org:<id>`` for a requester's organization, ``user:<name>``
   otherwise), for resources that belong to no case yet (an uploaded Binary, a new Patient);
 * ``CHAT`` - it is chat content (a Communication about a case): never shown to admins;
-* ``VIA`` - it is visible exactly when ``ref_type/ref_id`` is (Binary.securityContext).
+* ``VIA`` - it is visible exactly when ``ref_type/ref_id`` is (Binary.securityContext);
+* ``RECIPIENT`` - a notification addressed to ``ref_type/ref_id`` (or the user ``ref_id``).
 
 Rows survive a delete, so the history of a deleted resource stays visible to the same people.
 
@@ -20,9 +22,24 @@ ServiceRequest and its Task so that "the cases this caller may see" is one index
 
 from __future__ import annotations
 
+from enum import IntEnum
+
 from sqlalchemy import Column, Index, SmallInteger, String, Table
 
 from fhir_server.storage.base_schema import PidType, metadata
+
+
+class ScopeKind(IntEnum):
+    """The values of ``access_scope.kind`` (see the module docstring; ``RECIPIENT``: a
+    notification's addressee, a FHIR identity or a user account)."""
+
+    PATIENT = 1
+    CASE = 2
+    OWNER = 3
+    CHAT = 4
+    VIA = 5
+    RECIPIENT = 6
+
 
 access_scope = Table(
     "access_scope",

@@ -7,19 +7,21 @@ Versioning follows http://hl7.org/fhir/R4/http.html#versioning: every write make
 conditioned on the version it read, so no update is ever lost silently.
 
 Work happens in a :class:`Tx` (one database transaction) obtained from :meth:`Repository.unit`;
-transaction Bundles run every entry in a single ``Tx``.
+transaction Bundles run every entry in a single ``Tx``. The ``Tx`` is the unit of work: it
+coordinates each write (validate, hooks, access checks, the dialect's
+:class:`~fhir_server.storage.writers.ResourceWriter`, the search index rows of
+:mod:`.indexer` and the access rows of the injected policy's indexer, deferred checks, commit
+events) and holds back rows while batching (:mod:`.held_writes`). The access policy is given
+as :class:`~fhir_server.storage.access.AccessRules`; the repository never imports it.
 """
 
 from __future__ import annotations
 
-import re
 import threading
-import uuid
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -34,15 +36,14 @@ from sqlalchemy import (
     or_,
     select,
     text,
-    update,
 )
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import OperationalError
 
 from fhir_server.auth.scopes import Permission
 from fhir_server.fhir.outcome import FhirError, gone, not_found
 from fhir_server.hooks import HookEvent, HookPoint, Hooks
 from fhir_server.storage import indexer, search_exec
+from fhir_server.storage.access import AccessRules
 from fhir_server.storage.engine import (
     AUTOCOMMIT_OPTION,
     WRITE_OPTION,
@@ -51,121 +52,41 @@ from fhir_server.storage.engine import (
     fetch_rows,
     fetch_unprepared,
 )
+from fhir_server.storage.held_writes import HeldRows, HeldWrites
+from fhir_server.storage.records import (
+    CURRENT_COLUMNS,
+    HISTORY_COLUMNS,
+    ID_PATTERN,
+    StoredResource,
+    as_utc,
+    check_id,
+    check_version,
+    format_instant,
+    new_id,
+    stored_from_row,
+    utc_now,
+)
 from fhir_server.storage.schema import binary_content, resource, resource_history
+from fhir_server.storage.writers import ConcurrentCreate, writer_for
 
 if TYPE_CHECKING:
     from sqlalchemy.sql import Executable
 
-    from fhir_server.auth.policy import AccessPolicy, ScopeWrite
-    from fhir_server.search.extract import RowsByTable
     from fhir_server.search.registry import SearchRegistry
 
-ID_PATTERN = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
-
-
-def utc_now() -> datetime:
-    """Now in UTC, truncated to milliseconds (what ``meta.lastUpdated`` shows is what is stored)."""
-    now = datetime.now(UTC)
-    return now.replace(microsecond=now.microsecond - now.microsecond % 1000)
-
-
-def as_utc(value: datetime) -> datetime:
-    """The same instant in UTC (a naive datetime, as SQLite returns them, is taken as UTC)."""
-    return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
-
-
-def format_instant(value: datetime) -> str:
-    """Render a datetime as a FHIR instant with milliseconds, e.g. ``2026-01-02T03:04:05.678Z``."""
-    v = as_utc(value)  # formatted by hand: strftime is a hot spot on every request
-    return (
-        f"{v.year:04d}-{v.month:02d}-{v.day:02d}T{v.hour:02d}:{v.minute:02d}:{v.second:02d}"
-        f".{v.microsecond // 1000:03d}Z"
-    )
-
-
-def new_id() -> str:
-    """A server-assigned logical id."""
-    return str(uuid.uuid4())
-
-
-def check_id(resource_id: str) -> None:
-    """Refuse ids that are not valid FHIR ids (``[A-Za-z0-9\\-.]{1,64}``)."""
-    if not ID_PATTERN.match(resource_id):
-        raise FhirError(
-            400,
-            "value",
-            f"'{resource_id}' is not a valid FHIR id",
-            code="MSO-REST-002",
-            expression=["id"],
-        )
-
-
-@dataclass(slots=True)
-class StoredResource:
-    """One stored version of a resource; ``content`` is its JSON (``None`` when deleted)."""
-
-    pid: int
-    res_type: str
-    res_id: str
-    version: int
-    last_updated: datetime
-    deleted: bool
-    content: bytes | None
-    method: str | None = None
-    _parsed: dict[str, Any] | None = field(default=None, repr=False)
-
-    @property
-    def resource(self) -> dict[str, Any]:
-        """The resource as a dict (parsed once, on first use)."""
-        if self._parsed is None:
-            if self.content is None:
-                raise gone(self.res_type, self.res_id, self.version)
-            self._parsed = orjson.loads(self.content)
-        return self._parsed
-
-    @property
-    def etag(self) -> str:
-        """The weak ETag of this version."""
-        return f'W/"{self.version}"'
-
-    @property
-    def reference(self) -> str:
-        """``Type/id``."""
-        return f"{self.res_type}/{self.res_id}"
-
-
-_CURRENT_COLUMNS = (
-    resource.c.pid,
-    resource.c.res_type,
-    resource.c.res_id,
-    resource.c.version,
-    resource.c.last_updated,
-    resource.c.deleted,
-    resource.c.content,
-)
-_HISTORY_COLUMNS = (
-    resource_history.c.pid,
-    resource_history.c.res_type,
-    resource_history.c.res_id,
-    resource_history.c.version,
-    resource_history.c.last_updated,
-    resource_history.c.deleted,
-    resource_history.c.content,
-    resource_history.c.method,
-)
-
-
-def _stored(row: Any) -> StoredResource:
-    return StoredResource(
-        pid=row.pid,
-        res_type=row.res_type,
-        res_id=row.res_id,
-        version=row.version,
-        last_updated=as_utc(row.last_updated),
-        deleted=row.deleted,
-        content=bytes(row.content) if row.content is not None else None,
-        method=getattr(row, "method", None),
-    )
+__all__ = [
+    "ID_PATTERN",
+    "ConcurrentCreate",
+    "Repository",
+    "StoredResource",
+    "Tx",
+    "as_utc",
+    "check_id",
+    "check_version",
+    "format_instant",
+    "new_id",
+    "utc_now",
+]
 
 
 Validator = Callable[[dict[str, Any]], None]
@@ -181,7 +102,7 @@ class Repository:
         registry: SearchRegistry,
         hooks: Hooks | None = None,
         validator: Validator | None = None,
-        policy: AccessPolicy | None = None,
+        policy: AccessRules | None = None,
     ) -> None:
         self.engine = engine
         self.registry = registry
@@ -189,6 +110,7 @@ class Repository:
         self.validator = validator
         self.policy = policy
         self.postgres = engine.dialect.name == "postgresql"
+        self.writer = writer_for(engine.dialect.name, registry)
         self._generic: Engine | None = None
         self._generic_lock = threading.Lock()
 
@@ -302,20 +224,14 @@ class Tx:
         self._deferred: deque[tuple[Callable[[], None], Callable[[FhirError], FhirError] | None]]
         self._deferred = deque()
         self._lazy = conn is None  # the unit's connection is this Tx's to open and release
-        self._pending: list[_PendingWrite] = []  # index and access rows not yet stored
-        self._versions: list[dict[str, Any]] = []  # first versions not yet stored
-        self._moves: list[dict[str, Any]] = []  # later versions not yet stored
-        self._pids: deque[int] = deque()  # pids drawn for first versions held back
-        self._batching = False
-        self._expected = 0
-        self._prefetched: dict[tuple[str, str], StoredResource | None] = {}
+        self._held = HeldWrites()
 
     @property
     def conn(self) -> Connection:
         """The unit's connection, with every write of the unit stored (an autocommit read unit
         takes it from the pool now). Whoever reads through it sees the index and access rows
         of the resources written so far, those :meth:`batched_writes` held back included."""
-        if self._pending or self._versions or self._moves:
+        if self._held.holds_anything:
             self.flush_writes()
         return self._connection()
 
@@ -323,7 +239,7 @@ class Tx:
     def _db(self) -> Connection:
         """The connection with every resource row of the unit stored: for statements that read
         or write only resource rows (the index and access rows may still be held back)."""
-        if self._versions or self._moves:
+        if self._held.holds_versions:
             self._flush_versions()
         return self._connection()
 
@@ -342,31 +258,48 @@ class Tx:
 
         For transaction Bundles: their entries' rows go to the database in a few statements
         instead of two or three per entry. On PostgreSQL a first version's pid is drawn from the
-        sequence beforehand (:meth:`_next_pid`); a resource created concurrently under the
-        same id is found when the rows are stored, and the unit is run again
-        (:class:`ConcurrentCreate`), as a lost race of a single create-on-update would be. A
-        new version of an existing resource is held back too: its row is locked since it was
-        read (``FOR UPDATE``), so no other writer can move it meanwhile.
+        sequence beforehand; a resource created concurrently under the same id is found when
+        the rows are stored, and the unit is run again (:class:`ConcurrentCreate`), as a lost
+        race of a single create-on-update would be. A new version of an existing resource is
+        held back too: its row is locked since it was read (``FOR UPDATE``), so no other writer
+        can move it meanwhile.
         """
-        self._batching, self._expected = True, expected
+        held = self._held
+        held.active, held.expected = True, expected
         try:
             yield
         finally:
-            self._batching = False
+            held.active = False
         self.flush_writes()
 
     def flush_writes(self) -> None:
         """Store the resource rows, the index rows, then the access rows held back."""
-        if self._versions or self._moves:
+        if self._held.holds_versions:
             self._flush_versions()
-        pending, self._pending = self._pending, []
-        if not pending:
+        held = self._held.take_rows()
+        if not held:
             return
         conn = self._connection()
-        indexer.write_rows(conn, [p.index for p in pending if p.index is not None])
+        indexer.write_rows(conn, [h.index for h in held if h.index is not None])
         policy = self.repo.policy
         if policy is not None:
-            policy.write_scopes(conn, [p.scopes for p in pending if p.scopes is not None])
+            policy.index.write(conn, [h.scopes for h in held if h.scopes is not None])
+
+    def _flush_versions(self) -> None:
+        """Store the resource rows held back (PostgreSQL): first versions in one statement,
+        later versions in another (see the writer)."""
+        versions, moves = self._held.take_versions()
+        conn = self._connection()
+        writer = self.repo.writer
+        if versions:
+            writer.insert_versions(conn, versions)
+        if moves:
+            writer.move_versions(conn, moves)
+
+    @property
+    def _holding_versions(self) -> bool:
+        """True when this write's resource rows are to be held back (a batch on PostgreSQL)."""
+        return self._held.active and self.repo.writer.holds_versions
 
     def prefetch_current(self, keys: Sequence[tuple[str, str]]) -> int:
         """Read and lock the current rows of the resources ``(type, id)`` a transaction is about
@@ -387,9 +320,9 @@ class Tx:
                 rows = fetch_rows(self._db, _CURRENT_MANY_FOR_UPDATE, values, prepare=False)
             else:
                 rows = self._db.execute(_CURRENT_MANY_FOR_UPDATE, values).all()
-            found = {row.res_id: _stored(row) for row in rows}
+            found = {row.res_id: stored_from_row(row) for row in rows}
             for res_id in ids:
-                self._prefetched[(res_type, res_id)] = found.get(res_id)
+                self._held.prefetched[(res_type, res_id)] = found.get(res_id)
             absent += len(ids) - len(found)
         return absent
 
@@ -431,17 +364,17 @@ class Tx:
         self, res_type: str, res_id: str, *, for_update: bool = False
     ) -> StoredResource | None:
         """The current row of a resource (deleted or not), or ``None`` if it never existed."""
-        if for_update and self._prefetched:
+        if for_update and self._held.prefetched:
             key = (res_type, res_id)
-            if key in self._prefetched:
-                return self._prefetched.pop(key)
+            if key in self._held.prefetched:
+                return self._held.prefetched.pop(key)
         values = {"c_type": res_type, "c_id": res_id}
         if for_update and self.repo.postgres:
             # a write's lookup, planned afresh each time (see fetch_unprepared)
             row = fetch_unprepared(self._db, _CURRENT_FOR_UPDATE, values)
         else:
             row = self._db.execute(_CURRENT, values).first()
-        return _stored(row) if row else None
+        return stored_from_row(row) if row else None
 
     def read(self, res_type: str, res_id: str) -> StoredResource:
         """The current version; 404 if unknown (or not visible to the caller), 410 if deleted."""
@@ -459,7 +392,7 @@ class Tx:
         self._require(res_type, Permission.READ)
         self._fire_read(res_type, res_id)
         stmt = (
-            select(*_HISTORY_COLUMNS)
+            select(*HISTORY_COLUMNS)
             .select_from(resource_history.join(resource, resource.c.pid == resource_history.c.pid))
             .where(
                 resource.c.res_type == res_type,
@@ -475,7 +408,7 @@ class Tx:
                 f"Version {version} of {res_type}/{res_id} is not known",
                 code="MSO-REST-405",
             )
-        found = _stored(row)
+        found = stored_from_row(row)
         if not self.visible(found):
             raise not_found(res_type, res_id)
         if found.deleted:
@@ -487,9 +420,9 @@ class Tx:
         if not pids:
             return []
         rows = self._db.execute(
-            select(*_CURRENT_COLUMNS).where(resource.c.pid.in_(pids), resource.c.deleted.is_(False))
+            select(*CURRENT_COLUMNS).where(resource.c.pid.in_(pids), resource.c.deleted.is_(False))
         ).all()
-        by_pid = {row.pid: _stored(row) for row in rows}
+        by_pid = {row.pid: stored_from_row(row) for row in rows}
         return [by_pid[p] for p in pids if p in by_pid]
 
     def find(
@@ -549,21 +482,17 @@ class Tx:
             "deleted": False,
             "content": content,
         }
+        writer = self.repo.writer
         index_stored = False
-        if self._batching and self.repo.postgres:
-            pid = self._next_pid()
-            self._versions.append({**values, "pid": pid, "h_method": method})
-        elif self.repo.postgres:
-            # the resource row, its history row and its index rows in one statement
-            found = self._insert_first_version_pg(values, method, body)
+        if self._holding_versions:
+            pid = self._held.hold_first(
+                values, method, lambda count: writer.draw_pids(self._connection(), count)
+            )
+        else:
+            found = writer.insert_first(self._db, values, method, body)
             if found is None:
                 raise _IdTaken()
-            pid, index_stored = found, True
-        else:
-            row = self._insert_first_version(values, method)
-            if row is None:
-                raise _IdTaken()
-            pid = row.pid
+            pid, index_stored = found, writer.chains_index
         stored = StoredResource(pid, res_type, res_id, 1, now, False, content, method, body)
         self._after_write(
             stored, method, HookPoint.AFTER_CREATE, previous=None, index_stored=index_stored
@@ -726,12 +655,12 @@ class Tx:
                 )
             )
         stmt = (
-            select(*_HISTORY_COLUMNS)
+            select(*HISTORY_COLUMNS)
             .where(*conditions)
             .order_by(h.last_updated.desc(), h.pid.desc(), h.version.desc())
             .limit(limit)
         )
-        return [_stored(row) for row in self.conn.execute(stmt)]
+        return [stored_from_row(row) for row in self.conn.execute(stmt)]
 
     def history_count(
         self,
@@ -814,19 +743,21 @@ class Tx:
         previous: dict[str, Any] | None,
         index_stored: bool = False,
     ) -> None:
+        """After the resource row: its index and access rows (held back while batching), the
+        case projection, the reach check at the end of the unit, hooks and commit events."""
         policy = self.repo.policy
         scopes = None
         if policy is not None:
-            scopes = policy.scope_write(self, stored, created=stored.version == 1)
+            scopes = policy.index.rows_for(self, stored, created=stored.version == 1)
         index = None
         if not index_stored:
             index = indexer.index_write(self.repo.registry, stored.pid, stored.resource)
         if index is not None or scopes is not None:
-            self._pending.append(_PendingWrite(index, scopes))
-        if not self._batching:
+            self._held.rows.append(HeldRows(index, scopes))
+        if not self._held.active:
             self.flush_writes()
         if policy is not None:
-            policy.index_case(self, stored)
+            policy.index.after_write(self, stored)
             permission = Permission.UPDATE if previous is not None else Permission.CREATE
             if self.caller is not None:
                 # judged on the unit's final state: a transaction may write the case that
@@ -845,9 +776,9 @@ class Tx:
         body: dict[str, Any] | None,
     ) -> bool:
         """Move the row to ``version`` (``None``: deleted) and record the version in the history;
-        409 if another writer did first. On PostgreSQL one statement that also replaces the
-        index rows by those of ``body`` (drops them for a deletion): returns whether it did."""
-        self._prefetched.pop((current.res_type, current.res_id), None)  # now stale
+        409 if another writer did first. Returns whether the writer also replaced the index
+        rows by those of ``body`` (dropped them for a deletion)."""
+        self._held.prefetched.pop((current.res_type, current.res_id), None)  # now stale
         values = {
             "b_pid": current.pid,
             "b_version": current.version,
@@ -856,109 +787,18 @@ class Tx:
             "deleted": content is None,
             "content": content,
         }
-        if self._batching and self.repo.postgres:
-            self._moves.append({**values, "h_method": method})
+        if self._holding_versions:
+            self._held.hold_move(values, method)
             return False
-        if self.repo.postgres:
-            rows = None if body is None else indexer.index_rows(self.repo.registry, body)
-            params = [version, now, content is None, content, current.pid, current.version]
-            done = (
-                self._write_with_index(_PG_MOVE_ONE, "moved", [*params, method], rows) is not None
-            )
-        else:
-            done = self._db.execute(_BUMP_RESOURCE, values).rowcount == 1
-            if done:
-                row = {"pid": current.pid, "res_type": current.res_type, "res_id": current.res_id}
-                self._insert_history({**values, **row}, method)
-        if not done:
+        writer = self.repo.writer
+        if not writer.move(self._db, current, values, method, body):
             raise FhirError(
                 409,
                 "conflict",
                 f"{current.reference} was changed by another request; retry with its new version",
                 code="MSO-REST-409",
             )
-        return self.repo.postgres
-
-    def _next_pid(self) -> int:
-        """PostgreSQL: a pid for a first version held back, drawn from the sequence with the
-        others the unit expects to create (one round trip for a transaction Bundle)."""
-        if not self._pids:
-            count = max(self._expected, 16)
-            self._expected = 0
-            rows = self._connection().exec_driver_sql(_PG_DRAW_PIDS, (count,))
-            self._pids.extend(pid for (pid,) in rows)
-        return self._pids.popleft()
-
-    def _flush_versions(self) -> None:
-        """PostgreSQL: insert the first versions held back and their history rows in one
-        statement, and move the resources with later versions in another; a unit that finds
-        one of its new ids taken is run again."""
-        versions, self._versions = self._versions, []
-        moves, self._moves = self._moves, []
-        conn = self._connection()
-        if versions:
-            columns = ("pid", "res_type", "res_id", "last_updated", "content", "h_method")
-            arrays = tuple([v[c] for v in versions] for c in columns)
-            if conn.exec_driver_sql(_PG_INSERT_VERSIONS, arrays).rowcount != len(versions):
-                raise ConcurrentCreate("a resource of this unit was created meanwhile by another")
-        if moves:
-            columns = ("b_pid", "b_version", "version", "last_updated", "deleted", "content")
-            arrays = tuple([m[c] for m in moves] for c in (*columns, "h_method"))
-            if conn.exec_driver_sql(_PG_MOVE_VERSIONS, arrays).rowcount != len(moves):
-                raise FhirError(
-                    409,
-                    "conflict",
-                    "A resource of this transaction was changed by another request; retry",
-                    code="MSO-REST-409",
-                )
-
-    def _insert_first_version_pg(
-        self, values: dict[str, Any], method: str, body: dict[str, Any]
-    ) -> int | None:
-        """PostgreSQL: insert version 1, its history row and its index rows in one statement;
-        the new pid, or ``None`` when a create-on-update (PUT) finds the id taken (then
-        nothing is written).
-
-        A concurrent create-on-update of the same id must not fail with a 500: whoever loses
-        the race sees no row returned and the caller retries as an update.
-        """
-        rows = indexer.index_rows(self.repo.registry, body)
-        params = [values[c] for c in ("res_type", "res_id", "last_updated", "content")]
-        return self._write_with_index(
-            _PG_INSERT_FIRST[method == "PUT"], "written", [*params, method], rows
-        )
-
-    def _write_with_index(
-        self, write: str, source: str, params: list[Any], rows: RowsByTable | None
-    ) -> int | None:
-        """PostgreSQL: run ``write`` (the CTE ``source`` writing a resource row, and its history
-        row) with the index writes chained after it; the pid written, or ``None``."""
-        parts, index_params = indexer.rows_after(source, rows)
-        sql = write + "".join(f", i{i} AS ({part})" for i, part in enumerate(parts))
-        raw = self._db.connection.dbapi_connection
-        assert raw is not None
-        with raw.cursor() as cursor:
-            cursor.execute(f"{sql} SELECT pid FROM {source}", [*params, *index_params])
-            row = cursor.fetchone()
-        return None if row is None else int(row[0])
-
-    def _insert_first_version(self, values: dict[str, Any], method: str) -> Any:
-        """SQLite: insert version 1 and its history row; the new row (``pid``), or ``None``
-        when a create-on-update (PUT) finds the id taken (see :meth:`_insert_first_version_pg`).
-        """
-        unless_exists = method == "PUT"
-        statement = _SQLITE_INSERT_UNLESS_EXISTS if unless_exists else _INSERT_RESOURCE
-        row = self._db.execute(statement, values).first()
-        if row is not None:
-            self._insert_history({**values, "pid": row.pid}, method)
-        return row
-
-    def _insert_history(self, version: dict[str, Any], method: str) -> None:
-        """SQLite: record a version (the row's columns in ``version``) in the history."""
-        self._db.execute(
-            _INSERT_HISTORY,
-            {column: version[column] for column in ("pid", *_VERSION_COLUMNS)} | {"method": method},
-        )
+        return writer.chains_index
 
     def _fire(
         self,
@@ -1020,34 +860,8 @@ def _history_filter(
     return conditions
 
 
-@dataclass(frozen=True)
-class _PendingWrite:
-    """The index and access rows of a write, held back by :meth:`Tx.batched_writes`."""
-
-    index: indexer.IndexWrite | None  # None: stored with the resource row
-    scopes: ScopeWrite | None
-
-
-class ConcurrentCreate(Exception):
-    """A unit found that an id it created (its rows held back) was taken by another writer in
-    the meantime: :meth:`Repository.write` runs the unit again, where the write becomes an
-    update of that resource."""
-
-
 class _IdTaken(Exception):
     """A create-on-update lost the race for its id."""
-
-
-def check_version(current: StoredResource, if_match: int | None) -> None:
-    """412 when an ``If-Match`` version is given and is not the current one."""
-    if if_match is not None and if_match != current.version:
-        raise FhirError(
-            412,
-            "conflict",
-            f"{current.reference} is at version {current.version}, not {if_match}",
-            code="MSO-REST-412",
-            headers={"ETag": current.etag},
-        )
 
 
 def _stamp(body: dict[str, Any], res_id: str, version: int, now: datetime) -> bytes:
@@ -1061,92 +875,17 @@ def _stamp(body: dict[str, Any], res_id: str, version: int, now: datetime) -> by
 
 
 # Statements built once: executing a constant statement hits SQLAlchemy's compiled cache
-# without rebuilding and hashing a new statement object on every write (that cost about as
-# much CPU as running it).
-_CURRENT = select(*_CURRENT_COLUMNS).where(
+# without rebuilding and hashing a new statement object on every read.
+_CURRENT = select(*CURRENT_COLUMNS).where(
     resource.c.res_type == bindparam("c_type"), resource.c.res_id == bindparam("c_id")
 )
 _CURRENT_FOR_UPDATE = _CURRENT.with_for_update()
 _CURRENT_MANY_FOR_UPDATE = (
-    select(*_CURRENT_COLUMNS)
+    select(*CURRENT_COLUMNS)
     .where(
         resource.c.res_type == bindparam("c_type"),
         resource.c.res_id.in_(bindparam("c_ids", expanding=True)),
     )
     .order_by(resource.c.res_id)
     .with_for_update()
-)
-_INSERT_RESOURCE = insert(resource).returning(resource.c.pid)
-_INSERT_HISTORY = insert(resource_history)
-_BUMP_RESOURCE = (
-    update(resource)
-    .where(resource.c.pid == bindparam("b_pid"), resource.c.version == bindparam("b_version"))
-    .values(
-        version=bindparam("version"),
-        last_updated=bindparam("last_updated"),
-        deleted=bindparam("deleted"),
-        content=bindparam("content"),
-    )
-)
-
-
-_VERSION_COLUMNS = ("res_type", "res_id", "version", "last_updated", "deleted", "content")
-
-
-def _pg_insert_first(unless_exists: bool) -> str:
-    """PostgreSQL: the start of the statement inserting a first version (``ON CONFLICT DO
-    NOTHING`` if ``unless_exists``) as the CTE ``written`` and its history row; the index rows
-    are chained after it (``indexer.rows_after``)."""
-    return (
-        "WITH written AS (INSERT INTO resource (res_type, res_id, version, last_updated, deleted,"
-        " content) VALUES (%s, %s, 1, %s, false, %s)"
-        + (" ON CONFLICT DO NOTHING" if unless_exists else "")
-        + " RETURNING pid, res_type, res_id, last_updated, content),"
-        " history AS (INSERT INTO resource_history (pid, version, res_type, res_id, last_updated,"
-        " deleted, content, method) SELECT pid, 1, res_type, res_id, last_updated, false,"
-        " content, %s FROM written)"
-    )
-
-
-_PG_INSERT_FIRST = {unless: _pg_insert_first(unless) for unless in (False, True)}
-# PostgreSQL: a later version (or a deletion) moves the row from the version it was read at, as
-# the CTE ``moved``, and records the history row; the index writes are chained after it.
-_PG_MOVE_ONE = (
-    "WITH moved AS (UPDATE resource SET version = %s, last_updated = %s, deleted = %s,"
-    " content = %s WHERE pid = %s AND version = %s"
-    " RETURNING pid, res_type, res_id, version, last_updated, deleted, content),"
-    " history AS (INSERT INTO resource_history (pid, version, res_type, res_id, last_updated,"
-    " deleted, content, method) SELECT pid, version, res_type, res_id, last_updated, deleted,"
-    " content, %s FROM moved)"
-)
-_PG_DRAW_PIDS = (
-    "SELECT nextval(pg_get_serial_sequence('resource', 'pid')) FROM generate_series(1, %s)"
-)
-# First versions held back by a transaction (Tx.batched_writes), as one array per column: an
-# id taken meanwhile inserts nothing (ON CONFLICT), which the row count tells.
-_PG_INSERT_VERSIONS = (
-    "WITH v AS (SELECT * FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::timestamptz[],"
-    " %s::bytea[], %s::text[]) AS v(pid, res_type, res_id, last_updated, content, method)),"
-    " written AS (INSERT INTO resource (pid, res_type, res_id, version, last_updated, deleted,"
-    " content) SELECT pid, res_type, res_id, 1, last_updated, false, content FROM v"
-    " ON CONFLICT DO NOTHING RETURNING pid)"
-    " INSERT INTO resource_history (pid, version, res_type, res_id, last_updated, deleted,"
-    " content, method) SELECT v.pid, 1, v.res_type, v.res_id, v.last_updated, false, v.content,"
-    " v.method FROM v JOIN written USING (pid)"
-)
-# New versions of existing resources held back, likewise: each moves only from the version it
-# was read at (the row count tells if one did not).
-_PG_MOVE_VERSIONS = (
-    "WITH v AS (SELECT * FROM unnest(%s::bigint[], %s::int[], %s::int[], %s::timestamptz[],"
-    " %s::bool[], %s::bytea[], %s::text[]) AS v(pid, b_version, version, last_updated, deleted,"
-    " content, method)),"
-    " moved AS (UPDATE resource AS r SET version = v.version, last_updated = v.last_updated,"
-    " deleted = v.deleted, content = v.content FROM v"
-    " WHERE r.pid = v.pid AND r.version = v.b_version RETURNING r.pid, r.res_type, r.res_id)"
-    " INSERT INTO resource_history (pid, version, res_type, res_id, last_updated, deleted,"
-    " content, method) SELECT v.pid, v.version, m.res_type, m.res_id, v.last_updated,"
-    " v.deleted, v.content, v.method FROM v JOIN moved AS m USING (pid)"
-)
-_SQLITE_INSERT_UNLESS_EXISTS = (
-    sqlite_insert(resource).on_conflict_do_nothing().returning(resource.c.pid)
 )

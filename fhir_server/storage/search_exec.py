@@ -32,6 +32,7 @@ from fhir_server.search.query import Include, SearchQuery, parse_query
 from fhir_server.search.registry import SearchRegistry
 from fhir_server.search.shapes import page_statement
 from fhir_server.storage.index_schema import idx_reference, idx_uri
+from fhir_server.storage.records import StoredResource, as_utc
 from fhir_server.storage.schema import resource
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ class Page:
     has_next: bool
     has_previous: bool
     max_pid: int | None
-    resources: list[Any] = field(default_factory=list)
+    resources: list[StoredResource] = field(default_factory=list)
 
 
 def current_max_pid(conn: Connection) -> int:
@@ -160,10 +161,8 @@ def run_page(
     if max_pid is None and (has_next or has_prev):
         # a first page with the resources' columns ends with the snapshot bound (max_pid)
         max_pid = rows[0][-1] if with_resources and rows else current_max_pid(connection())
-    resources: list[Any] = []
+    resources: list[StoredResource] = []
     if with_resources:
-        from fhir_server.storage.repository import StoredResource, as_utc
-
         # by position (pid, the sort keys, then _CONTENT): a Row's attribute lookups cost more
         # than building the StoredResource
         start = 1 + nkeys
