@@ -7,41 +7,47 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import FastAPI
 
 from fhir_server import __version__
 from fhir_server.audit.log import AuditLog
-from fhir_server.auth.policy import AccessPolicy
 from fhir_server.auth.routes import router as auth_router
 from fhir_server.auth.server import build_auth_server
 from fhir_server.auth.tokens import TokenService
 from fhir_server.config import Settings
-from fhir_server.fhir.validation import validate_resource
 from fhir_server.hooks import Hooks
 from fhir_server.messaging.service import Messaging
 from fhir_server.rest.errors import install as install_error_handlers
 from fhir_server.rest.fhir import FhirASGI, FhirEndpoint
-from fhir_server.search.registry import SearchRegistry
 from fhir_server.storage.blobs import BlobStore
-from fhir_server.storage.engine import build_engine
-from fhir_server.storage.repository import Repository
-from fhir_server.workflow import amendments, appointments, billing, feedback
+from fhir_server.wiring import build_repository
+from fhir_server.workflow.appointments import Appointments
+from fhir_server.workflow.billing import Billing
+from fhir_server.workflow.events import CaseEvents
+from fhir_server.workflow.feedback import Feedback
+from fhir_server.workflow.guards import Guards, guard_table
 from fhir_server.workflow.service import Workflow
+from fhir_server.workflow.services import Services
+
+__all__ = ["FrontDoor", "app_from_env", "build_repository", "build_services", "create_app"]
 
 
-def build_repository(settings: Settings) -> Repository:
-    """The repository over the configured database, with validation and search registry."""
-    engine = build_engine(settings.database_url, pool_size=settings.db_pool_size)
-    registry = SearchRegistry.load()
-    return Repository(
-        engine,
-        registry=registry,
-        hooks=Hooks(),
-        validator=validate_resource,
-        policy=AccessPolicy(registry),
-    )
+def build_services(
+    settings: Settings, hooks: Hooks, blobs: BlobStore, events: CaseEvents
+) -> Services:
+    """The domain services on the application's one case-event bus ``events``, their guards
+    registered at ``hooks``.
+
+    Subscribers run in subscription order: notifications (subscribed by :class:`Messaging`,
+    built before) see an event before billing does.
+    """
+    billing = Billing(events, currency=settings.currency)
+    billing.subscribe()
+    workflow = Workflow(settings=settings, events=events, blobs=blobs)
+    guards = Guards(guard_table(workflow, Appointments(events), Feedback(events)))
+    guards.install(hooks)
+    return Services(events=events, workflow=workflow, billing=billing, guards=guards)
 
 
 def create_app(settings: Settings | None = None) -> FrontDoor:
@@ -53,9 +59,9 @@ def create_app(settings: Settings | None = None) -> FrontDoor:
     tokens = TokenService(engine, settings)
     audit = AuditLog(repo)
     audit.register(hooks)
-    amendments.register(hooks)
-    services: dict[str, Any] = {}
-    messaging = Messaging(engine, settings, services)  # creates services["case_events"]
+    events = CaseEvents()  # the one case-event bus of this application
+    messaging = Messaging(engine, settings, events)
+    services = build_services(settings, hooks, blobs, events)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -85,12 +91,13 @@ def create_app(settings: Settings | None = None) -> FrontDoor:
     app.state.audit = audit
     app.state.messaging = messaging
     app.state.services = services
-    billing.install(app.state.services, settings)  # subscribes to services["case_events"]
-    Workflow.install(app.state.services, hooks, settings=settings, blobs=blobs)
-    appointments.install(app.state.services, hooks)
-    feedback.install(app.state.services, hooks)
     endpoint = FhirEndpoint(
-        repo, settings, blobs, tokens=tokens, audit=audit, services=app.state.services
+        repo,
+        settings,
+        blobs,
+        tokens=tokens,
+        audit=audit,
+        services=services,
     )
     return FrontDoor(app, FhirASGI(endpoint))
 

@@ -169,7 +169,7 @@ def install(repo: Repository, resources: Iterable[ConformanceResource] | None = 
 
 def load_conformance(settings: Settings) -> LoadResult:
     """Open the database of ``settings``, :func:`install` every conformance file, close it."""
-    from fhir_server.app import build_repository
+    from fhir_server.wiring import build_repository
 
     repo = build_repository(settings)
     try:

@@ -45,6 +45,7 @@ from fhir_server.workflow.status import TRANSITIONS, Action, Move, status_of
 if TYPE_CHECKING:
     from fhir_server.config import Settings
     from fhir_server.storage.repository import Repository
+    from fhir_server.workflow.services import Services
 
 DEMO_CASE_SYSTEM = f"{CANONICAL_BASE}/sid/demo-case"
 """``ServiceRequest.identifier`` system naming a demo case (value: the case's key)."""
@@ -172,7 +173,7 @@ class CaseSeeder:
 
     repo: Repository
     settings: Settings
-    services: dict[str, Any]
+    services: Services
     principal: Callable[[str], Principal]
     """The principal of a demo user, by user name."""
     find_id: Callable[[str, str, str], str]
@@ -234,7 +235,9 @@ class CaseSeeder:
         return len(case.path) - done
 
     def _move(self, case: DemoCase, sr_id: str, task_id: str, step: Step) -> None:
-        workflow = self.services["workflow"]
+        workflow = self.services.workflow
+        if workflow is None:
+            raise RuntimeError("the demo cases need the case workflow")
         actor = self.principal(step.actor)
         move = Move()
         if step.action is Action.ASSIGN:

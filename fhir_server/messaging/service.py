@@ -1,12 +1,10 @@
 """Wiring of notifications into the application (:func:`fhir_server.app.create_app`).
 
-The case-event bus is the one in ``services["case_events"]`` (created here when absent), so
+The case-event bus is the application's one bus, built by ``create_app`` and passed in, so
 whoever emits case events (the workflow) and whoever listens (notifications, billing) share it.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 from sqlalchemy import Engine
 
@@ -15,18 +13,12 @@ from fhir_server.messaging.notifications import Notifier
 from fhir_server.messaging.worker import MailWorker
 from fhir_server.workflow.events import CaseEvents
 
-CASE_EVENTS = "case_events"
-"""Key of the shared :class:`CaseEvents` bus in ``app.state.services``."""
-
 
 class Messaging:
     """Notifications subscribed to the case events, and this process's outbox worker."""
 
-    def __init__(self, engine: Engine, settings: Settings, services: dict[str, Any]) -> None:
-        events = services.get(CASE_EVENTS)
-        if events is None:
-            events = services[CASE_EVENTS] = CaseEvents()
-        self.events: CaseEvents = events
+    def __init__(self, engine: Engine, settings: Settings, events: CaseEvents) -> None:
+        self.events = events
         self.notifier = Notifier(settings)
         self.notifier.subscribe(events)
         self.worker = MailWorker(engine, settings)

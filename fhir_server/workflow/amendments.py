@@ -18,9 +18,9 @@ The reason is the R4 core extension ``event-statusReason``
     }]
 
 The previous version stays readable through ``_history`` (each amendment is a new version).
-:func:`register` attaches :func:`check_report_change` as the repository's ``before_update``
-hook (and :func:`check_report_delete` as ``before_delete``), so REST PUT and PATCH,
-transaction Bundles and the workflow's own writes all obey it.
+:func:`guard_update` and :func:`guard_delete` are rows of the guard table
+(:mod:`fhir_server.workflow.guards`) that run for every writer, so REST PUT and PATCH,
+transaction Bundles and the workflow's own writes all obey :func:`check_report_change`.
 
 Errors: ``MSO-REPORT-001`` (409) a released report changed without amending it,
 ``MSO-REPORT-002`` (409) a status going back or leaving a terminal status,
@@ -34,11 +34,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from fhir_server.fhir.outcome import FhirError
-from fhir_server.hooks import HookEvent, HookPoint
 from fhir_server.workflow.codes import EXT_EVENT_STATUS_REASON
 
 if TYPE_CHECKING:
-    from fhir_server.hooks import Hooks
+    from fhir_server.hooks import HookEvent
 
 DRAFT_STATUSES = frozenset({"registered", "partial", "preliminary"})
 """Statuses of a report still being written: free to change."""
@@ -154,17 +153,12 @@ def check_report_delete(previous: dict[str, Any] | None) -> None:
         )
 
 
-def _on_update(event: HookEvent) -> None:
-    if event.resource_type == "DiagnosticReport" and event.resource is not None:
+def guard_update(event: HookEvent) -> None:
+    """Guard: a DiagnosticReport's update (every writer, the workflow's own writes too)."""
+    if event.resource is not None:
         check_report_change(event.previous, event.resource)
 
 
-def _on_delete(event: HookEvent) -> None:
-    if event.resource_type == "DiagnosticReport":
-        check_report_delete(event.previous)
-
-
-def register(hooks: Hooks) -> None:
-    """Attach the amendment rules to the repository hooks (``before_update``, ``before_delete``)."""
-    hooks.register(HookPoint.BEFORE_UPDATE, _on_update)
-    hooks.register(HookPoint.BEFORE_DELETE, _on_delete)
+def guard_delete(event: HookEvent) -> None:
+    """Guard: a DiagnosticReport's deletion (every writer)."""
+    check_report_delete(event.previous)

@@ -3,9 +3,9 @@
 FHIR R4 Appointment and AppointmentResponse (http://hl7.org/fhir/R4/appointment.html, the
 "Request-Response" workflow in http://hl7.org/fhir/R4/appointment.html#statuses): DESIGN.md maps
 an MSO appointment to an Appointment ``basedOn`` the case ServiceRequest, answered with
-AppointmentResponses. The rules, in one place, enforced by repository hooks so that REST,
-transaction Bundles and every other path obey them (writes by the server itself, ``caller``
-``None``, pass):
+AppointmentResponses. The rules, in one place, enforced by guards (rows of
+:mod:`fhir_server.workflow.guards`) so that REST, transaction Bundles and every other path obey
+them (writes by the server itself, ``caller`` ``None``, pass):
 
 * **Proposing** (create an Appointment ``basedOn`` a case): only the case's requester side or
   its assigned provider (:func:`fhir_server.workflow.status.parties_of`), only while the case is
@@ -50,12 +50,11 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from fhir_server.fhir.outcome import FhirError
-from fhir_server.hooks import HookEvent, HookPoint, Hooks
+from fhir_server.hooks import HookEvent
 from fhir_server.storage.repository import as_utc, format_instant, utc_now
 from fhir_server.workflow.cases import case_number_of, current, is_case_request, state_of_case
 from fhir_server.workflow.codes import EXT_CASE_REFERENCE, CaseStatus
 from fhir_server.workflow.events import CaseEventKind, CaseEvents, case_event
-from fhir_server.workflow.service import CASE_EVENTS
 from fhir_server.workflow.status import CaseState, Party, parties_of, ref_id
 
 if TYPE_CHECKING:
@@ -361,33 +360,22 @@ def stamp_case(response: dict[str, Any], case_id: str) -> None:
 
 @dataclass
 class Appointments:
-    """The repository hooks holding Appointment and AppointmentResponse writes to the rules."""
+    """The guards holding Appointment and AppointmentResponse writes to the rules (rows of
+    :mod:`fhir_server.workflow.guards`; callers' writes only)."""
 
     events: CaseEvents
 
-    def register(self, hooks: Hooks) -> None:
-        """Attach to ``before_create``, ``after_create``, ``before_update``, ``before_delete``."""
-        hooks.register(HookPoint.BEFORE_CREATE, self._before_create)
-        hooks.register(HookPoint.AFTER_CREATE, self._after_create)
-        hooks.register(HookPoint.BEFORE_UPDATE, self._before_update)
-        hooks.register(HookPoint.BEFORE_DELETE, self._before_delete)
+    def propose(self, event: HookEvent) -> None:
+        """Before a caller creates an Appointment: a case's is a checked proposal."""
+        body = event.resource or {}
+        case = self._case(event.tx, body)
+        if case is not None:
+            proposed = proposal(event.tx, case, body, caller=event.caller, now=utc_now())
+            body.clear()
+            body.update(proposed)
 
-    def _before_create(self, event: HookEvent) -> None:
-        if event.caller is None or event.resource is None:
-            return
-        tx, body = event.tx, event.resource
-        if event.resource_type == "Appointment":
-            case = self._case(tx, body)
-            if case is not None:
-                proposed = proposal(tx, case, body, caller=event.caller, now=utc_now())
-                body.clear()
-                body.update(proposed)
-        elif event.resource_type == "AppointmentResponse":
-            self._answer(tx, body, event.caller)
-
-    def _after_create(self, event: HookEvent) -> None:
-        if event.caller is None or event.resource_type != "Appointment":
-            return
+    def proposed(self, event: HookEvent) -> None:
+        """After a case Appointment is created: the APPOINTMENT_PROPOSED event."""
         body = event.resource or {}
         case = self._case(event.tx, body)
         if case is not None:
@@ -396,37 +384,38 @@ class Appointments:
             kind = CaseEventKind.APPOINTMENT_PROPOSED
             self._emit(event.tx, kind, case, event.caller, subject, detail)
 
-    def _before_update(self, event: HookEvent) -> None:
-        if event.caller is None:
-            return
+    def answer(self, event: HookEvent) -> None:
+        """Before a caller creates an AppointmentResponse: the answer updates the Appointment."""
+        self._answer(event.tx, event.resource or {}, event.caller)
+
+    def appointment_written(self, event: HookEvent) -> None:
+        """A PUT/PATCH of a case Appointment: free text, or a cancellation by a party."""
         tx, previous, body = event.tx, event.previous or {}, event.resource or {}
-        if event.resource_type == "Appointment":
-            case = self._case(tx, previous) or self._case(tx, body)
-            if case is None:
-                return
-            if check_plain_write(case, previous, body, caller=event.caller):
-                subject = f"Appointment/{event.resource_id}"
-                detail = {"status": "cancelled"}
-                kind = CaseEventKind.APPOINTMENT_ANSWERED
-                self._emit(tx, kind, case, event.caller, subject, detail)
-        elif event.resource_type == "AppointmentResponse" and self._answers_case(tx, previous):
+        case = self._case(tx, previous) or self._case(tx, body)
+        if case is None:
+            return
+        if check_plain_write(case, previous, body, caller=event.caller):
+            subject = f"Appointment/{event.resource_id}"
+            detail = {"status": "cancelled"}
+            kind = CaseEventKind.APPOINTMENT_ANSWERED
+            self._emit(tx, kind, case, event.caller, subject, detail)
+
+    def appointment_deleted(self, event: HookEvent) -> None:
+        """A case Appointment is cancelled, not deleted."""
+        if self._case(event.tx, event.previous or {}) is not None:
+            raise _conflict(
+                "A case appointment is not deleted: cancel it (status 'cancelled')",
+                code="MSO-APPT-411",
+            )
+
+    def answer_changed(self, event: HookEvent) -> None:
+        """An answer to a case appointment is final: neither changed nor deleted."""
+        if self._answers_case(event.tx, event.previous or {}):
             raise _conflict(
                 "An answer to a case appointment is final; cancel the appointment or propose "
                 "a new one",
                 code="MSO-APPT-411",
             )
-
-    def _before_delete(self, event: HookEvent) -> None:
-        if event.caller is None:
-            return
-        tx, previous = event.tx, event.previous or {}
-        if event.resource_type == "Appointment" and self._case(tx, previous) is not None:
-            raise _conflict(
-                "A case appointment is not deleted: cancel it (status 'cancelled')",
-                code="MSO-APPT-411",
-            )
-        if event.resource_type == "AppointmentResponse" and self._answers_case(tx, previous):
-            raise _conflict("An answer to a case appointment is final", code="MSO-APPT-411")
 
     def _answer(self, tx: Tx, response: dict[str, Any], caller: Any) -> None:
         appointment_id = ref_id(response.get("appointment"), "Appointment")
@@ -481,13 +470,3 @@ class Appointments:
         detail: dict[str, Any],
     ) -> None:
         self.events.emit(tx, case_event(kind, case, actor=caller, subject=subject, detail=detail))
-
-
-def install(services: dict[str, Any], hooks: Hooks) -> Appointments:
-    """Create the appointment rules on the shared case-event bus and register their hooks."""
-    events = services.get(CASE_EVENTS)
-    if events is None:
-        events = services[CASE_EVENTS] = CaseEvents()
-    appointments = Appointments(events)
-    appointments.register(hooks)
-    return appointments

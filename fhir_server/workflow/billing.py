@@ -62,15 +62,10 @@ from fhir_server.workflow import codes
 from fhir_server.workflow.events import CaseEvent, CaseEventKind, CaseEvents
 
 if TYPE_CHECKING:
-    from fhir_server.config import Settings
     from fhir_server.storage.repository import StoredResource, Tx
 
 log = logging.getLogger(__name__)
 
-SERVICE_KEY = "billing"
-"""Key of the :class:`Billing` service in ``app.state.services``."""
-CASE_EVENTS_KEY = "case_events"
-"""Key of the shared :class:`CaseEvents` bus in ``app.state.services``."""
 PAYMENT_STATUS_SYSTEM = "http://terminology.hl7.org/CodeSystem/paymentstatus"
 PLATFORM_DISPLAY = "MSO platform"
 """Who receives payments (``PaymentNotice.recipient`` is a display-only Reference)."""
@@ -554,18 +549,3 @@ def _invoice_number(case_number: str, earlier: int) -> str:
     """``INV-<case number without CASE->``, with ``-2``, ``-3`` … for re-issued invoices."""
     number = "INV-" + case_number.removeprefix("CASE-")
     return number if earlier == 0 else f"{number}-{earlier + 1}"
-
-
-def install(services: dict[str, Any], settings: Settings) -> Billing:
-    """Create the billing service on the shared case-event bus (created when absent).
-
-    The bus is ``services["case_events"]``; the service is stored as ``services["billing"]``
-    for the ``$record-payment`` operation.
-    """
-    events = services.get(CASE_EVENTS_KEY)
-    if events is None:
-        events = services[CASE_EVENTS_KEY] = CaseEvents()
-    billing = Billing(events, currency=settings.currency)
-    billing.subscribe()
-    services[SERVICE_KEY] = billing
-    return billing

@@ -1,9 +1,18 @@
 """Case documents: categories, content types checked by content, size and count limits.
 
-DESIGN.md (FHIR model, uploaded document): a case document is a DocumentReference whose
-``context.related`` is the case ServiceRequest, with ``category`` doctors-letter, image,
-lab-report or other, and one or more ``content.attachment`` s whose bytes are a Binary on this
-server (``url`` = ``Binary/<id>``, its bytes inline or in the blob store) or inline ``data``.
+DESIGN.md (FHIR model: the case's ``supportingInfo`` -> documents; uploaded document): a case
+document is a DocumentReference linked to a case ServiceRequest, with ``category``
+doctors-letter, image, lab-report or other, and one or more ``content.attachment`` s whose bytes
+are a Binary on this server (``url`` = ``Binary/<id>``, its bytes inline or in the blob store;
+the way for large files: ``POST Binary`` raw, then the DocumentReference) or inline ``data``.
+
+A document is a case document however it is linked: the case ServiceRequest lists it in
+``supportingInfo`` (the link of the ``mso-case`` profile), the document names the case in
+``context.related`` (the ``case-document`` profile), or it claims the ``case-document``
+profile. The server records a ``supportingInfo`` link in the document's ``context.related``
+too (:func:`with_case`), so a case's documents are found, counted and shared one way. The
+rules hold on every path (single writes, transaction Bundles in any order, PUT/PATCH of the
+ServiceRequest or of the DocumentReference; see :mod:`fhir_server.workflow.guards`):
 
 * the type is decided by the bytes (magic numbers), never by the name or the declared
   ``contentType``: PDF, DOCX (a ZIP holding ``[Content_Types].xml`` and ``word/``), JPEG, PNG,
@@ -12,12 +21,12 @@ server (``url`` = ``Binary/<id>``, its bytes inline or in the blob store) or inl
 * at most :data:`~fhir_server.workflow.codes.MAX_DOCUMENTS_PER_CASE` documents a case;
 * added or changed only while the case is New, Assigned or Returned (409 otherwise).
 
-A violation is a 422 (409 for the case status) naming the document (its title or
-description) and the rule, so a transaction Bundle fails as a whole with the entry named.
-Errors: ``MSO-DOC-420`` category, ``MSO-DOC-421`` content type / disguised file,
-``MSO-DOC-422`` size, ``MSO-DOC-423`` too many documents, ``MSO-DOC-424`` content missing
-or not on this server, ``MSO-DOC-409`` case status, ``MSO-DOC-410`` a case document's Binary
-replaced.
+A violation is a 422 (409 for the case status) naming the document by id and content index
+(never its title or other content) and the rule, so a transaction Bundle fails as a whole with
+the entry named. Errors: ``MSO-DOC-420`` category, ``MSO-DOC-421`` content type / disguised
+file, ``MSO-DOC-422`` size, ``MSO-DOC-423`` too many documents, ``MSO-DOC-424`` content missing
+or not on this server, or a link to something that is not a case or not a known document,
+``MSO-DOC-409`` case status, ``MSO-DOC-410`` a case document's Binary replaced.
 """
 
 from __future__ import annotations
@@ -81,33 +90,47 @@ def sniff(head: bytes, open_zip: Callable[[], zipfile.ZipFile] | None = None) ->
 
 
 def is_case_document(body: dict[str, Any]) -> bool:
-    """A DocumentReference about a case (related to a ServiceRequest) or claiming the profile."""
-    related = (body.get("context") or {}).get("related") or ()
-    if any(ref_id(r, "ServiceRequest") for r in related):
+    """A DocumentReference about a case (related to a ServiceRequest) or claiming the profile.
+
+    A document listed only in a case's ``supportingInfo`` is one too: :func:`with_case` records
+    that link here when the case is written.
+    """
+    if case_ids(body):
         return True
     return PROFILE_CASE_DOCUMENT in ((body.get("meta") or {}).get("profile") or ())
 
 
 def case_ids(body: dict[str, Any]) -> list[str]:
-    """The case ServiceRequests a DocumentReference belongs to."""
+    """The case ServiceRequests a DocumentReference names in ``context.related``."""
     related = (body.get("context") or {}).get("related") or ()
     return [cid for r in related if (cid := ref_id(r, "ServiceRequest"))]
 
 
+def supporting_documents(request: dict[str, Any] | None) -> set[str]:
+    """The ids of the DocumentReferences a ServiceRequest lists in ``supportingInfo``."""
+    return {
+        doc_id
+        for info in (request or {}).get("supportingInfo") or ()
+        if (doc_id := ref_id(info, "DocumentReference"))
+    }
+
+
+def with_case(body: dict[str, Any], case_id: str) -> dict[str, Any]:
+    """``body`` with ``ServiceRequest/<case_id>`` added to ``context.related`` (a new dict)."""
+    context = dict(body.get("context") or {})
+    related = list(context.get("related") or ())
+    related.append({"reference": f"ServiceRequest/{case_id}"})
+    context["related"] = related
+    return {**body, "context": context}
+
+
 def document_name(body: dict[str, Any], index: int | None = None) -> str:
-    """How errors name a document: its attachment title, description or id."""
-    contents = body.get("content") or ()
-    if index is not None and index < len(contents):
-        title = ((contents[index] or {}).get("attachment") or {}).get("title")
-        if title:
-            return f"'{title}'"
-    for content in contents:
-        title = ((content or {}).get("attachment") or {}).get("title")
-        if title:
-            return f"'{title}'"
-    if body.get("description"):
-        return f"'{body['description']}'"
-    return f"DocumentReference/{body['id']}" if body.get("id") else "the DocumentReference"
+    """How errors name a document: its id (when it has one) and the content's index.
+
+    Never its title or description: error texts carry no resource content (patient data).
+    """
+    name = f"DocumentReference/{body['id']}" if body.get("id") else "DocumentReference"
+    return name if index is None else f"{name} content[{index}]"
 
 
 def _invalid(code: str, message: str, expression: str) -> FhirError:
@@ -126,7 +149,7 @@ def check_category(body: dict[str, Any]) -> None:
     if len(codes) != 1 or codes[0] not in allowed:
         raise _invalid(
             "MSO-DOC-420",
-            f"Document {document_name(body)}: category must be one of "
+            f"{document_name(body)}: category must be one of "
             f"{', '.join(sorted(allowed))} ({DOCUMENT_CATEGORY_SYSTEM})",
             "DocumentReference.category",
         )
@@ -148,7 +171,7 @@ class ContentReader:
         if binary_id is None:
             raise _invalid(
                 "MSO-DOC-424",
-                f"Document {name}: the content must be inline data or a Binary on this server",
+                f"{name}: the content must be inline data or a Binary on this server",
                 where,
             )
         with self.tx.internal():
@@ -156,7 +179,7 @@ class ContentReader:
         if stored is None or stored.deleted:
             raise _invalid(
                 "MSO-DOC-424",
-                f"Document {name}: Binary/{binary_id} is not known",
+                f"{name}: Binary/{binary_id} is not known",
                 where,
             )
         blob = self.tx.blob_of(stored)
@@ -171,7 +194,7 @@ class ContentReader:
         try:
             raw = base64.b64decode(data, validate=False)
         except (binascii.Error, ValueError):
-            raise _invalid("MSO-DOC-421", f"Document {name}: data is not base64", where) from None
+            raise _invalid("MSO-DOC-421", f"{name}: data is not base64", where) from None
         return sniff(raw[:SNIFF_BYTES], lambda: zipfile.ZipFile(io.BytesIO(raw))), len(raw)
 
 
@@ -180,7 +203,7 @@ def check_contents(body: dict[str, Any], reader: ContentReader) -> None:
     contents = body.get("content") or ()
     if not contents:
         raise _invalid(
-            "MSO-DOC-424", f"Document {document_name(body)} has no content", "DocumentReference"
+            "MSO-DOC-424", f"{document_name(body)} has no content", "DocumentReference"
         )
     for index, content in enumerate(contents):
         attachment = (content or {}).get("attachment") or {}
@@ -190,7 +213,7 @@ def check_contents(body: dict[str, Any], reader: ContentReader) -> None:
         if declared not in DOCUMENT_CONTENT_TYPES:
             raise _invalid(
                 "MSO-DOC-421",
-                f"Document {name}: content type '{declared}' is not accepted (PDF, DOCX, JPEG, "
+                f"{name}: the declared content type is not accepted (PDF, DOCX, JPEG, "
                 "PNG, TIFF or DICOM)",
                 f"{where}.contentType",
             )
@@ -203,14 +226,14 @@ def check_contents(body: dict[str, Any], reader: ContentReader) -> None:
         if sniffed is None:
             raise _invalid(
                 "MSO-DOC-421",
-                f"Document {name}: its content is not a PDF, DOCX, JPEG, PNG, TIFF or DICOM "
+                f"{name}: its content is not a PDF, DOCX, JPEG, PNG, TIFF or DICOM "
                 "file (the type is checked by content, not by name)",
                 where,
             )
         if sniffed != declared:
             raise _invalid(
                 "MSO-DOC-421",
-                f"Document {name}: declared as '{declared}' but its content is '{sniffed}'",
+                f"{name}: declared as '{declared}' but its content is '{sniffed}'",
                 f"{where}.contentType",
             )
 
@@ -218,7 +241,7 @@ def check_contents(body: dict[str, Any], reader: ContentReader) -> None:
 def _too_large(name: str, size: int, where: str) -> FhirError:
     return _invalid(
         "MSO-DOC-422",
-        f"Document {name} is {size} bytes; the limit is {MAX_DOCUMENT_BYTES} bytes a file",
+        f"{name} is {size} bytes; the limit is {MAX_DOCUMENT_BYTES} bytes a file",
         where,
     )
 
@@ -237,7 +260,7 @@ def check_count(tx: Tx, case_id: str, body: dict[str, Any]) -> None:
     if position > MAX_DOCUMENTS_PER_CASE:
         raise _invalid(
             "MSO-DOC-423",
-            f"Document {document_name(body)}: a case holds at most {MAX_DOCUMENTS_PER_CASE} "
+            f"{document_name(body)}: a case holds at most {MAX_DOCUMENTS_PER_CASE} "
             "documents",
             "DocumentReference.context.related",
         )

@@ -11,33 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import TYPE_CHECKING, Any
+
+from fhir_server.workflow.event_kinds import CaseEventKind
 
 if TYPE_CHECKING:
     from fhir_server.storage.repository import Tx
     from fhir_server.workflow.status import CaseState
 
-
-class CaseEventKind(StrEnum):
-    """What happened to a case."""
-
-    SUBMITTED = "submitted"
-    ASSIGNED = "assigned"
-    ACCEPTED = "accepted"
-    REJECTED = "rejected"
-    STARTED = "started"
-    RETURNED = "returned"
-    RESUMED = "resumed"
-    DONE = "done"
-    CANCELLED = "cancelled"
-    ISSUE_OPENED = "issue-opened"
-    ISSUE_RESOLVED = "issue-resolved"
-    APPOINTMENT_PROPOSED = "appointment-proposed"
-    APPOINTMENT_ANSWERED = "appointment-answered"
-    INVOICE_ISSUED = "invoice-issued"
-    INVOICE_PAID = "invoice-paid"
-    FEEDBACK = "feedback"
+__all__ = ["CaseEvent", "CaseEventKind", "CaseEvents", "Subscriber", "case_event"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,8 +2,9 @@
 
 DESIGN.md: feedback is a QuestionnaireResponse to the MSO feedback Questionnaire
 (:data:`~fhir_server.workflow.codes.FEEDBACK_QUESTIONNAIRE`: a rating 1 to 5, required, and
-optional comments), ``basedOn`` the case ServiceRequest. The rules, enforced by repository hooks
-on every write path (server work, ``caller`` ``None``, passes):
+optional comments), ``basedOn`` the case ServiceRequest. The rules, enforced by guards (rows of
+:mod:`fhir_server.workflow.guards`) on every write path (server work, ``caller`` ``None``,
+passes):
 
 * only the case's requester side gives feedback (:func:`fhir_server.workflow.status.parties_of`;
   403 for the provider, admins and anyone else who sees the case);
@@ -33,12 +34,11 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from fhir_server.fhir.outcome import FhirError, Issue
-from fhir_server.hooks import HookEvent, HookPoint, Hooks
+from fhir_server.hooks import HookEvent
 from fhir_server.storage.repository import format_instant, utc_now
 from fhir_server.workflow.cases import current, is_case_request, state_of_case
 from fhir_server.workflow.codes import FEEDBACK_QUESTIONNAIRE, CaseStatus, FeedbackItem
 from fhir_server.workflow.events import CaseEventKind, CaseEvents, case_event
-from fhir_server.workflow.service import CASE_EVENTS
 from fhir_server.workflow.status import CaseState, Party, parties_of, ref_id
 
 if TYPE_CHECKING:
@@ -283,24 +283,14 @@ def check_feedback(tx: Tx, case: CaseState, response: dict[str, Any], *, caller:
 
 @dataclass
 class Feedback:
-    """The repository hooks holding feedback QuestionnaireResponses to the rules."""
+    """The guards holding feedback QuestionnaireResponses to the rules (rows of
+    :mod:`fhir_server.workflow.guards`; callers' writes only)."""
 
     events: CaseEvents
 
-    def register(self, hooks: Hooks) -> None:
-        """Attach to ``before_create``, ``after_create``, ``before_update``, ``before_delete``."""
-        hooks.register(HookPoint.BEFORE_CREATE, self._before_create)
-        hooks.register(HookPoint.AFTER_CREATE, self._after_create)
-        hooks.register(HookPoint.BEFORE_UPDATE, self._before_change)
-        hooks.register(HookPoint.BEFORE_DELETE, self._before_change)
-
-    def _before_create(self, event: HookEvent) -> None:
-        body = event.resource
-        if event.caller is None or event.resource_type != "QuestionnaireResponse":
-            return
-        if body is None or not is_feedback(body):
-            return
-        tx, caller = event.tx, event.caller
+    def check_new(self, event: HookEvent) -> None:
+        """Before a caller creates feedback: who, when, once, and the answers."""
+        tx, caller, body = event.tx, event.caller, event.resource or {}
         case = case_of(tx, body)
         check_feedback(tx, case, body, caller=caller)
         check_answers(questionnaire_of(tx, FEEDBACK_QUESTIONNAIRE), body)
@@ -310,12 +300,9 @@ class Feedback:
             body.setdefault("author", {"reference": author})
         body.setdefault("authored", format_instant(utc_now()))
 
-    def _after_create(self, event: HookEvent) -> None:
-        body = event.resource
-        if event.caller is None or event.resource_type != "QuestionnaireResponse":
-            return
-        if body is None or not is_feedback(body):
-            return
+    def given(self, event: HookEvent) -> None:
+        """After feedback is stored: the FEEDBACK event."""
+        body = event.resource or {}
         case = state_of_case(event.tx, case_id_of(body) or "")
         if case is None:
             return
@@ -328,23 +315,11 @@ class Feedback:
             ),
         )
 
-    def _before_change(self, event: HookEvent) -> None:
-        if event.caller is None or event.resource_type != "QuestionnaireResponse":
-            return
-        if is_feedback(event.previous) or is_feedback(event.resource):
-            raise FhirError(
-                409,
-                "business-rule",
-                "Feedback on a case is final: it is neither changed nor deleted",
-                code="MSO-FEEDBACK-411",
-            )
-
-
-def install(services: dict[str, Any], hooks: Hooks) -> Feedback:
-    """Create the feedback rules on the shared case-event bus and register their hooks."""
-    events = services.get(CASE_EVENTS)
-    if events is None:
-        events = services[CASE_EVENTS] = CaseEvents()
-    feedback = Feedback(events)
-    feedback.register(hooks)
-    return feedback
+    def final(self, event: HookEvent) -> None:
+        """Feedback is neither changed nor deleted."""
+        raise FhirError(
+            409,
+            "business-rule",
+            "Feedback on a case is final: it is neither changed nor deleted",
+            code="MSO-FEEDBACK-411",
+        )

@@ -1,17 +1,19 @@
 """The workflow service: runs case transitions and guards every write that touches a case.
 
-:class:`Workflow` lives in ``app.state.services["workflow"]`` (operations reach it as
-``ctx.services["workflow"]``). It
+:class:`Workflow` is built by :func:`fhir_server.app.create_app` on the application's one
+case-event bus and published as ``Services.workflow`` (operations reach it as
+``ctx.services.workflow``). It
 
 * performs the case operations (``$assign`` … ``$cancel``, ``$answer``): the caller's move is
   decided by :mod:`fhir_server.workflow.status` on the locked current Task, then the server
   writes (``tx.internal()``) the Task and what the move implies, and emits the
   :class:`~fhir_server.workflow.events.CaseEvent` — all in one database transaction;
-* registers repository hooks so that a plain PUT/PATCH of a case Task, a transaction Bundle
-  entry, a case-issue Task, a case ServiceRequest or a case document written by any path goes
-  through the same rules. Writes by the workflow itself (``caller`` ``None``) pass the hooks.
+* provides the guards (rows of the table in :mod:`fhir_server.workflow.guards`) so that a
+  plain PUT/PATCH of a case Task, a transaction Bundle entry, a case-issue Task, a case
+  ServiceRequest or a case document written by any path goes through the same rules. Writes
+  by the workflow itself (``caller`` ``None``) pass them.
 
-When a plain write of the case Task changes its status, the hook runs the same transition as
+When a plain write of the case Task changes its status, the guard runs the same transition as
 the operation would (checks, side effects, event) and overwrites the workflow-controlled
 elements of the incoming Task with the result.
 """
@@ -25,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from fhir_server.auth.principal import Principal
 from fhir_server.fhir.outcome import FhirError
-from fhir_server.hooks import HookEvent, HookPoint, Hooks
+from fhir_server.hooks import HookEvent
 from fhir_server.storage.repository import format_instant, utc_now
 from fhir_server.workflow import documents, status
 from fhir_server.workflow.cases import (
@@ -63,34 +65,17 @@ if TYPE_CHECKING:
     from fhir_server.storage.blobs import BlobStore
     from fhir_server.storage.repository import StoredResource, Tx
 
-CASE_EVENTS = "case_events"
-"""Key of the shared case-event bus in ``app.state.services``."""
-WORKFLOW = "workflow"
-"""Key of the :class:`Workflow` in ``app.state.services``."""
 DRAFT_REPORT_STATUSES = frozenset({"registered", "partial", "preliminary"})
 RELEASED_REPORT_STATUSES = frozenset({"final", "amended", "corrected", "appended"})
 
 
 @dataclass
 class Workflow:
-    """Case transitions and the hooks that hold every write path to them."""
+    """Case transitions, and the guards that hold every write path to them."""
 
     settings: Settings
     events: CaseEvents
     blobs: BlobStore
-
-    @classmethod
-    def install(
-        cls, services: dict[str, Any], hooks: Hooks, *, settings: Settings, blobs: BlobStore
-    ) -> Workflow:
-        """Create the workflow on the shared event bus, register its hooks and publish it."""
-        events = services.get(CASE_EVENTS)
-        if events is None:
-            events = services[CASE_EVENTS] = CaseEvents()
-        workflow = cls(settings=settings, events=events, blobs=blobs)
-        workflow.register(hooks)
-        services[WORKFLOW] = workflow
-        return workflow
 
     # -- operations -----------------------------------------------------------------------
 
@@ -351,79 +336,90 @@ class Workflow:
             )
         return state_of(tx, task.res_id, task.resource)
 
-    # -- hooks: every write path ----------------------------------------------------------
+    # -- guards: every write path (rows of :mod:`fhir_server.workflow.guards`) ---------------
 
-    def register(self, hooks: Hooks) -> None:
-        """Attach the workflow's guards to the repository's hook points."""
-        hooks.register(HookPoint.BEFORE_CREATE, self._before_create)
-        hooks.register(HookPoint.AFTER_CREATE, self._after_create)
-        hooks.register(HookPoint.BEFORE_UPDATE, self._before_update)
-        hooks.register(HookPoint.BEFORE_DELETE, self._before_delete)
+    def submit_case(self, event: HookEvent) -> None:
+        """Before a case ServiceRequest is created: submitter, requester, case number."""
+        self._submit(event.tx, event.resource or {}, event.caller)
 
-    def _before_create(self, event: HookEvent) -> None:
-        body, tx = event.resource or {}, event.tx
-        if event.resource_type == "ServiceRequest" and is_case_request(body):
-            self._submit(tx, body, event.caller)
-        if event.caller is None:
-            return
+    def open_case(self, event: HookEvent) -> None:
+        """After a case ServiceRequest is created: its case Task and the SUBMITTED event."""
+        body = event.resource or {}
+        self._create_case_task(event.tx, event.resource_id or body["id"], body, event.caller)
+
+    def new_task(self, event: HookEvent) -> None:
+        """A caller creates a case issue (checked) but never a second case Task."""
+        self._guard_new_task(event.tx, event.resource or {}, event.caller)
+
+    def issue_reported(self, event: HookEvent) -> None:
+        """After a caller reported a case issue: the ISSUE_OPENED event."""
+        case = self._issue_case(event.tx, event.resource or {})
+        subject = f"Task/{event.resource_id}"
+        self._emit(
+            event.tx, CaseEventKind.ISSUE_OPENED, case, caller=event.caller, subject=subject
+        )
+
+    def case_task_written(self, event: HookEvent) -> None:
+        """A plain PUT/PATCH of the case Task: the same rules as the operations."""
+        self._guard_case_task_write(
+            event.tx, event.resource_id or "", event.previous or {}, event.resource or {}, event
+        )
+
+    def issue_written(self, event: HookEvent) -> None:
+        """A PUT/PATCH of a case issue: who may, what may change, status pair kept in step."""
+        body, previous = event.resource or {}, event.previous or {}
+        case = self._issue_case(event.tx, previous if status.is_issue_task(previous) else body)
+        body.update(status.check_issue_write(event.caller, case, previous, body) or {})
+
+    def issue_deleted(self, event: HookEvent) -> None:
+        """Deleting a case issue: its provider or an admin only."""
+        previous = event.previous or {}
+        status.check_issue_write(
+            event.caller, self._issue_case(event.tx, previous), previous, None
+        )
+
+    def request_written(self, event: HookEvent) -> None:
+        """A PUT/PATCH of a case ServiceRequest: the workflow's elements are the server's."""
+        self._guard_request_write(
+            event.tx, event.resource_id or "", event.previous or {}, event.resource or {}
+        )
+
+    def case_deleted(self, event: HookEvent) -> None:
+        """Cases (ServiceRequest or case Task) are cancelled, never deleted."""
+        previous = event.previous or {}
         if event.resource_type == "Task":
-            self._guard_new_task(tx, body, event.caller)
+            previous = {"identifier": previous.get("identifier")}
+        raise status.check_case_delete(case_number_of(previous))
 
-    def _after_create(self, event: HookEvent) -> None:
-        body, tx = event.resource or {}, event.tx
-        if event.resource_type == "DocumentReference" and event.caller is not None:
-            # checked once the whole unit is written: its case and Binary may follow it
-            tx.defer(partial(self._guard_document, tx, body))
-            return
-        if event.resource_type == "ServiceRequest" and is_case_request(body):
-            self._create_case_task(event.tx, event.resource_id or body["id"], body, event.caller)
-            return
-        reported = event.caller is not None and status.is_issue_task(body)
-        if event.resource_type == "Task" and reported:
-            case = self._issue_case(event.tx, body)
-            subject = f"Task/{event.resource_id}"
-            self._emit(
-                event.tx, CaseEventKind.ISSUE_OPENED, case, caller=event.caller, subject=subject
-            )
+    def documents_linked(self, event: HookEvent) -> None:
+        """A case ServiceRequest that lists DocumentReferences in ``supportingInfo``: each
+        newly listed one becomes a case document (checked once the unit is written)."""
+        case_id = event.resource_id or (event.resource or {}).get("id") or ""
+        added = documents.supporting_documents(event.resource) - documents.supporting_documents(
+            event.previous
+        )
+        for doc_id in sorted(added):
+            event.tx.defer(partial(self._link_document, event.tx, case_id, doc_id))
 
-    def _before_update(self, event: HookEvent) -> None:
-        if event.caller is None:
-            return
-        body, previous, tx = event.resource or {}, event.previous or {}, event.tx
-        rtype = event.resource_type
-        if rtype == "Task":
-            if status.is_case_task(previous) or status.is_case_task(body):
-                self._guard_case_task_write(tx, event.resource_id or "", previous, body, event)
-            elif status.is_issue_task(previous) or status.is_issue_task(body):
-                case = self._issue_case(tx, previous if status.is_issue_task(previous) else body)
-                checked = status.check_issue_write(event.caller, case, previous, body)
-                body.update(checked or {})
-        elif rtype == "ServiceRequest" and (is_case_request(previous) or is_case_request(body)):
-            self._guard_request_write(tx, event.resource_id or "", previous, body)
-        elif rtype == "DocumentReference":
-            self._guard_document(tx, body, previous)
-        elif rtype == "Binary" and documents.documents_pointing_at(tx, event.resource_id or ""):
-            raise documents.binary_replaced(event.resource_id or "")
+    def document_created(self, event: HookEvent) -> None:
+        """After a caller created a DocumentReference: the document rules, checked once the
+        whole unit is written (its case and Binary may follow it in a transaction Bundle)."""
+        event.tx.defer(partial(self._guard_document, event.tx, event.resource or {}))
 
-    def _before_delete(self, event: HookEvent) -> None:
-        if event.caller is None:
-            return
-        previous, tx = event.previous or {}, event.tx
-        rtype = event.resource_type
-        if rtype == "Task" and status.is_case_task(previous):
-            raise status.check_case_delete(
-                case_number_of({"identifier": previous.get("identifier")})
-            )
-        if rtype == "Task" and status.is_issue_task(previous):
-            status.check_issue_write(event.caller, self._issue_case(tx, previous), previous, None)
-        elif rtype == "ServiceRequest" and is_case_request(previous):
-            raise status.check_case_delete(case_number_of(previous))
-        elif rtype == "DocumentReference" and documents.is_case_document(previous):
-            for case_id in documents.case_ids(previous):
-                case = state_of_case(tx, case_id)
-                if case is not None:
-                    status.check_document_status(case)
-        elif rtype == "Binary" and documents.documents_pointing_at(tx, event.resource_id or ""):
+    def document_written(self, event: HookEvent) -> None:
+        """A PUT/PATCH of a DocumentReference: the document rules when it is a case's."""
+        self._guard_document(event.tx, event.resource or {}, event.previous)
+
+    def document_deleted(self, event: HookEvent) -> None:
+        """Deleting a case document: only while its case takes documents."""
+        for case_id in documents.case_ids(event.previous or {}):
+            case = state_of_case(event.tx, case_id)
+            if case is not None:
+                status.check_document_status(case)
+
+    def binary_written(self, event: HookEvent) -> None:
+        """The Binary holding a case document's content is neither replaced nor deleted."""
+        if documents.documents_pointing_at(event.tx, event.resource_id or ""):
             raise documents.binary_replaced(event.resource_id or "")
 
     # -- submission -----------------------------------------------------------------------
@@ -560,7 +556,7 @@ class Workflow:
                 raise FhirError(
                     422,
                     "business-rule",
-                    f"Document {documents.document_name(body)}: ServiceRequest/{case_id} is not "
+                    f"{documents.document_name(body)}: ServiceRequest/{case_id} is not "
                     "a case",
                     code="MSO-DOC-424",
                     expression=["DocumentReference.context.related"],
@@ -573,10 +569,35 @@ class Workflow:
         for case_id in case_ids:
             documents.check_count(tx, case_id, body)
 
+    def _link_document(self, tx: Tx, case_id: str, doc_id: str) -> None:
+        """DocumentReference ``doc_id``, listed in the case's ``supportingInfo``, becomes a case
+        document: every document rule applies to it, then the link is recorded in its
+        ``context.related`` too (by which the case's documents are found, counted and shared
+        with the case's parties). The caller must see the document it links."""
+        try:
+            tx.read("DocumentReference", doc_id)
+        except FhirError:
+            raise FhirError(
+                422,
+                "business-rule",
+                f"ServiceRequest/{case_id}: supportingInfo names DocumentReference/{doc_id}, "
+                "which is not known",
+                code="MSO-DOC-424",
+                expression=["ServiceRequest.supportingInfo"],
+            ) from None
+        with tx.internal():
+            stored = tx.current("DocumentReference", doc_id, for_update=True)
+        if stored is None or stored.deleted or case_id in documents.case_ids(stored.resource):
+            return  # linked both ways already: checked when that link was written
+        linked = documents.with_case(stored.resource, case_id)
+        self._guard_document(tx, linked)
+        with tx.internal():
+            tx.update("DocumentReference", doc_id, linked, if_match=stored.version)
+
 
 def now_instant(now: datetime | None = None) -> str:
     """A FHIR instant for ``now`` (default: the current time)."""
     return format_instant(now or utc_now())
 
 
-__all__ = ["CASE_EVENTS", "WORKFLOW", "Workflow", "case_task_of"]
+__all__ = ["Workflow", "case_task_of"]

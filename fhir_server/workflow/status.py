@@ -29,14 +29,22 @@ element changed outside a transition (409); ``MSO-CASE-411`` the case is closed 
 ``MSO-CASE-412`` Returned -> In progress before the requester answered (409);
 ``MSO-CASE-413`` ``$complete`` without a recommendation (409); ``MSO-CASE-422`` a reason or
 parameter is missing (422); ``MSO-ISSUE-403`` / ``-409`` / ``-422`` the same for case issues.
+
+``Task.status`` and ``Task.businessStatus`` of a case Task or case issue name one status (the
+columns of the tables above and in :mod:`fhir_server.workflow.codes`). A write may change
+either: when they disagree, the one the write changed decides and the other follows
+(:func:`target_of_write`). When both changed and disagree, or a new Task's pair disagrees, or
+one names no status, the write is refused: ``MSO-CASE-423`` / ``MSO-ISSUE-423`` (422, the
+invariant "Task.status agrees with Task.businessStatus"). Never is one silently dropped.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 from fhir_server.auth.principal import Principal, Role
 from fhir_server.fhir.outcome import FhirError
@@ -55,7 +63,7 @@ from fhir_server.workflow.codes import (
     CaseStatus,
     concept,
 )
-from fhir_server.workflow.events import CaseEventKind
+from fhir_server.workflow.event_kinds import CaseEventKind
 
 CASE_STATUS_OF_TASK_STATUS = {task: case for case, task in TASK_STATUS_OF_CASE_STATUS.items()}
 ISSUE_STATUS_OF_TASK_STATUS = {task: st for st, task in TASK_STATUS_OF_ISSUE_STATUS.items()}
@@ -271,6 +279,68 @@ def is_return_issue(issue: dict[str, Any]) -> bool:
     return has_code(issue.get("reasonCode"), CASE_STATUS_SYSTEM, CaseStatus.RETURNED)
 
 
+StatusT = TypeVar("StatusT", CaseStatus, CaseIssueStatus)
+
+
+def _business_code(task: dict[str, Any] | None, system: str) -> str | None:
+    """The ``businessStatus`` code of ``system`` (``None`` when there is none)."""
+    for coding in ((task or {}).get("businessStatus") or {}).get("coding") or ():
+        if (coding or {}).get("system") == system:
+            return str((coding or {}).get("code"))
+    return None
+
+
+def target_of_write(
+    previous: dict[str, Any] | None,
+    new: dict[str, Any],
+    *,
+    system: str,
+    statuses: type[StatusT],
+    task_status_of: Mapping[StatusT, str],
+    code: str,
+) -> StatusT | None:
+    """The status a write of a workflow Task asks for (``None``: it names none at all).
+
+    ``Task.status`` and ``businessStatus`` (coding of ``system``) must name one status. When they
+    disagree, the element this write changed (compared with ``previous``) decides; 422 ``code``
+    when both changed (or the Task is new) and disagree, or when the deciding one names no
+    status. The error names the invariant and the elements, never their values.
+    """
+    of_task_status = {task: st for st, task in task_status_of.items()}
+    business_code = _business_code(new, system)
+    by_business: StatusT | None = None
+    if business_code is not None:
+        try:
+            by_business = statuses(business_code)
+        except ValueError:
+            raise _pair_error(code, "Task.businessStatus names no status") from None
+    task_status = new.get("status")
+    by_task = of_task_status.get(task_status or "")
+    if by_business is None:
+        if task_status and by_task is None:
+            raise _pair_error(code, "Task.status names no status of this Task")
+        return by_task
+    if by_task is by_business:
+        return by_business
+    business_changed = previous is None or _business_code(previous, system) != business_code
+    status_changed = previous is None or previous.get("status") != task_status
+    if business_changed and not status_changed:
+        return by_business
+    if status_changed and not business_changed and by_task is not None:
+        return by_task
+    raise _pair_error(code, "Task.status and Task.businessStatus name different statuses")
+
+
+def _pair_error(code: str, message: str) -> FhirError:
+    return FhirError(
+        422,
+        "business-rule",
+        f"{message} (invariant: Task.status agrees with Task.businessStatus)",
+        code=code,
+        expression=["Task.status", "Task.businessStatus"],
+    )
+
+
 # -- who the caller is for this case -----------------------------------------------------------
 
 
@@ -408,13 +478,16 @@ def action_of_write(
                 code="MSO-CASE-410",
                 expression=f"Task.{element}",
             )
-    target = _target_status(new)
+    target = target_of_write(
+        previous,
+        new,
+        system=CASE_STATUS_SYSTEM,
+        statuses=CaseStatus,
+        task_status_of=TASK_STATUS_OF_CASE_STATUS,
+        code="MSO-CASE-423",
+    )
     if target is None:
-        raise _conflict(
-            "The case Task's status and businessStatus do not name one case status",
-            code="MSO-CASE-410",
-            expression="Task.businessStatus",
-        )
+        raise _pair_error("MSO-CASE-423", "The case Task names no case status")
     reason = ((new.get("statusReason") or {}).get("text") or "").strip() or None
     if target is case.status:
         for element in TRANSITION_ELEMENTS:
@@ -444,16 +517,6 @@ def action_of_write(
             None,
         )
     return action, Move(reason=reason, provider=provider, report=report)
-
-
-def _target_status(task: dict[str, Any]) -> CaseStatus | None:
-    business = status_of({"businessStatus": task.get("businessStatus")})
-    by_task = CASE_STATUS_OF_TASK_STATUS.get(task.get("status") or "")
-    if business is None:
-        return by_task
-    if TASK_STATUS_OF_CASE_STATUS[business] != task.get("status"):
-        return None
-    return business
 
 
 def check_edit(caller: Any, case: CaseState) -> None:
@@ -529,7 +592,17 @@ def check_issue_write(
                 )
     if not (new.get("description") or "").strip():
         raise _required("A case issue needs a description", "MSO-ISSUE-422", "Task.description")
-    status = issue_status_of(new) or CaseIssueStatus.OPEN
+    status = (
+        target_of_write(
+            previous,
+            new,
+            system=CASE_ISSUE_STATUS_SYSTEM,
+            statuses=CaseIssueStatus,
+            task_status_of=TASK_STATUS_OF_ISSUE_STATUS,
+            code="MSO-ISSUE-423",
+        )
+        or CaseIssueStatus.OPEN
+    )
     before = issue_status_of(previous) if previous is not None else None
     if before is CaseIssueStatus.DELETED and status is not CaseIssueStatus.DELETED:
         raise _conflict("A deleted case issue stays deleted", "MSO-ISSUE-409", "Task.status")

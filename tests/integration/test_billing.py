@@ -44,7 +44,7 @@ class Case:
 def billing_app(app: Any, client: TestClient) -> Any:
     """The app with the ChargeItemDefinitions stored, and a recorder of billing events."""
     install(app.state.repo, [r for r in read_resources() if r.res_type == "ChargeItemDefinition"])
-    events: CaseEvents = app.state.services["case_events"]
+    events: CaseEvents = app.state.services.events
     recorded: list[CaseEvent] = []
     events.subscribe(lambda _tx, e: recorded.append(e), CaseEventKind.INVOICE_ISSUED)
     events.subscribe(lambda _tx, e: recorded.append(e), CaseEventKind.INVOICE_PAID)
@@ -123,7 +123,7 @@ def _finish_task(tx: Any, case: Case) -> None:
 
 
 def _done(app: Any, case: Case, *, report: str | None = None) -> None:
-    events: CaseEvents = app.state.services["case_events"]
+    events: CaseEvents = app.state.services.events
     event = CaseEvent(
         kind=CaseEventKind.DONE,
         case_id=case.case_id,
@@ -244,7 +244,7 @@ def test_second_done_does_not_bill_twice(billing_app: Any) -> None:
 
 def test_billing_rolls_back_with_the_transaction(billing_app: Any) -> None:
     case = _make_case(billing_app)
-    events: CaseEvents = billing_app.state.services["case_events"]
+    events: CaseEvents = billing_app.state.services.events
 
     def work(tx: Any) -> None:
         events.emit(tx, CaseEvent(CaseEventKind.DONE, case.case_id, case.case_number))

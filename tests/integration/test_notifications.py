@@ -17,7 +17,7 @@ import pytest
 from aiosmtpd.controller import Controller
 from sqlalchemy import delete, select, update
 
-from fhir_server.app import build_repository, create_app
+from fhir_server.app import create_app
 from fhir_server.auth.principal import Principal, Role
 from fhir_server.auth.scopes import ScopeSet
 from fhir_server.auth.users import UserError, UserStore
@@ -26,11 +26,11 @@ from fhir_server.config import Settings
 from fhir_server.messaging import outbox
 from fhir_server.messaging.notifications import USERNAME_SYSTEM, Notifier
 from fhir_server.messaging.presence import forget_touches, touch_presence
-from fhir_server.messaging.service import CASE_EVENTS
 from fhir_server.messaging.worker import MailWorker
 from fhir_server.storage.engine import build_engine
 from fhir_server.storage.messaging_schema import mail_outbox, user_presence
 from fhir_server.storage.repository import Repository, utc_now
+from fhir_server.wiring import build_repository
 from fhir_server.workflow.codes import COMMUNICATION_CATEGORY_SYSTEM
 from fhir_server.workflow.events import CaseEvent, CaseEventKind, CaseEvents
 from tests.conftest import BACKENDS, _make_db, make_settings
@@ -500,7 +500,7 @@ def test_app_subscribes_to_the_shared_bus_and_runs_the_worker(world):
     port = free_port()
     settings = world.settings.model_copy(update={"smtp_host": "127.0.0.1", "smtp_port": port})
     app = create_app(settings)
-    events = app.state.services[CASE_EVENTS]
+    events = app.state.services.events
     assert isinstance(events, CaseEvents)
     event = CaseEvent(K.ACCEPTED, world.case_id, CASE_NUMBER, requester="PractitionerRole/req-role")
     with SmtpServer(port) as smtp, TestClient(app):

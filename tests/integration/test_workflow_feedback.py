@@ -25,7 +25,7 @@ def world(app: Any, client: Any) -> World:
 def feedback_events(app: Any) -> Any:
     """FEEDBACK events emitted while the test runs (subscribed to the app's bus, then removed)."""
     seen: list[CaseEvent] = []
-    bus = app.state.services["case_events"]
+    bus = app.state.services.events
     entry = (CaseEventKind.FEEDBACK, lambda _tx, event: seen.append(event))
     bus._subscribers.append(entry)
     yield seen

@@ -475,7 +475,7 @@ def test_events_carry_the_case(world: World) -> None:
     from fhir_server.workflow.events import CaseEventKind
 
     recorded: list[Any] = []
-    bus = world.app.state.services["case_events"]
+    bus = world.app.state.services.events
     bus.subscribe(lambda _tx, event: recorded.append(event))
 
     def seen_mine() -> list[Any]:

@@ -25,9 +25,9 @@ from fhir_server.fhir.outcome import FhirError
 from fhir_server.interactions.base import FhirRequest, FhirResponse, InteractionContext
 from fhir_server.interactions.common import run_write
 from fhir_server.interactions.operations import Operation, register
-from fhir_server.workflow.billing import SERVICE_KEY, Billing
+from fhir_server.workflow.billing import Billing
 from fhir_server.workflow.codes import OPERATION_RECORD_PAYMENT
-from fhir_server.workflow.events import CaseEvents
+from fhir_server.workflow.services import services_of
 
 
 def _bad(message: str, code: str = "MSO-BILL-010") -> FhirError:
@@ -79,9 +79,9 @@ def _reference(param: dict[str, Any] | None) -> str | None:
 
 
 def _billing(ctx: InteractionContext) -> Billing:
-    billing = ctx.services.get(SERVICE_KEY)
-    if billing is None:  # an app built without the billing service: no event subscribers
-        billing = Billing(CaseEvents(), currency=ctx.settings.currency)
+    billing = services_of(ctx.services).billing
+    if billing is None:
+        raise FhirError(501, "not-supported", "Billing is not enabled", code="MSO-OP-501")
     return billing
 
 
