@@ -27,8 +27,6 @@ from fhir_server.auth.principal import Principal, Role
 from fhir_server.auth.scopes import ScopeSet
 from fhir_server.auth.tokens import fhir_base_without_slash
 from fhir_server.auth.users import User
-from fhir_server.interactions import search
-from fhir_server.interactions.base import FhirRequest, InteractionContext
 from fhir_server.storage.repository import ID_PATTERN, Repository
 
 AUTHORIZE_PARAMS = (
@@ -164,32 +162,19 @@ def find_patients(
     name: str | None = None,
     patient_id: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Patients ``principal`` may see, through the search interaction (so the access policy
+    """Patients ``principal`` may see, through the repository's search (so the access policy
     applies): by name, by id, or the first page."""
-    # _elements: the picker shows these only, and the Bundle then holds parsed resources
-    # (a plain search carries the stored JSON unparsed)
-    params = [
-        ("_count", str(PICKER_PAGE)),
-        ("_sort", "family"),
-        ("_elements", "name,birthDate,gender"),
-    ]
+    params = [("_sort", "family")]
     if name:
         params.append(("name", name))
     if patient_id is not None:
         if not ID_PATTERN.match(patient_id):
             return []
         params.append(("_id", patient_id))
-    ctx = InteractionContext(repo=repo, settings=settings, base_url=fhir_base, caller=principal)
-    response = search.search_type(
-        ctx, FhirRequest(method="GET", resource_type="Patient", params=params)
-    )
-    bundle = response.resource or {}
-    return [
-        _patient_summary(e["resource"])
-        for e in bundle.get("entry", [])
-        if e.get("search", {}).get("mode", "match") == "match"
-        and e.get("resource", {}).get("resourceType") == "Patient"
-    ]
+    count = min(PICKER_PAGE, settings.max_page_size)
+    with repo.unit(caller=principal, snapshot=False) as tx:
+        page = tx.search("Patient", params, count=count, base_url=fhir_base)
+    return [_patient_summary(stored.resource) for stored in page.matches]
 
 
 def _patient_summary(patient: dict[str, Any]) -> dict[str, Any]:

@@ -1,10 +1,11 @@
-"""Search interactions: type, system and compartment search, and Patient/$everything.
+"""Search interactions: type, system and compartment search.
 
 http://hl7.org/fhir/R4/http.html#search, http://hl7.org/fhir/R4/search.html,
-http://hl7.org/fhir/R4/compartmentdefinition.html#search and
-http://hl7.org/fhir/R4/patient-operation-everything.html. Transport-free: the REST layer hands
+http://hl7.org/fhir/R4/compartmentdefinition.html#search. Transport-free: the REST layer hands
 in a :class:`FhirRequest` (for POST ``_search`` with the form parameters merged into
-``params``) and serializes the returned searchset Bundle.
+``params``) and serializes the returned searchset Bundle. A thin adapter: the search itself,
+access filter included, is the repository's (:meth:`Tx.search`,
+:mod:`fhir_server.storage.searching`).
 
 Unknown or malformed parameters are ignored and reported in an OperationOutcome entry
 (``search.mode = outcome``), or rejected with a 400 under ``Prefer: handling=strict``.
@@ -12,28 +13,25 @@ Unknown or malformed parameters are ignored and reported in an OperationOutcome 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import cache
 from typing import Any
 from urllib.parse import urlencode
 
 import orjson
-from sqlalchemy import and_, or_
 
-from fhir_server.fhir.definitions import load_json
 from fhir_server.fhir.outcome import FhirError, Issue, operation_outcome
 from fhir_server.interactions.base import FhirRequest, FhirResponse, InteractionContext
 from fhir_server.search import summary as summary_mod
-from fhir_server.search.compile import CompileOptions, Position, compartment_condition
 from fhir_server.search.query import SearchQuery, parse_query
-from fhir_server.storage import search_exec
+from fhir_server.storage.searching import Condition, SearchPage, compartment_params
 
 COMMON_TYPES_PARAMS = ("_id", "_lastUpdated", "_tag", "_profile", "_security", "_source")
 
 
 @contextmanager
-def _unit(ctx: InteractionContext) -> Iterator[Any]:
+def search_unit(ctx: InteractionContext) -> Iterator[Any]:
+    """The request's unit (a transaction Bundle's), or an autocommit read unit of its own."""
     if ctx.tx is not None:
         yield ctx.tx
     else:
@@ -102,97 +100,16 @@ def search_compartment(
                 code="MSO-SEARCH-007",
             )
         types = (target_type,)
-    per_type = {
-        t: compartment_condition(registry, params, compartment_type, compartment_id, t)
-        for t in types
-    }
-
-    def condition(r: Any) -> Any:
-        if len(types) == 1:
-            return per_type[types[0]](r)
-        return or_(*(and_(r.c.res_type == t, cond(r)) for t, cond in per_type.items()))
-
     return _search(
-        ctx, req, types, f"{compartment_type}/{compartment_id}/{target_type}", extra=[condition]
+        ctx,
+        req,
+        types,
+        f"{compartment_type}/{compartment_id}/{target_type}",
+        compartment=(compartment_type, compartment_id),
     )
 
 
-def everything(ctx: InteractionContext, req: FhirRequest, patient_id: str | None) -> FhirResponse:
-    """Patient/[id]/$everything: the patient and every resource in its compartment.
-
-    One Bundle (type searchset) holding at most ``max_page_size`` compartment resources besides
-    the patient; ``_type`` restricts the types, ``_since`` (instant) filters on lastUpdated.
-    """
-    registry = ctx.repo.registry
-    if not patient_id:
-        raise FhirError(400, "invalid", "$everything needs a patient id", code="MSO-SEARCH-008")
-    params = compartment_params()
-    wanted = {t.strip() for k, v in req.params if k == "_type" for t in v.split(",") if t.strip()}
-    since = req.param("_since")
-    limit = ctx.settings.max_page_size
-    entries: list[dict[str, Any]] = []
-    with _unit(ctx) as tx:
-        patient = tx.read("Patient", patient_id)
-        entries.append(_entry(ctx, patient, "match"))
-        for rtype in sorted(params):
-            if rtype == "Patient" or (wanted and rtype not in wanted):
-                continue
-            if rtype not in registry.resource_types:
-                continue
-            q = parse_query(registry, (rtype,), [("_lastUpdated", f"ge{since}")] if since else [])
-            if q.issues:
-                raise search_exec.strict_error(q) or AssertionError()
-            options = _options(ctx)
-            options.extra.append(
-                compartment_condition(registry, params, "Patient", patient_id, rtype)
-            )
-            page = search_exec.run_page(
-                lambda: tx.conn, registry, q, options, count=limit - len(entries) + 1,
-                position=None, max_pid=None, with_resources=True,
-            )  # fmt: skip
-            for stored in page.resources:
-                entries.append(_entry(ctx, stored, "match"))
-            if len(entries) > limit:
-                break
-    bundle = {
-        "resourceType": "Bundle",
-        "type": "searchset",
-        "total": len(entries),
-        "link": [{"relation": "self", "url": f"{ctx.base_url}/Patient/{patient_id}/$everything"}],
-        "entry": entries[: limit + 1],
-    }
-    return FhirResponse(resource=bundle)
-
-
-@cache
-def compartment_params() -> dict[str, list[str]]:
-    """Patient compartment: resource type -> its parameters linking to the patient."""
-    definition = load_json("compartmentdefinition-patient.json")
-    return {r["code"]: list(r["param"]) for r in definition.get("resource", ()) if r.get("param")}
-
-
 # -- the search itself ------------------------------------------------------------------------
-
-
-def access_filter_for(ctx: InteractionContext) -> Any:
-    """The SQL access filter for ``ctx.caller`` (``None``: everything is visible).
-
-    The seam where access policy plugs in: a function of the ``resource`` alias returning a
-    condition, compiled into the match, count and include queries (CompileOptions).
-    """
-    return getattr(ctx.repo, "search_access_filter", lambda caller: None)(ctx.caller)
-
-
-def _options(ctx: InteractionContext, tx: Any = None) -> CompileOptions:
-    options = CompileOptions(base_url=ctx.base_url, access_filter=access_filter_for(ctx))
-    if tx is not None:
-        registry = ctx.repo.registry
-        # the unit's connection is asked for only when a ValueSet or CodeSystem is looked up
-        options.expand_valueset = lambda url: search_exec.valueset_expander(tx.conn, registry)(url)
-        options.subsumption = lambda system, code, below: search_exec.subsumption(
-            tx.conn, registry
-        )(system, code, below)
-    return options
 
 
 def _search(
@@ -201,120 +118,52 @@ def _search(
     types: tuple[str, ...],
     path: str,
     *,
-    extra: list[Callable[[Any], Any]] | None = None,
+    compartment: tuple[str, str] | None = None,
+    where: list[Condition] | None = None,
     extra_self: list[tuple[str, str]] | None = None,
 ) -> FhirResponse:
-    registry = ctx.repo.registry
+    """HTTP parameters -> :meth:`Tx.search` -> a searchset Bundle."""
     params = [(k, v) for k, v in req.params if k != "_type"]
-    query = parse_query(registry, types, params)
+    query = parse_query(ctx.repo.registry, types, params)
     strict = req.prefer.handling == "strict"
-    if strict and query.issues:
-        error = search_exec.strict_error(query)
-        assert error is not None
-        raise error
     settings = ctx.settings
     count = query.count if query.count is not None else settings.default_page_size
     count = min(count, settings.max_page_size)
-    with _unit(ctx) as tx:
-        tx.fire_search(types[0] if len(types) == 1 else "", params)
-        options = _options(ctx, tx)
-        options.extra.extend(extra or [])
-        if query.issues and not strict:
-            # re-check values lazily: a malformed value is found while compiling
-            pass
-        try:
-            return _run(ctx, tx, query, options, types, path, count, extra_self or [])
-        except FhirError as err:
-            if strict or err.status != 400 or err.code not in ("MSO-SEARCH-002", "MSO-SEARCH-003"):
-                raise
-            # lenient: drop the offending clause and report it
-            bad = (err.expression or [""])[0].split(":")[0]
-            kept = [c for c in query.clauses if c.code != bad and c.name.split(":")[0] != bad]
-            if len(kept) == len(query.clauses):
-                raise
-            query.clauses = kept
-            query.used = [(k, v) for k, v in query.used if k.split(":")[0] != bad]
-            query.issues.append(_issue_from(err))
-            return _run(ctx, tx, query, options, types, path, count, extra_self or [])
+    with search_unit(ctx) as tx:
+        page = tx.search(
+            types, query, count=count, strict=strict, where=where or (), compartment=compartment,
+            base_url=ctx.base_url, include_limit=settings.max_page_size,
+        )  # fmt: skip
+        return _bundle(ctx, page, path, extra_self or [])
 
 
-def _issue_from(err: FhirError) -> Any:
-    from fhir_server.search.query import Issue as QIssue
-
-    return QIssue((err.expression or [""])[0], err.message, err.code or "MSO-SEARCH-002")
-
-
-def _run(
-    ctx: InteractionContext,
-    tx: Any,
-    query: SearchQuery,
-    options: CompileOptions,
-    types: tuple[str, ...],
-    path: str,
-    count: int,
-    extra_self: list[tuple[str, str]],
+def _bundle(
+    ctx: InteractionContext, page: SearchPage, path: str, extra_self: list[tuple[str, str]]
 ) -> FhirResponse:
-    registry = ctx.repo.registry
-    position: Position | None = None
-    total: int | None = None
-    max_pid: int | None = None
-    if query.cursor:
-        position, max_pid, total = search_exec.decode_cursor(query.cursor)
+    """The searchset Bundle of ``page``: total, paging links, matches, includes, outcome."""
+    query = page.query
     base_link = f"{ctx.base_url}/{path}" if path else ctx.base_url
     self_params = [*extra_self, *query.used]
     bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset"}
-
     if query.summary == "count":
-        bundle["total"] = search_exec.count(tx.conn, registry, query, options, max_pid=None)
+        bundle["total"] = page.total
         bundle["link"] = [{"relation": "self", "url": _url(base_link, self_params)}]
         _add_outcome(bundle, query)
         return FhirResponse(resource=bundle)
-
-    # outside a transaction Bundle, the page may run on a connection keeping generic plans
-    generic = ctx.repo.generic_plan_fetch if ctx.tx is None and ctx.repo.postgres else None
-    options.index_driven = generic is not None
-    page = search_exec.run_page(
-        lambda: tx.conn, registry, query, options, count=count, position=position,
-        max_pid=max_pid, with_resources=True, generic_plans=generic,
-    )  # fmt: skip
-    max_pid = page.max_pid
-    # Bundle.total: free when the first page holds everything; otherwise only on request
-    # (_total=accurate counts, _total=estimate asks the planner), as counting a large
-    # result costs as much as the search itself.
-    if total is None and query.total != "none":
-        if position is None and not page.has_next:
-            total = len(page.pids)
-        elif query.total is None:
-            pass
-        elif query.total == "estimate":
-            total = search_exec.count(
-                tx.conn, registry, query, options, max_pid=max_pid, estimate=True
-            )
-        else:
-            total = search_exec.count(tx.conn, registry, query, options, max_pid=max_pid)
-    if total is not None:
-        bundle["total"] = total
+    if page.total is not None:
+        bundle["total"] = page.total
     links = [{"relation": "self", "url": _url(base_link, self_params, query.cursor)}]
-    if position is not None:
+    if query.cursor:
         links.append({"relation": "first", "url": _url(base_link, self_params)})
-    if page.has_previous and page.first is not None:
-        prev = Position(page.first.keys, page.first.pid, backward=True)
-        token = search_exec.encode_cursor(prev, max_pid, total)
-        links.append({"relation": "previous", "url": _url(base_link, self_params, token)})
-    if page.has_next and page.last is not None:
-        token = search_exec.encode_cursor(page.last, max_pid, total)
-        links.append({"relation": "next", "url": _url(base_link, self_params, token)})
-    bundle["link"] = links
-
-    matches = page.resources
-    included_pids: list[int] = []
-    if query.includes:  # the unit's connection is taken only when it is needed
-        included_pids = search_exec.include_pids(
-            tx.conn, registry, query.includes, page.pids, options, limit=ctx.settings.max_page_size
+    if page.previous_cursor is not None:
+        links.append(
+            {"relation": "previous", "url": _url(base_link, self_params, page.previous_cursor)}
         )
-    included = tx.load(included_pids)
-    entries = [_entry(ctx, s, "match", query) for s in matches]
-    entries.extend(_entry(ctx, s, "include", query) for s in included)
+    if page.next_cursor is not None:
+        links.append({"relation": "next", "url": _url(base_link, self_params, page.next_cursor)})
+    bundle["link"] = links
+    entries = [entry(ctx, s, "match", query) for s in page.matches]
+    entries.extend(entry(ctx, s, "include", query) for s in page.included)
     if entries:
         bundle["entry"] = entries
     _add_outcome(bundle, query)
@@ -339,7 +188,7 @@ def _add_outcome(bundle: dict[str, Any], query: SearchQuery) -> None:
     bundle.setdefault("entry", []).append({"resource": outcome, "search": {"mode": "outcome"}})
 
 
-def _entry(
+def entry(
     ctx: InteractionContext, stored: Any, mode: str, query: SearchQuery | None = None
 ) -> dict[str, Any]:
     """A searchset entry. Its ``resource`` is the stored JSON as an ``orjson.Fragment`` (sent
@@ -365,8 +214,10 @@ def _url(base: str, params: list[tuple[str, str]], cursor: str | None = None) ->
 
 __all__ = [
     "COMMON_TYPES_PARAMS",
-    "everything",
+    "compartment_params",
+    "entry",
     "search_compartment",
     "search_system",
     "search_type",
+    "search_unit",
 ]

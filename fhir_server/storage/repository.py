@@ -42,7 +42,7 @@ from sqlalchemy.exc import OperationalError
 from fhir_server.auth.scopes import Permission
 from fhir_server.fhir.outcome import FhirError, gone, not_found
 from fhir_server.hooks import HookEvent, HookPoint, Hooks
-from fhir_server.storage import indexer, search_exec
+from fhir_server.storage import indexer, search_exec, searching
 from fhir_server.storage.access import AccessRules
 from fhir_server.storage.engine import (
     AUTOCOMMIT_OPTION,
@@ -72,6 +72,7 @@ from fhir_server.storage.writers import ConcurrentCreate, writer_for
 if TYPE_CHECKING:
     from sqlalchemy.sql import Executable
 
+    from fhir_server.search.query import SearchQuery
     from fhir_server.search.registry import SearchRegistry
 
 __all__ = [
@@ -326,6 +327,12 @@ class Tx:
             absent += len(ids) - len(found)
         return absent
 
+    @property
+    def autocommit(self) -> bool:
+        """True for an autocommit read unit (``Repository.unit(snapshot=False)``): each
+        statement sees its own snapshot, and a search page may run on the generic-plan pool."""
+        return self._lazy
+
     def release(self) -> None:
         """Return a connection taken on first use to the pool (autocommit: nothing to end)."""
         if self._conn is not None and self._lazy:
@@ -450,6 +457,45 @@ class Tx:
             access_filter=self.repo.search_access_filter(self.caller),
         )
         return self.load(pids)
+
+    def search(
+        self,
+        types: str | Sequence[str],
+        params: Sequence[tuple[str, str]] | SearchQuery = (),
+        *,
+        count: int | None = None,
+        cursor: str | None = None,
+        strict: bool = False,
+        where: Sequence[searching.Condition] = (),
+        compartment: tuple[str, str] | None = None,
+        base_url: str | None = None,
+        include_limit: int = searching.INCLUDE_LIMIT,
+        check: bool = True,
+    ) -> searching.SearchPage:
+        """One page of ``types`` resources matching ``params`` as the caller may see them, with
+        their includes, total and paging cursors: see :func:`.searching.search`."""
+        return searching.search(
+            self, types, params, count=count, cursor=cursor, strict=strict, where=where,
+            compartment=compartment, base_url=base_url, include_limit=include_limit, check=check,
+        )  # fmt: skip
+
+    def iter_search(
+        self,
+        types: str | Sequence[str],
+        params: Sequence[tuple[str, str]] | SearchQuery = (),
+        *,
+        batch: int = 1000,
+        where: Sequence[searching.Condition] = (),
+        compartment: tuple[str, str] | None = None,
+        base_url: str | None = None,
+        check: bool = True,
+    ) -> Iterator[StoredResource]:
+        """Every match the caller may see, in pid order, fetched ``batch`` at a time (bulk
+        export): see :func:`.searching.iter_search`."""
+        return searching.iter_search(
+            self, types, params, batch=batch, where=where, compartment=compartment,
+            base_url=base_url, check=check,
+        )  # fmt: skip
 
     def lock_criteria(self, res_type: str, params: list[tuple[str, str]]) -> None:
         """Serialize conditional creates/updates on the same criteria (PostgreSQL advisory lock).
