@@ -23,7 +23,7 @@ them (writes by the server itself, ``caller`` ``None``, pass):
   ``cancelled`` when one declines. A booked appointment may still be declined (cancelled) by
   either party.
 * **Conflicts**: an appointment overlapping another ``booked`` (arrived, checked-in)
-  appointment of the same provider is refused (409 naming the other appointment's time), when
+  appointment of the same provider is refused (409 naming the other appointment's id), when
   proposed and again when it would become booked, under a per-provider lock
   (:meth:`~fhir_server.storage.repository.Tx.lock_criteria` on PostgreSQL; SQLite write
   transactions are serialized) so two concurrent bookings of one slot cannot both succeed.
@@ -219,10 +219,9 @@ def check_no_conflict(
     lock_provider(tx, provider)
     other = find_conflict(tx, provider, start, end, exclude=exclude)
     if other is not None:
-        body = other.resource
         raise _conflict(
-            f"The provider already has an appointment from {body.get('start')} to "
-            f"{body.get('end')} (Appointment/{other.res_id}); choose another time",
+            f"The provider already has an appointment at that time (Appointment/{other.res_id}); "
+            "choose another time",
             code="MSO-APPT-410",
             expression="Appointment.start",
         )

@@ -202,9 +202,7 @@ def check_contents(body: dict[str, Any], reader: ContentReader) -> None:
     """Every attachment: an accepted type by content agreeing with its declaration; sizes."""
     contents = body.get("content") or ()
     if not contents:
-        raise _invalid(
-            "MSO-DOC-424", f"{document_name(body)} has no content", "DocumentReference"
-        )
+        raise _invalid("MSO-DOC-424", f"{document_name(body)} has no content", "DocumentReference")
     for index, content in enumerate(contents):
         attachment = (content or {}).get("attachment") or {}
         name = document_name(body, index)
@@ -260,8 +258,7 @@ def check_count(tx: Tx, case_id: str, body: dict[str, Any]) -> None:
     if position > MAX_DOCUMENTS_PER_CASE:
         raise _invalid(
             "MSO-DOC-423",
-            f"{document_name(body)}: a case holds at most {MAX_DOCUMENTS_PER_CASE} "
-            "documents",
+            f"{document_name(body)}: a case holds at most {MAX_DOCUMENTS_PER_CASE} documents",
             "DocumentReference.context.related",
         )
 

@@ -115,12 +115,12 @@ def _check_answer(item: dict[str, Any], answer: dict[str, Any], path: str) -> li
         choices = {(k, _comparable(k, v)) for k, v in options}
         if (key, _comparable(key, value)) not in choices:
             shown = ", ".join(str(v if k != "valueCoding" else v.get("code")) for k, v in options)
-            problems.append(f"{path}: {value!r} is not one of the allowed answers ({shown})")
+            problems.append(f"{path}: the answer is not one of the allowed answers ({shown})")
     low, high = _bound(item, EXT_MIN_VALUE), _bound(item, EXT_MAX_VALUE)
     if low is not None and low[0] == key and _comparable(key, value) < _comparable(*low):
-        problems.append(f"{path}: {value!r} is below the minimum {low[1]!r}")
+        problems.append(f"{path}: the answer is below the minimum {low[1]!r}")
     if high is not None and high[0] == key and _comparable(key, value) > _comparable(*high):
-        problems.append(f"{path}: {value!r} is above the maximum {high[1]!r}")
+        problems.append(f"{path}: the answer is above the maximum {high[1]!r}")
     max_length = item.get("maxLength")
     if isinstance(value, str) and isinstance(max_length, int) and len(value) > max_length:
         problems.append(f"{path}: longer than {max_length} characters")

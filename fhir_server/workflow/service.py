@@ -355,9 +355,7 @@ class Workflow:
         """After a caller reported a case issue: the ISSUE_OPENED event."""
         case = self._issue_case(event.tx, event.resource or {})
         subject = f"Task/{event.resource_id}"
-        self._emit(
-            event.tx, CaseEventKind.ISSUE_OPENED, case, caller=event.caller, subject=subject
-        )
+        self._emit(event.tx, CaseEventKind.ISSUE_OPENED, case, caller=event.caller, subject=subject)
 
     def case_task_written(self, event: HookEvent) -> None:
         """A plain PUT/PATCH of the case Task: the same rules as the operations."""
@@ -374,9 +372,7 @@ class Workflow:
     def issue_deleted(self, event: HookEvent) -> None:
         """Deleting a case issue: its provider or an admin only."""
         previous = event.previous or {}
-        status.check_issue_write(
-            event.caller, self._issue_case(event.tx, previous), previous, None
-        )
+        status.check_issue_write(event.caller, self._issue_case(event.tx, previous), previous, None)
 
     def request_written(self, event: HookEvent) -> None:
         """A PUT/PATCH of a case ServiceRequest: the workflow's elements are the server's."""
@@ -556,8 +552,7 @@ class Workflow:
                 raise FhirError(
                     422,
                     "business-rule",
-                    f"{documents.document_name(body)}: ServiceRequest/{case_id} is not "
-                    "a case",
+                    f"{documents.document_name(body)}: ServiceRequest/{case_id} is not a case",
                     code="MSO-DOC-424",
                     expression=["DocumentReference.context.related"],
                 )

@@ -382,3 +382,14 @@ def build_world(app: Any, client: TestClient) -> World:
 def case_number(world: World, sr_id: str) -> str:
     body = world.get("admin", f"ServiceRequest/{sr_id}").json()
     return next(i["value"] for i in body["identifier"] if i["system"] == CASE_NUMBER_SYSTEM)
+
+
+def linked_by_supporting_info(bundle: dict[str, Any]) -> dict[str, Any]:
+    """``bundle`` (a :meth:`World.submission`) with its documents linked the way the ``mso-case``
+    profile names: listed in the ServiceRequest's ``supportingInfo``, no ``context.related``."""
+    request = next(e for e in bundle["entry"] if e["resource"]["resourceType"] == "ServiceRequest")
+    docs = [e for e in bundle["entry"] if e["resource"]["resourceType"] == "DocumentReference"]
+    for entry in docs:
+        entry["resource"].pop("context", None)
+    request["resource"]["supportingInfo"] = [{"reference": e["fullUrl"]} for e in docs]
+    return bundle
