@@ -663,3 +663,107 @@ def test_a_large_transaction_provenance_is_seen_through_its_targets(world: World
             assert sorted(t["reference"] for t in provenances[0]["target"]) == sorted(written)
     for ref in written:
         assert world.clients["reqB"].get(f"/fhir/{ref.split('/_history')[0]}").status_code == 404
+
+
+# -- the repository-level search seam (Tx.search, Tx.iter_search) -------------------------------
+
+
+def _principal(app: Any, world: World, role: str) -> Any:
+    token = world.clients[role].headers["Authorization"].split()[1]
+    return app.state.tokens.verify(token).principal
+
+
+def _refs(resources: Any) -> list[str]:
+    return [s.reference for s in resources]
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_the_repository_search_applies_the_callers_access(app, world: World, role: str) -> None:
+    """Tx.search and Tx.iter_search return what the caller may see, as the HTTP search does."""
+    principal = _principal(app, world, role)
+    mine = {world.ref(k) for k, roles in EXPECTED.items() if role in roles}
+    others = {world.ref(k) for k in EXPECTED} - mine
+    paged: set[str] = set()
+    streamed: list[str] = []
+    with app.state.repo.unit(caller=principal, snapshot=False) as tx:
+        for rtype in sorted(set(TYPES.values())):
+            page = tx.search(rtype, [("_count", "1000")])
+            assert page.next_cursor is None
+            paged |= set(_refs(page.matches))
+            streamed.extend(_refs(tx.iter_search(rtype, batch=2)))
+    assert not (paged & others), paged & others
+    assert mine <= paged
+    assert len(streamed) == len(set(streamed))  # no resource twice across batches
+    assert set(streamed) == paged
+
+
+def test_a_requester_sees_only_its_organizations_cases_through_the_seam(app, world: World) -> None:
+    u = world.ids["caseA1"].split("-")[-1]  # this world's suffix: other tests' cases aside
+    for role, expected in (("reqA", {"caseA1", "caseA2"}), ("reqB", {"caseB1"})):
+        principal = _principal(app, world, role)
+        with app.state.repo.unit(caller=principal, snapshot=False) as tx:
+            page = tx.search("ServiceRequest", [("_count", "1000")])
+            streamed = list(tx.iter_search("ServiceRequest", batch=1))
+        found = {k for s in page.matches if (k := world.key_of(s.res_type, s.res_id))}
+        assert found == expected
+        assert {s.res_id for s in streamed if s.res_id.endswith(u)} == {
+            world.ids[k] for k in expected
+        }
+        pids = [s.pid for s in streamed]
+        assert pids == sorted(pids)  # pid order
+
+
+def test_the_seam_pages_by_cursor_and_includes_within_reach(app, world: World) -> None:
+    principal = _principal(app, world, "reqA")
+    with app.state.repo.unit(caller=principal, snapshot=False) as tx:
+        whole = _refs(tx.search("Task", [("_count", "1000")]).matches)
+        walked: list[str] = []
+        page = tx.search("Task", [("_total", "accurate")], count=1)
+        total = page.total
+        while True:
+            walked.extend(_refs(page.matches))
+            if page.next_cursor is None:
+                break
+            page = tx.search("Task", [], count=1, cursor=page.next_cursor)
+        included = tx.search(
+            "Task", [("_id", world.ids["taskA1"]), ("_include", "Task:focus")]
+        ).included
+    assert walked == whole and total == len(whole)
+    assert _refs(included) == [world.ref("caseA1")]
+
+
+def test_the_seam_checks_the_type_the_permission_and_strict_parameters(app, world: World) -> None:
+    from fhir_server.auth.principal import Principal
+    from fhir_server.auth.scopes import ScopeSet
+    from fhir_server.fhir.outcome import FhirError
+
+    principal = _principal(app, world, "reqA")
+    observations_only = Principal(
+        subject=principal.subject,
+        role=principal.role,
+        scopes=ScopeSet.parse("user/Observation.rs"),
+        client_id="matrix",
+        fhir_user=principal.fhir_user,
+        practitioner_role=principal.practitioner_role,
+        organization=principal.organization,
+    )
+    repo = app.state.repo
+    with repo.unit(caller=principal, snapshot=False) as tx:
+        with pytest.raises(FhirError) as unknown:
+            tx.search("NoSuchType", [])
+        assert unknown.value.code == "MSO-SEARCH-004"
+        with pytest.raises(FhirError) as strict:
+            tx.search("Patient", [("no-such-param", "x")], strict=True)
+        assert strict.value.status == 400
+        with pytest.raises(FhirError) as streamed:
+            list(tx.iter_search("Patient", [("no-such-param", "x")]))
+        assert streamed.value.status == 400
+        lenient = tx.search("Patient", [("no-such-param", "x"), ("_id", world.ids["p3"])])
+        assert [i.name for i in lenient.query.issues] == ["no-such-param"]
+        assert _refs(lenient.matches) == [world.ref("p3")]
+    with repo.unit(caller=observations_only, snapshot=False) as tx:
+        with pytest.raises(FhirError) as denied:
+            tx.search("Patient", [])
+        assert denied.value.status == 403
+        # without the check (a search inside another interaction) the filter still applies
+        assert tx.search("Patient", [], check=False).matches == []
