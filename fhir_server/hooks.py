@@ -3,8 +3,10 @@
 A hook runs inside the write's database transaction (``before_*`` may change the resource or
 raise a :class:`~fhir_server.fhir.outcome.FhirError` to refuse it; ``after_*`` sees the stored
 version) or after commit (``after_commit``: notifications, subscriptions). ``before_read`` and
-``before_search`` may refuse or narrow an access. Validation, access policy and audit register
-here; the case state machine does not (it is called directly by every path, see DESIGN.md).
+``before_search`` may refuse or narrow an access. The repository fires them on every path
+(single writes, transaction and batch entries, PATCH). Audit registers here, and so does the
+workflow, once per write point: its table of guards (:mod:`fhir_server.workflow.guards`), whose
+case decisions are made by the pure state machine :mod:`fhir_server.workflow.status`.
 """
 
 from __future__ import annotations
