@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from typing import Any
+from unittest.mock import Mock
 
 import pytest
 
 from fhir_server.fhir.outcome import FhirError
 from fhir_server.hooks import HookEvent, HookPoint, Hooks
-from fhir_server.workflow import amendments
 from fhir_server.workflow.amendments import (
     amendment_reason,
     check_report_change,
@@ -16,6 +16,7 @@ from fhir_server.workflow.amendments import (
     with_amendment_reason,
 )
 from fhir_server.workflow.codes import EXT_EVENT_STATUS_REASON
+from fhir_server.workflow.guards import Guards, guard_table
 
 
 def _report(status: str, conclusion: str = "No surgery.", **extra: Any) -> dict[str, Any]:
@@ -139,7 +140,8 @@ def test_with_amendment_reason_replaces_the_previous_reason() -> None:
 
 def test_registered_hooks_only_look_at_diagnostic_reports() -> None:
     hooks = Hooks()
-    amendments.register(hooks)
+    # the workflow's guard table, its other services stubbed (their rows do not match here)
+    Guards(guard_table(Mock(), Mock(), Mock())).install(hooks)
     hooks.fire(
         HookEvent(HookPoint.BEFORE_UPDATE, "Observation", "o", {"status": "x"}, {"status": "final"})
     )
