@@ -11,6 +11,10 @@ one, and releases what it did not attempt when asked to stop. When a round finds
 thread sleeps ``mail_poll_interval`` seconds (or until :meth:`MailWorker.wake`). Without an
 SMTP host it does not start: emails stay queued and a warning is logged once. About once an
 hour it deletes sent emails older than ``mail_retention_days`` (failed ones stay).
+
+Every failed attempt is logged (error class and SMTP code: :func:`.smtp.describe`, never the
+addresses) and kept in the row (``attempts``, ``last_error``), which ``mso outbox status``
+reports.
 """
 
 from __future__ import annotations
@@ -139,6 +143,12 @@ class MailWorker:
                         session.send(message)
                     except _MESSAGE_ERRORS as exc:
                         remaining.pop(0)
+                        log.warning(
+                            "Mail %s refused on attempt %d: %s",
+                            mail.message_id,
+                            mail.attempts,
+                            describe(exc),
+                        )
                         self._failed(mail, exc)
                         continue
                     remaining.pop(0)
