@@ -106,6 +106,19 @@ def case_ids(body: dict[str, Any]) -> list[str]:
     return [cid for r in related if (cid := ref_id(r, "ServiceRequest"))]
 
 
+def check_still_linked(body: dict[str, Any], previous: dict[str, Any] | None) -> None:
+    """A case document stays with its cases: a write may not drop a case from
+    ``context.related`` (the document would leave the case's rules and count)."""
+    dropped = set(case_ids(previous or {})) - set(case_ids(body))
+    if dropped:
+        raise _invalid(
+            "MSO-DOC-425",
+            f"{document_name(body)} is a document of ServiceRequest/{min(dropped)} and stays "
+            "linked to it; delete the document instead",
+            "DocumentReference.context.related",
+        )
+
+
 def supporting_documents(request: dict[str, Any] | None) -> set[str]:
     """The ids of the DocumentReferences a ServiceRequest lists in ``supportingInfo``."""
     return {
@@ -176,7 +189,8 @@ class ContentReader:
             )
         with self.tx.internal():
             stored = self.tx.current("Binary", binary_id)
-        if stored is None or stored.deleted:
+        # a document may carry only content its writer can read: linking would share it
+        if stored is None or stored.deleted or not self.tx.visible(stored):
             raise _invalid(
                 "MSO-DOC-424",
                 f"{name}: Binary/{binary_id} is not known",
@@ -261,6 +275,32 @@ def check_count(tx: Tx, case_id: str, body: dict[str, Any]) -> None:
             f"{document_name(body)}: a case holds at most {MAX_DOCUMENTS_PER_CASE} documents",
             "DocumentReference.context.related",
         )
+
+
+def secure_contents(tx: Tx, doc_id: str, body: dict[str, Any]) -> None:
+    """Give each Binary a case document's attachments name, and that has no
+    ``securityContext`` (a raw upload: ``POST [base]/Binary``), the document as its security
+    context (http://hl7.org/fhir/R4/binary.html#security), so whoever may read the document
+    may read its content: the case's provider as well as its uploader. The raw content is
+    kept (the new version points at the same blob)."""
+    for content in body.get("content") or ():
+        binary_id = ref_id(((content or {}).get("attachment") or {}).get("url") or "", "Binary")
+        if binary_id is None:
+            continue
+        with tx.internal():
+            stored = tx.current("Binary", binary_id, for_update=True)
+            if stored is None or stored.deleted or stored.resource.get("securityContext"):
+                continue
+            blob = tx.blob_of(stored)
+            secured = {
+                **stored.resource,
+                "securityContext": {"reference": f"DocumentReference/{doc_id}"},
+            }
+            updated, _ = tx.update("Binary", binary_id, secured, if_match=stored.version)
+            if blob is not None:
+                tx.attach_blob(
+                    updated, sha256=blob.sha256, size=int(blob.size), content_type=blob.content_type
+                )
 
 
 def documents_pointing_at(tx: Tx, binary_id: str) -> bool:

@@ -545,6 +545,7 @@ class Workflow:
             documents.is_case_document(body) or (previous and documents.is_case_document(previous))
         ):
             return
+        documents.check_still_linked(body, previous)
         case_ids = documents.case_ids(body) or documents.case_ids(previous or {})
         for case_id in case_ids:
             request = current(tx, "ServiceRequest", case_id)
@@ -563,6 +564,8 @@ class Workflow:
         documents.check_contents(body, documents.ContentReader(tx, self.blobs))
         for case_id in case_ids:
             documents.check_count(tx, case_id, body)
+        if doc_id := body.get("id") or (previous or {}).get("id"):
+            documents.secure_contents(tx, doc_id, body)
 
     def _link_document(self, tx: Tx, case_id: str, doc_id: str) -> None:
         """DocumentReference ``doc_id``, listed in the case's ``supportingInfo``, becomes a case

@@ -253,13 +253,6 @@ curl -s "$BASE/$FILE" -H "$DOC" -H 'Accept: application/pdf' -o large.pdf -w '%{
 the raw-uploaded file (prints the read's HTTP status)."""
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="a Binary uploaded raw and referenced by a case DocumentReference's attachment.url "
-    "is not readable by the assigned provider (404): its access rows come from "
-    "Binary.securityContext only (reported on issue 14)",
-)
 def test_the_assigned_provider_reads_a_raw_uploaded_case_file(live: Live, tmp_path: Path) -> None:
     """The README's large-file path must give the specialist the file, as the inline one does."""
     blocks = sh_blocks(README.read_text(), ("A case from submission to invoice",))

@@ -234,3 +234,53 @@ def test_supporting_info_naming_an_unknown_document_is_refused(world: World) -> 
     assert response.status_code in (400, 404, 422), response.text
     if response.status_code == 422:
         assert error_code(response) == "MSO-DOC-424"
+
+
+def test_the_assigned_provider_reads_a_raw_uploaded_case_file(world: World) -> None:
+    """The large-file path (raw ``POST Binary`` + ``attachment.url``) shares the file with the
+    case's provider through the document (``Binary.securityContext``), and with nobody else;
+    the raw bytes stay what was uploaded."""
+    data = pdf_bytes()
+    binary = _raw_binary(world, data)
+    response = world.post("reqA", "", _submission_with_raw(world, binary, size=len(data)))
+    assert response.status_code == 200, response.text
+    sr_id = _sr_id(response)
+    (doc,) = _documents_of(world, "reqA", sr_id)
+    task_id = world.get("admin", "Task", params={"focus": f"ServiceRequest/{sr_id}"}).json()
+    task_id = task_id["entry"][0]["resource"]["id"]
+    assert world.get("prov1", binary).status_code == 404  # not assigned yet
+    assign = world.op("admin", task_id, "assign", provider=f"PractitionerRole/{world.prov1}")
+    assert assign.is_success, assign.text
+    raw = world.client.get(f"/fhir/{binary}", headers={**world.as_("prov1"), "Accept": PDF})
+    assert raw.status_code == 200, raw.text
+    assert raw.content == data
+    secured = world.get("prov1", binary).json()
+    assert secured["securityContext"] == {"reference": f"DocumentReference/{doc['id']}"}
+    assert world.get("prov2", binary).status_code == 404
+
+
+def test_a_document_cannot_carry_another_users_binary(world: World) -> None:
+    """Naming a Binary one cannot read would share it with one's own case: refused as unknown."""
+    headers = {**world.as_("prov2"), "Content-Type": PDF}
+    other = world.client.post("/fhir/Binary", content=pdf_bytes(), headers=headers)
+    assert other.status_code == 201, other.text
+    binary = f"Binary/{other.json()['id']}"
+    response = world.post("reqA", "", _submission_with_raw(world, binary, size=None))
+    assert response.status_code == 422, response.text
+    assert error_code(response) == "MSO-DOC-424"
+    assert world.get("reqA", binary).status_code == 404
+
+
+def test_a_case_document_cannot_be_unlinked_from_its_case(world: World) -> None:
+    """Dropping the case from ``context.related`` would take the document out of the case's
+    rules and count: refused, and the document stays the case's."""
+    response = world.post("reqA", "", world.submission(documents=[("a.pdf", pdf_bytes(), PDF)]))
+    assert response.status_code == 200, response.text
+    sr_id = _sr_id(response)
+    (doc,) = _documents_of(world, "reqA", sr_id)
+    doc.pop("meta", None)
+    doc.pop("context")
+    response = world.put("reqA", f"DocumentReference/{doc['id']}", doc)
+    assert response.status_code == 422, response.text
+    assert error_code(response) == "MSO-DOC-425"
+    assert [d["id"] for d in _documents_of(world, "reqA", sr_id)] == [doc["id"]]
