@@ -98,6 +98,7 @@ def create_app(settings: Settings | None = None) -> FrontDoor:
         tokens=tokens,
         audit=audit,
         services=services,
+        on_admit=messaging.user_seen,
     )
     return FrontDoor(app, FhirASGI(endpoint))
 

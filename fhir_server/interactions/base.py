@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from fhir_server.storage.blobs import BlobStore
 from fhir_server.storage.repository import Repository, Tx
+from fhir_server.workflow.services import Services
 
 if TYPE_CHECKING:
     from fhir_server.config import Settings
@@ -147,10 +148,10 @@ class InteractionContext:
     """What a handler needs: the repository, settings, the base URL and the caller.
 
     ``tx`` is set when the handler runs inside a transaction Bundle: handlers then use it instead
-    of opening their own unit of work. ``services`` holds the application's domain services by
-    name (e.g. ``"workflow"``) for operations that need them. ``router`` is the route table
-    (set by the REST layer): transaction and batch entries other than a plain POST, and the
-    CapabilityStatement, need it.
+    of opening their own unit of work. ``services`` holds the application's domain services
+    (the workflow, billing, the case-event bus) for operations that need them. ``router`` is
+    the route table (set by the REST layer): transaction and batch entries other than a plain
+    POST, and the CapabilityStatement, need it.
     """
 
     repo: Repository
@@ -158,5 +159,5 @@ class InteractionContext:
     base_url: str
     tx: Tx | None = None
     caller: Any = None
-    services: dict[str, Any] = field(default_factory=dict)
+    services: Services = field(default_factory=Services)
     router: Router | None = None

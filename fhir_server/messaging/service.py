@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from sqlalchemy import Engine
 
+from fhir_server.auth.principal import Principal, Role
 from fhir_server.config import Settings
 from fhir_server.messaging.notifications import Notifier
+from fhir_server.messaging.presence import touch_presence
 from fhir_server.messaging.worker import MailWorker
 from fhir_server.workflow.events import CaseEvents
 
@@ -18,11 +20,18 @@ class Messaging:
     """Notifications subscribed to the case events, and this process's outbox worker."""
 
     def __init__(self, engine: Engine, settings: Settings, events: CaseEvents) -> None:
+        self.engine = engine
         self.events = events
         self.notifier = Notifier(settings)
         self.notifier.subscribe(events)
         self.worker = MailWorker(engine, settings)
         self.enabled = settings.mail_worker
+
+    def user_seen(self, principal: Principal) -> None:
+        """A user made an authenticated request: "online" for notifications, so a user seen
+        lately gets no e-mail (cheap: a dictionary lookup, a queued write once a minute)."""
+        if principal.role is not Role.SYSTEM:
+            touch_presence(self.engine, principal.subject)
 
     def start(self) -> None:
         """Start the outbox worker (application start-up)."""

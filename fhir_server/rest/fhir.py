@@ -27,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from fhir_server.audit.events import Interaction
-from fhir_server.auth.principal import Principal, Role
+from fhir_server.auth.principal import Principal
 from fhir_server.config import Settings
 from fhir_server.fhir import jsonio
 from fhir_server.fhir.outcome import FhirError
@@ -39,10 +39,10 @@ from fhir_server.interactions.base import (
     InteractionContext,
     Prefer,
     Repository,
+    Services,
     Written,
 )
 from fhir_server.interactions.table import ROUTER, Route, interaction_of, resolve_route
-from fhir_server.messaging.presence import touch_presence
 
 log = logging.getLogger(__name__)
 
@@ -102,14 +102,16 @@ class FhirEndpoint:
         *,
         tokens: Any = None,
         audit: Any = None,
-        services: dict[str, Any] | None = None,
+        services: Services | None = None,
+        on_admit: Callable[[Principal], None] | None = None,
     ) -> None:
         self.repo = repo
         self.settings = settings
         self.blobs = blobs
         self.tokens = tokens
         self.audit = audit
-        self.services = services if services is not None else {}
+        self.services = services if services is not None else Services()
+        self.on_admit = on_admit
         self._threads: ThreadPoolExecutor | None = None
 
     def base_url(self, request: Request) -> str:
@@ -264,9 +266,8 @@ class FhirEndpoint:
     def _admit(self, ctx: InteractionContext, seen: _Seen, principal: Principal) -> None:
         """Make ``principal`` the request's caller."""
         seen.principal = ctx.caller = principal
-        if principal.role is not Role.SYSTEM:
-            # "online" for notifications: a user seen lately gets no email (cheap, async)
-            touch_presence(self.repo.engine, principal.subject)
+        if self.on_admit is not None:
+            self.on_admit(principal)
 
     def _admit_and_handle(
         self,

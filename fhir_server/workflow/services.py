@@ -9,7 +9,7 @@ typed, and reaches operations as ``ctx.services``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from fhir_server.workflow.events import CaseEvents
 
@@ -31,9 +31,3 @@ class Services:
     workflow: Workflow | None = None
     billing: Billing | None = None
     guards: Guards | None = None
-
-
-def services_of(value: Any) -> Services:
-    """``value`` when it is a :class:`Services`, else an empty one (a context built without
-    the application's services, whose ``services`` is still the former plain dict)."""
-    return value if isinstance(value, Services) else Services()

@@ -27,14 +27,13 @@ from fhir_server.interactions.common import run_read, run_write, write_response
 from fhir_server.interactions.operations import Operation, register
 from fhir_server.workflow.codes import CANONICAL_BASE
 from fhir_server.workflow.service import Workflow
-from fhir_server.workflow.services import services_of
 from fhir_server.workflow.status import Action, Move, ref_id
 
 DEFINITION_BASE = f"{CANONICAL_BASE}/OperationDefinition"
 
 
 def _workflow(ctx: InteractionContext) -> Workflow:
-    workflow = services_of(ctx.services).workflow
+    workflow = ctx.services.workflow
     if workflow is None:
         raise FhirError(501, "not-supported", "The case workflow is not enabled", code="MSO-OP-501")
     return workflow

@@ -27,7 +27,6 @@ from fhir_server.interactions.common import run_write
 from fhir_server.interactions.operations import Operation, register
 from fhir_server.workflow.billing import Billing
 from fhir_server.workflow.codes import OPERATION_RECORD_PAYMENT
-from fhir_server.workflow.services import services_of
 
 
 def _bad(message: str, code: str = "MSO-BILL-010") -> FhirError:
@@ -79,7 +78,7 @@ def _reference(param: dict[str, Any] | None) -> str | None:
 
 
 def _billing(ctx: InteractionContext) -> Billing:
-    billing = services_of(ctx.services).billing
+    billing = ctx.services.billing
     if billing is None:
         raise FhirError(501, "not-supported", "Billing is not enabled", code="MSO-OP-501")
     return billing
