@@ -51,6 +51,7 @@ def build_engine(url: str, *, pool_size: int = 16, generic_plans: bool = False) 
             pool_recycle=3600,
             isolation_level="AUTOCOMMIT",
             connect_args=connect_args,
+            hide_parameters=True,  # a statement's values (resource JSON) stay out of errors
         )
         event.listen(engine, "begin", _emit_begin)
     _engines.append(engine)
@@ -66,7 +67,11 @@ def dispose_all() -> None:
 def _sqlite_engine(url: str, database: str | None) -> Engine:
     if database and database != ":memory:":
         Path(database).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+    engine = create_engine(
+        url,
+        connect_args={"check_same_thread": False, "timeout": 30},
+        hide_parameters=True,  # a statement's values (resource JSON) stay out of errors
+    )
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
