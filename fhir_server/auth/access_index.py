@@ -33,6 +33,7 @@ from sqlalchemy import (
 from fhir_server.auth.case_projection import project_case
 from fhir_server.auth.principal import Principal, Role
 from fhir_server.auth.resource_kinds import is_chat, is_notification
+from fhir_server.codes import USERNAME_SYSTEM
 from fhir_server.fhir.definitions import load_json
 from fhir_server.search.registry import SearchRegistry
 from fhir_server.storage.access import AccessUnit
@@ -41,7 +42,6 @@ from fhir_server.storage.engine import execute_constant
 from fhir_server.storage.index_schema import idx_reference
 from fhir_server.storage.records import StoredResource
 from fhir_server.storage.schema import resource
-from fhir_server.workflow.codes import USERNAME_SYSTEM
 
 # RECIPIENT rows naming a user account rather than a FHIR identity.
 USER_REF_TYPE = "user"

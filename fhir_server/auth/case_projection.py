@@ -12,10 +12,10 @@ from sqlalchemy import Connection
 
 from fhir_server.auth.principal import Principal, Role
 from fhir_server.auth.resource_kinds import has_code, id_of
+from fhir_server.codes import TASK_CODE_CASE, TASK_CODE_SYSTEM
 from fhir_server.storage.access import AccessUnit
 from fhir_server.storage.access_schema import case_access
 from fhir_server.storage.records import StoredResource
-from fhir_server.workflow.codes import TASK_CODE_CASE, TASK_CODE_SYSTEM
 
 
 def project_case(unit: AccessUnit, stored: StoredResource) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fhir_server.workflow.codes import COMMUNICATION_CATEGORY_SYSTEM, COMMUNICATION_NOTIFICATION
+from fhir_server.codes import COMMUNICATION_CATEGORY_SYSTEM, COMMUNICATION_NOTIFICATION
 
 
 def is_notification(res_type: str, body: dict[str, Any]) -> bool:

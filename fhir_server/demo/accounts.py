@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from fhir_server.auth.principal import Principal, Role
 from fhir_server.auth.scopes import ScopeSet
 from fhir_server.auth.users import User, UserStore
-from fhir_server.workflow.codes import CANONICAL_BASE
+from fhir_server.codes import CANONICAL_BASE
 
 if TYPE_CHECKING:
     from fhir_server.auth.clients import ClientStore

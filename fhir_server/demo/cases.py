@@ -22,11 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fhir_server.auth.principal import Principal
-from fhir_server.interactions.base import FhirRequest, InteractionContext
-from fhir_server.interactions.create import create_in
-from fhir_server.interactions.transaction import transaction_or_batch
-from fhir_server.workflow.cases import case_task_of
-from fhir_server.workflow.codes import (
+from fhir_server.codes import (
     CANONICAL_BASE,
     CASE_CATEGORY_SECOND_OPINION,
     CASE_CATEGORY_SYSTEM,
@@ -40,6 +36,10 @@ from fhir_server.workflow.codes import (
     IntakeItem,
     concept,
 )
+from fhir_server.interactions.base import FhirRequest, InteractionContext
+from fhir_server.interactions.create import create_in
+from fhir_server.interactions.transaction import transaction_or_batch
+from fhir_server.workflow.cases import case_task_of
 from fhir_server.workflow.status import TRANSITIONS, Action, Move, status_of
 
 if TYPE_CHECKING:

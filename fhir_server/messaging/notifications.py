@@ -20,17 +20,17 @@ from __future__ import annotations
 from email.utils import parseaddr
 from typing import Any
 
-from fhir_server.config import Settings
-from fhir_server.messaging import emails, outbox, presence
-from fhir_server.messaging.recipients import Recipient, resolve
-from fhir_server.messaging.rules import notices_for
-from fhir_server.storage.repository import Tx, format_instant, utc_now
-from fhir_server.workflow.codes import (
+from fhir_server.codes import (
     COMMUNICATION_CATEGORY_SYSTEM,
     COMMUNICATION_NOTIFICATION,
     USERNAME_SYSTEM,
     concept,
 )
+from fhir_server.config import Settings
+from fhir_server.messaging import emails, outbox, presence
+from fhir_server.messaging.recipients import Recipient, resolve
+from fhir_server.messaging.rules import notices_for
+from fhir_server.storage.repository import Tx, format_instant, utc_now
 from fhir_server.workflow.events import CaseEvent, CaseEvents
 
 

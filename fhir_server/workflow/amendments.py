@@ -33,8 +33,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from fhir_server.codes import EXT_EVENT_STATUS_REASON
 from fhir_server.fhir.outcome import FhirError
-from fhir_server.workflow.codes import EXT_EVENT_STATUS_REASON
 
 if TYPE_CHECKING:
     from fhir_server.hooks import HookEvent

@@ -49,11 +49,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from fhir_server.codes import EXT_CASE_REFERENCE, CaseStatus
 from fhir_server.fhir.outcome import FhirError
 from fhir_server.hooks import HookEvent
 from fhir_server.storage.repository import as_utc, format_instant, utc_now
 from fhir_server.workflow.cases import case_number_of, current, is_case_request, state_of_case
-from fhir_server.workflow.codes import EXT_CASE_REFERENCE, CaseStatus
 from fhir_server.workflow.events import CaseEventKind, CaseEvents, case_event
 from fhir_server.workflow.status import CaseState, Party, parties_of, ref_id
 

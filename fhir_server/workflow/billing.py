@@ -11,7 +11,7 @@ the specialties they price as ``useContext`` entries (code ``focus``, value a sp
 and one ``propertyGroup`` per priority, whose ``applicability`` is a FHIRPath condition on the
 case ServiceRequest (``text/fhirpath``). The case's specialty is its ``ServiceRequest.code``
 (MSO specialty system), else the provider's ``PractitionerRole.specialty``; a specialty no
-definition lists is priced by :data:`~fhir_server.workflow.codes.CHARGE_DEFINITION_DEFAULT`.
+definition lists is priced by :data:`~fhir_server.codes.CHARGE_DEFINITION_DEFAULT`.
 Every applicable group contributes its price components: ``base``, ``surcharge`` and ``tax``
 add, ``discount`` and ``deduction`` subtract, ``informational`` is ignored; a component with a
 ``factor`` and no ``amount`` is that factor of the base. Amounts carry no currency (or the
@@ -28,7 +28,7 @@ case with an Invoice that is not cancelled or entered-in-error is not billed aga
 
 **The case reference.** R4 ChargeItem, Invoice and PaymentNotice have no element that may
 reference a ServiceRequest (``ChargeItem.context`` is Encounter/EpisodeOfCare only), so each
-carries the extension :data:`~fhir_server.workflow.codes.EXT_CASE_REFERENCE` with
+carries the extension :data:`~fhir_server.codes.EXT_CASE_REFERENCE` with
 ``valueReference`` = ``ServiceRequest/<case id>``, indexed by the MSO search parameter
 ``case`` (``Invoice?case=ServiceRequest/<id>``). That indexed reference is what puts them in the
 case for the access policy.
@@ -57,8 +57,8 @@ from typing import TYPE_CHECKING, Any
 from fhirpathpy import compile as fp_compile
 from fhirpathpy.models import models as fp_models
 
+from fhir_server import codes
 from fhir_server.fhir.outcome import FhirError
-from fhir_server.workflow import codes
 from fhir_server.workflow.events import CaseEvent, CaseEventKind, CaseEvents
 
 if TYPE_CHECKING:
@@ -242,7 +242,7 @@ def _now() -> str:
 
 
 def case_extension(case_id: str) -> dict[str, Any]:
-    """The :data:`~fhir_server.workflow.codes.EXT_CASE_REFERENCE` extension for a case."""
+    """The :data:`~fhir_server.codes.EXT_CASE_REFERENCE` extension for a case."""
     return {
         "url": codes.EXT_CASE_REFERENCE,
         "valueReference": {"reference": f"ServiceRequest/{case_id}"},

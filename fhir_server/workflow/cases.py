@@ -11,9 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 
-from fhir_server.fhir.outcome import FhirError
-from fhir_server.storage.access_schema import case_access
-from fhir_server.workflow.codes import (
+from fhir_server.codes import (
     CASE_CATEGORY_SECOND_OPINION,
     CASE_CATEGORY_SYSTEM,
     CASE_NUMBER_SYSTEM,
@@ -23,6 +21,8 @@ from fhir_server.workflow.codes import (
     CaseIssueStatus,
     CaseStatus,
 )
+from fhir_server.fhir.outcome import FhirError
+from fhir_server.storage.access_schema import case_access
 from fhir_server.workflow.status import (
     CaseState,
     has_code,

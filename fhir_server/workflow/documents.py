@@ -17,8 +17,8 @@ ServiceRequest or of the DocumentReference; see :mod:`fhir_server.workflow.guard
 * the type is decided by the bytes (magic numbers), never by the name or the declared
   ``contentType``: PDF, DOCX (a ZIP holding ``[Content_Types].xml`` and ``word/``), JPEG, PNG,
   TIFF, DICOM (``DICM`` after the 128-byte preamble); the declared type must agree;
-* at most :data:`~fhir_server.workflow.codes.MAX_DOCUMENT_BYTES` a file (actual and declared);
-* at most :data:`~fhir_server.workflow.codes.MAX_DOCUMENTS_PER_CASE` documents a case;
+* at most :data:`~fhir_server.codes.MAX_DOCUMENT_BYTES` a file (actual and declared);
+* at most :data:`~fhir_server.codes.MAX_DOCUMENTS_PER_CASE` documents a case;
 * added or changed only while the case is New, Assigned or Returned (409 otherwise).
 
 A violation is a 422 (409 for the case status) naming the document by id and content index
@@ -38,8 +38,7 @@ import zipfile
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from fhir_server.fhir.outcome import FhirError
-from fhir_server.workflow.codes import (
+from fhir_server.codes import (
     DOCUMENT_CATEGORY_SYSTEM,
     DOCUMENT_CONTENT_TYPES,
     MAX_DOCUMENT_BYTES,
@@ -47,6 +46,7 @@ from fhir_server.workflow.codes import (
     PROFILE_CASE_DOCUMENT,
     DocumentCategory,
 )
+from fhir_server.fhir.outcome import FhirError
 from fhir_server.workflow.status import ref_id
 
 if TYPE_CHECKING:

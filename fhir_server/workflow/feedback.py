@@ -1,7 +1,7 @@
 """The requester's feedback on a completed case (issue 5, step 7).
 
 DESIGN.md: feedback is a QuestionnaireResponse to the MSO feedback Questionnaire
-(:data:`~fhir_server.workflow.codes.FEEDBACK_QUESTIONNAIRE`: a rating 1 to 5, required, and
+(:data:`~fhir_server.codes.FEEDBACK_QUESTIONNAIRE`: a rating 1 to 5, required, and
 optional comments), ``basedOn`` the case ServiceRequest. The rules, enforced by guards (rows of
 :mod:`fhir_server.workflow.guards`) on every write path (server work, ``caller`` ``None``,
 passes):
@@ -33,11 +33,11 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
+from fhir_server.codes import FEEDBACK_QUESTIONNAIRE, CaseStatus, FeedbackItem
 from fhir_server.fhir.outcome import FhirError, Issue
 from fhir_server.hooks import HookEvent
 from fhir_server.storage.repository import format_instant, utc_now
 from fhir_server.workflow.cases import current, is_case_request, state_of_case
-from fhir_server.workflow.codes import FEEDBACK_QUESTIONNAIRE, CaseStatus, FeedbackItem
 from fhir_server.workflow.events import CaseEventKind, CaseEvents, case_event
 from fhir_server.workflow.status import CaseState, Party, parties_of, ref_id
 

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select
 
+from fhir_server.codes import TASK_STATUS_OF_CASE_STATUS, CaseStatus
 from fhir_server.storage.access_schema import case_access
-from fhir_server.workflow.codes import TASK_STATUS_OF_CASE_STATUS, CaseStatus
 
 if TYPE_CHECKING:
     from fhir_server.storage.repository import StoredResource, Tx

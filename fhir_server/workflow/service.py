@@ -26,6 +26,18 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from fhir_server.auth.principal import Principal
+from fhir_server.codes import (
+    CASE_ISSUE_STATUS_SYSTEM,
+    CASE_NUMBER_PATTERN,
+    CASE_NUMBER_SYSTEM,
+    CASE_STATUS_SYSTEM,
+    PROFILE_CASE_ISSUE,
+    TASK_CODE_CASE_ISSUE,
+    TASK_CODE_SYSTEM,
+    CaseIssueStatus,
+    CaseStatus,
+    concept,
+)
 from fhir_server.fhir.outcome import FhirError
 from fhir_server.hooks import HookEvent
 from fhir_server.storage.repository import format_instant, utc_now
@@ -39,18 +51,6 @@ from fhir_server.workflow.cases import (
     requester_org,
     state_of,
     state_of_case,
-)
-from fhir_server.workflow.codes import (
-    CASE_ISSUE_STATUS_SYSTEM,
-    CASE_NUMBER_PATTERN,
-    CASE_NUMBER_SYSTEM,
-    CASE_STATUS_SYSTEM,
-    PROFILE_CASE_ISSUE,
-    TASK_CODE_CASE_ISSUE,
-    TASK_CODE_SYSTEM,
-    CaseIssueStatus,
-    CaseStatus,
-    concept,
 )
 from fhir_server.workflow.events import CaseEventKind, CaseEvents, case_event
 from fhir_server.workflow.status import Action, CaseState, Move

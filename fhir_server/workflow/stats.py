@@ -47,18 +47,18 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 
-from fhir_server.search.registry import SearchRegistry
-from fhir_server.search.types.token import h_sys_value
-from fhir_server.storage.access_schema import case_access
-from fhir_server.storage.index_schema import idx_date, idx_reference, idx_token
-from fhir_server.storage.schema import resource, resource_history
-from fhir_server.workflow.codes import (
+from fhir_server.codes import (
     CASE_STATUS_SYSTEM,
     TASK_CODE_CASE,
     TASK_CODE_SYSTEM,
     TASK_STATUS_OF_CASE_STATUS,
     CaseStatus,
 )
+from fhir_server.search.registry import SearchRegistry
+from fhir_server.search.types.token import h_sys_value
+from fhir_server.storage.access_schema import case_access
+from fhir_server.storage.index_schema import idx_date, idx_reference, idx_token
+from fhir_server.storage.schema import resource, resource_history
 
 MS_PER_HOUR = 3_600_000
 HOURS_DECIMALS = 3

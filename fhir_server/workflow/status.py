@@ -31,7 +31,7 @@ element changed outside a transition (409); ``MSO-CASE-411`` the case is closed 
 parameter is missing (422); ``MSO-ISSUE-403`` / ``-409`` / ``-422`` the same for case issues.
 
 ``Task.status`` and ``Task.businessStatus`` of a case Task or case issue name one status (the
-columns of the tables above and in :mod:`fhir_server.workflow.codes`). A write may change
+columns of the tables above and in :mod:`fhir_server.codes`). A write may change
 either: when they disagree, the one the write changed decides and the other follows
 (:func:`target_of_write`). When both changed and disagree, or a new Task's pair disagrees, or
 one names no status, the write is refused: ``MSO-CASE-423`` / ``MSO-ISSUE-423`` (422, the
@@ -47,8 +47,7 @@ from enum import StrEnum
 from typing import Any, TypeVar
 
 from fhir_server.auth.principal import Principal, Role
-from fhir_server.fhir.outcome import FhirError
-from fhir_server.workflow.codes import (
+from fhir_server.codes import (
     CASE_ISSUE_STATUS_SYSTEM,
     CASE_STATUS_SYSTEM,
     CLOSED_CASE_STATUSES,
@@ -63,6 +62,7 @@ from fhir_server.workflow.codes import (
     CaseStatus,
     concept,
 )
+from fhir_server.fhir.outcome import FhirError
 from fhir_server.workflow.event_kinds import CaseEventKind
 
 CASE_STATUS_OF_TASK_STATUS = {task: case for case, task in TASK_STATUS_OF_CASE_STATUS.items()}

@@ -21,10 +21,7 @@ import string
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from fhir_server.fhir.outcome import FhirError
-from fhir_server.storage.repository import format_instant
-from fhir_server.workflow.cases import current
-from fhir_server.workflow.codes import (
+from fhir_server.codes import (
     CASE_NUMBER_SYSTEM,
     CASE_STATUS_SYSTEM,
     PROFILE_CASE_TASK,
@@ -33,6 +30,9 @@ from fhir_server.workflow.codes import (
     CaseStatus,
     concept,
 )
+from fhir_server.fhir.outcome import FhirError
+from fhir_server.storage.repository import format_instant
+from fhir_server.workflow.cases import current
 from fhir_server.workflow.status import ref_id
 
 if TYPE_CHECKING:

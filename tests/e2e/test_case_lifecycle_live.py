@@ -22,7 +22,7 @@ import httpx
 import pytest
 from pypdf import PdfReader
 
-from fhir_server.workflow.codes import (
+from fhir_server.codes import (
     CASE_NUMBER_SYSTEM,
     CASE_STATUS_SYSTEM,
     COMMUNICATION_CATEGORY_SYSTEM,

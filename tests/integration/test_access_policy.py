@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from fhir_server.workflow.codes import (
+from fhir_server.codes import (
     TASK_CODE_CASE,
     TASK_CODE_CASE_ISSUE,
     TASK_CODE_SYSTEM,

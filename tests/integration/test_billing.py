@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from fhir_server import codes
 from fhir_server.conformance import install, read_resources
-from fhir_server.workflow import codes
 from fhir_server.workflow.amendments import with_amendment_reason
 from fhir_server.workflow.billing import Billing
 from fhir_server.workflow.events import CaseEvent, CaseEventKind, CaseEvents

@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
+from fhir_server import codes
 from fhir_server.conformance import ConformanceResource, install, read_resources
 from fhir_server.storage.repository import Repository, Tx
 from fhir_server.storage.schema import resource_history
-from fhir_server.workflow import codes
 from tests.conftest import make_settings
 
 CANONICAL_TYPES = tuple(sorted({r.res_type for r in read_resources()}))

@@ -15,12 +15,12 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from fhir_server.cli import main
+from fhir_server.codes import CASE_STATUS_SYSTEM, CaseStatus
 from fhir_server.demo import seed_demo
 from fhir_server.demo.accounts import DEMO_USERS, VIEWER_CLIENT_ID, VIEWER_REDIRECT_URI
 from fhir_server.storage.auth_schema import auth_client, auth_user
 from fhir_server.storage.engine import build_engine
 from fhir_server.storage.schema import resource_history
-from fhir_server.workflow.codes import CASE_STATUS_SYSTEM, CaseStatus
 from tests.conftest import make_settings
 
 

@@ -22,6 +22,7 @@ from fhir_server.auth.principal import Principal, Role
 from fhir_server.auth.scopes import ScopeSet
 from fhir_server.auth.users import UserError, UserStore
 from fhir_server.cli import main
+from fhir_server.codes import COMMUNICATION_CATEGORY_SYSTEM
 from fhir_server.config import Settings
 from fhir_server.messaging import outbox
 from fhir_server.messaging.notifications import USERNAME_SYSTEM, Notifier
@@ -31,7 +32,6 @@ from fhir_server.storage.engine import build_engine
 from fhir_server.storage.messaging_schema import mail_outbox, user_presence
 from fhir_server.storage.repository import Repository, utc_now
 from fhir_server.wiring import build_repository
-from fhir_server.workflow.codes import COMMUNICATION_CATEGORY_SYSTEM
 from fhir_server.workflow.events import CaseEvent, CaseEventKind, CaseEvents
 from tests.conftest import BACKENDS, _make_db, make_settings
 from tests.smtp_server import Collector, SmtpServer, body_of, free_port

@@ -19,12 +19,12 @@ import pytest
 from sqlalchemy import select
 
 from fhir_server.cli_reindex import reindex_rows
+from fhir_server.codes import TASK_CODE_CASE, TASK_CODE_CASE_ISSUE, TASK_CODE_SYSTEM
 from fhir_server.storage import indexer
 from fhir_server.storage.access_schema import access_scope, case_access
 from fhir_server.storage.index_schema import INDEX_TABLES, idx_token
 from fhir_server.storage.repository import Tx
 from fhir_server.storage.schema import resource
-from fhir_server.workflow.codes import TASK_CODE_CASE, TASK_CODE_CASE_ISSUE, TASK_CODE_SYSTEM
 
 Snapshot = dict[str, list[tuple[Any, ...]]]
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from fhir_server.workflow.codes import COMMUNICATION_CATEGORY_SYSTEM
+from fhir_server.codes import COMMUNICATION_CATEGORY_SYSTEM
 from tests.integration.workflow_world import World, build_world, case_number
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from fhir_server.workflow.codes import MAX_DOCUMENT_BYTES
+from fhir_server.codes import MAX_DOCUMENT_BYTES
 from tests.integration.workflow_world import (
     DOCX,
     PDF,

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from fhir_server.workflow.codes import FEEDBACK_QUESTIONNAIRE, FeedbackItem
+from fhir_server.codes import FEEDBACK_QUESTIONNAIRE, FeedbackItem
 from fhir_server.workflow.events import CaseEvent, CaseEventKind
 from tests.integration.workflow_world import World, build_world
 

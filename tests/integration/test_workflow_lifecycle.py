@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from fhir_server.workflow.codes import CASE_STATUS_SYSTEM, CaseStatus
+from fhir_server.codes import CASE_STATUS_SYSTEM, CaseStatus
 from tests.integration.workflow_world import World, build_world, case_number, pdf_bytes
 
 
@@ -279,7 +279,7 @@ def test_forbidden_moves_through_put_patch_and_transaction(world: World) -> None
     before = world.task(task_id)
 
     def moved(to: CaseStatus, **extra: Any) -> dict[str, Any]:
-        from fhir_server.workflow.codes import TASK_STATUS_OF_CASE_STATUS
+        from fhir_server.codes import TASK_STATUS_OF_CASE_STATUS
 
         body = {**before, **extra}
         body["status"] = TASK_STATUS_OF_CASE_STATUS[to]

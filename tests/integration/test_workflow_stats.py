@@ -43,15 +43,15 @@ from typing import Any
 
 import pytest
 
-from fhir_server.workflow import service as workflow_service
-from fhir_server.workflow import stats
-from fhir_server.workflow.codes import (
+from fhir_server.codes import (
     CASE_STATUS_SYSTEM,
     REPORT_TYPE_RECOMMENDATION,
     REPORT_TYPE_SYSTEM,
     SPECIALTY_SYSTEM,
     CaseStatus,
 )
+from fhir_server.workflow import service as workflow_service
+from fhir_server.workflow import stats
 from tests.auth_helpers import token_for
 from tests.integration.workflow_world import World, build_world
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from fhir_server.workflow.codes import CASE_ISSUE_STATUS_SYSTEM, CASE_STATUS_SYSTEM
+from fhir_server.codes import CASE_ISSUE_STATUS_SYSTEM, CASE_STATUS_SYSTEM
 from tests.integration.workflow_world import World, build_world
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from fastapi.testclient import TestClient
 
-from fhir_server.workflow.codes import (
+from fhir_server.codes import (
     CASE_CATEGORY_SECOND_OPINION,
     CASE_CATEGORY_SYSTEM,
     CASE_NUMBER_SYSTEM,

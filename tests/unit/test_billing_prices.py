@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
+from fhir_server import codes
 from fhir_server.conformance import read_resources
 from fhir_server.fhir.outcome import FhirError
-from fhir_server.workflow import codes
 from fhir_server.workflow.billing import (
     applies,
     case_extension,

@@ -1,5 +1,5 @@
 """The MSO conformance files (``profiles/``, ``terminology/``): valid R4, consistent, and in step
-with :mod:`fhir_server.workflow.codes`."""
+with :mod:`fhir_server.codes`."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import orjson
 import pytest
 from fhirpathpy import evaluate
 
-from fhir_server import __version__
+from fhir_server import __version__, codes
 from fhir_server.conformance import (
     ConformanceResource,
     conformance_files,
@@ -22,7 +22,6 @@ from fhir_server.conformance import (
 )
 from fhir_server.fhir.definitions import load_json
 from fhir_server.fhir.validation import validate_resource, validation_issues
-from fhir_server.workflow import codes
 
 BASE = codes.CANONICAL_BASE + "/"
 SD_BASE = "http://hl7.org/fhir/StructureDefinition/"
@@ -384,7 +383,7 @@ def test_intake_and_feedback_items() -> None:
     assert [o["valueInteger"] for o in rating["answerOption"]] == list(codes.FEEDBACK_RATINGS)
 
 
-# -- the constants of fhir_server.workflow.codes ------------------------------------------------
+# -- the constants of fhir_server.codes ------------------------------------------------
 
 
 def test_every_canonical_constant_names_a_resource() -> None:

@@ -7,6 +7,7 @@ from unittest.mock import Mock
 
 import pytest
 
+from fhir_server.codes import EXT_EVENT_STATUS_REASON
 from fhir_server.fhir.outcome import FhirError
 from fhir_server.hooks import HookEvent, HookPoint, Hooks
 from fhir_server.workflow.amendments import (
@@ -15,7 +16,6 @@ from fhir_server.workflow.amendments import (
     check_report_delete,
     with_amendment_reason,
 )
-from fhir_server.workflow.codes import EXT_EVENT_STATUS_REASON
 from fhir_server.workflow.guards import Guards, guard_table
 
 

@@ -7,13 +7,13 @@ from unittest.mock import Mock
 
 import pytest
 
-from fhir_server.fhir.outcome import FhirError
-from fhir_server.hooks import HookEvent, HookPoint, Hooks
-from fhir_server.workflow.codes import (
+from fhir_server.codes import (
     CASE_ISSUE_STATUS_SYSTEM,
     TASK_STATUS_OF_ISSUE_STATUS,
     CaseIssueStatus,
 )
+from fhir_server.fhir.outcome import FhirError
+from fhir_server.hooks import HookEvent, HookPoint, Hooks
 from fhir_server.workflow.guards import Guards, Row, case_issue, case_task, guard_table, of_type
 from fhir_server.workflow.status import target_of_write
 

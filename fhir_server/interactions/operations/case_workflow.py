@@ -21,11 +21,11 @@ from typing import Any
 
 from fhir_server.auth.policy import require_platform
 from fhir_server.auth.scopes import Permission
+from fhir_server.codes import CANONICAL_BASE
 from fhir_server.fhir.outcome import FhirError
 from fhir_server.interactions.base import FhirRequest, FhirResponse, InteractionContext
 from fhir_server.interactions.common import run_read, run_write, write_response
 from fhir_server.interactions.operations import Operation, register
-from fhir_server.workflow.codes import CANONICAL_BASE
 from fhir_server.workflow.service import Workflow
 from fhir_server.workflow.status import Action, Move, ref_id
 
@@ -117,9 +117,9 @@ def _answer(ctx: InteractionContext, req: FhirRequest) -> FhirResponse:
 
 def _suggest(ctx: InteractionContext, req: FhirRequest) -> FhirResponse:
     """GET [base]/Task/[id]/$suggest-providers (administrators)."""
+    from fhir_server.codes import CaseStatus
     from fhir_server.workflow import providers
     from fhir_server.workflow.cases import case_task_state, current
-    from fhir_server.workflow.codes import CaseStatus
 
     require_platform(ctx.caller, "rank providers", "MSO-CASE-403")
     task_id = req.resource_id or ""

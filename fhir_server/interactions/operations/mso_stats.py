@@ -17,6 +17,7 @@ from typing import Any
 
 from fhir_server.auth.policy import require_platform
 from fhir_server.auth.scopes import Permission
+from fhir_server.codes import CANONICAL_BASE
 from fhir_server.fhir.outcome import FhirError
 from fhir_server.interactions.base import FhirRequest, FhirResponse, InteractionContext
 from fhir_server.interactions.common import run_read
@@ -24,7 +25,6 @@ from fhir_server.interactions.operations import Operation, register
 from fhir_server.search.types.date import date_range
 from fhir_server.storage.repository import utc_now
 from fhir_server.workflow import stats
-from fhir_server.workflow.codes import CANONICAL_BASE
 
 OPERATION_MSO_STATS = f"{CANONICAL_BASE}/OperationDefinition/mso-stats"
 

@@ -21,12 +21,12 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from fhir_server.auth.policy import require_platform
+from fhir_server.codes import OPERATION_RECORD_PAYMENT
 from fhir_server.fhir.outcome import FhirError
 from fhir_server.interactions.base import FhirRequest, FhirResponse, InteractionContext
 from fhir_server.interactions.common import run_write
 from fhir_server.interactions.operations import Operation, register
 from fhir_server.workflow.billing import Billing
-from fhir_server.workflow.codes import OPERATION_RECORD_PAYMENT
 
 
 def _bad(message: str, code: str = "MSO-BILL-010") -> FhirError:

@@ -4,6 +4,9 @@ The JSON files under ``terminology/`` and ``profiles/`` are the source of truth 
 the server stores and serves, see :mod:`fhir_server.conformance`); this module spells their URLs
 and codes once so that code never retypes them. ``tests/unit/test_conformance_files.py`` checks
 every constant here against the files.
+
+A leaf module (it imports nothing of the server): the access policy, the workflow, messaging
+and the demo data all name the same codes through it.
 """
 
 from __future__ import annotations
