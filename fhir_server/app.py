@@ -30,7 +30,7 @@ from fhir_server.workflow.guards import Guards, guard_table
 from fhir_server.workflow.service import Workflow
 from fhir_server.workflow.services import Services
 
-__all__ = ["FrontDoor", "app_from_env", "build_repository", "build_services", "create_app"]
+__all__ = ["FrontDoor", "app_from_env", "build_services", "create_app"]
 
 
 def build_services(

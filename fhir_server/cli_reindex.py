@@ -30,7 +30,7 @@ def reindex(settings: Any, resource_type: str | None, *, batch: int = BATCH) -> 
 
     Returns the number of resources reindexed.
     """
-    from fhir_server.app import build_repository
+    from fhir_server.wiring import build_repository
 
     repo = build_repository(settings)
     done = 0
@@ -83,4 +83,4 @@ def reindex_rows(tx: Tx, rows: Sequence[Any]) -> None:
                 row.pid, row.res_type, row.res_id, row.version,
                 as_utc(row.last_updated), False, row.content, _parsed=body,
             )  # fmt: skip
-            policy.on_write(tx, stored, created=False)
+            policy.index.on_write(tx, stored, created=False)

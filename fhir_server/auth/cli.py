@@ -320,8 +320,8 @@ def _audit_token(
     settings: Settings, success: bool, client_id: str, subject: str | None, detail: str
 ) -> None:
     """Record the token event in the audit trail, as the token endpoint does."""
-    from fhir_server.app import build_repository
     from fhir_server.audit.log import AuditLog
+    from fhir_server.wiring import build_repository
 
     repo = build_repository(settings)
     audit = AuditLog(repo)

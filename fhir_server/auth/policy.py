@@ -142,11 +142,6 @@ class AccessPolicy:
         self.index = AccessIndex(registry)
         self._filters: dict[tuple[Any, int], tuple[Any, ColumnElement[bool]]] = {}
 
-    def on_write(self, unit: AccessUnit, stored: StoredResource, *, created: bool) -> None:
-        """Rewrite the access rows of ``stored`` now (``mso reindex``): see
-        :meth:`AccessIndex.on_write`."""
-        self.index.on_write(unit, stored, created=created)
-
     # -- visibility ------------------------------------------------------------------------
 
     def visible(

@@ -23,7 +23,7 @@ CANONICAL_TYPES = tuple(sorted({r.res_type for r in read_resources()}))
 
 
 def _repository(db_url: str, tmp_path: Path) -> Repository:
-    from fhir_server.app import build_repository
+    from fhir_server.wiring import build_repository
 
     return build_repository(make_settings(db_url, tmp_path, db_pool_size=4))
 
