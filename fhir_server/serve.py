@@ -21,6 +21,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import threading
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -83,6 +84,36 @@ def app_factory() -> Any:
     return AccessLog(app) if settings.access_log else app
 
 
+class BufferedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A stream handler that writes each record without flushing it: a daemon thread flushes
+    the stream every ``interval`` seconds (and ``logging.shutdown`` at exit). Flushing every
+    access-log line costs a write system call per request on the event loop."""
+
+    def __init__(self, stream: Any = None, interval: float = 0.5) -> None:
+        super().__init__(stream)
+        self.interval = interval
+        self._flusher: threading.Thread | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Write the formatted record (called under the handler's lock)."""
+        try:
+            self.stream.write(self.format(record) + self.terminator)
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(record)
+        if self._flusher is None:
+            self._flusher = threading.Thread(
+                target=self._flush_periodically, name="access-log-flush", daemon=True
+            )
+            self._flusher.start()
+
+    def _flush_periodically(self) -> None:
+        while True:
+            time.sleep(self.interval)
+            self.flush()
+
+
 def log_config() -> dict[str, Any]:
     """uvicorn's logging configuration plus the access logger (to stdout, with a timestamp)."""
     from uvicorn.config import LOGGING_CONFIG
@@ -91,7 +122,7 @@ def log_config() -> dict[str, Any]:
     config["formatters"]["mso_access"] = {"format": "%(asctime)s %(message)s"}
     config["handlers"]["mso_access"] = {
         "formatter": "mso_access",
-        "class": "logging.StreamHandler",
+        "()": BufferedStreamHandler,
         "stream": "ext://sys.stdout",
     }
     config["loggers"][ACCESS_LOGGER] = {

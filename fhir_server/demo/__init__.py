@@ -59,6 +59,7 @@ def seed_demo(settings: Settings) -> SeedResult:
     from fhir_server.demo import accounts
     from fhir_server.demo.cases import CaseSeeder
     from fhir_server.interactions.base import FhirRequest, InteractionContext
+    from fhir_server.interactions.table import ROUTER
     from fhir_server.interactions.transaction import transaction_or_batch
 
     app = create_app(settings)
@@ -67,7 +68,11 @@ def seed_demo(settings: Settings) -> SeedResult:
     try:
         install(repo)
         ctx = InteractionContext(
-            repo=repo, settings=settings, base_url=settings.base_url or "", services=services
+            repo=repo,
+            settings=settings,
+            base_url=settings.base_url or "",
+            services=services,
+            router=ROUTER,
         )
         bundle = orjson.loads(DEMO_BUNDLE.read_bytes())
         response = transaction_or_batch(ctx, FhirRequest(method="POST", body=bundle))

@@ -38,6 +38,7 @@ from fhir_server.codes import (
 )
 from fhir_server.interactions.base import FhirRequest, InteractionContext
 from fhir_server.interactions.create import create_in
+from fhir_server.interactions.table import ROUTER
 from fhir_server.interactions.transaction import transaction_or_batch
 from fhir_server.workflow.cases import case_task_of
 from fhir_server.workflow.status import TRANSITIONS, Action, Move, status_of
@@ -211,6 +212,7 @@ class CaseSeeder:
             base_url=self.settings.base_url or "",
             caller=requester,
             services=self.services,
+            router=ROUTER,
         )
         bundle = submission_bundle(case, patient, f"PractitionerRole/{requester.practitioner_role}")
         response = transaction_or_batch(ctx, FhirRequest(method="POST", body=bundle))
