@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fhir_server.fhir.outcome import FhirError
+from fhir_server.search import budget
+from fhir_server.search.budget import SearchLimits, limit_error
 from fhir_server.search.registry import SearchParam, SearchRegistry
 from fhir_server.search.types import KINDS
 from fhir_server.search.types.base import split_escaped
@@ -109,26 +111,96 @@ class _Bad(Exception):
 
 
 def parse_query(
-    registry: SearchRegistry, types: tuple[str, ...], params: list[tuple[str, str]]
+    registry: SearchRegistry,
+    types: tuple[str, ...],
+    params: list[tuple[str, str]],
+    limits: SearchLimits | None = None,
 ) -> SearchQuery:
-    """Parse ``params`` for a search over ``types`` (one type, or several for ``_type``)."""
+    """Parse ``params`` for a search over ``types`` (one type, or several for ``_type``).
+
+    A search over ``limits`` (default: the current request's, see :mod:`.budget`) is a 400
+    ``too-costly`` whatever the handling asked: it is refused before any value is checked.
+    """
+    limits = limits if limits is not None else budget.current_limits()
     query = SearchQuery(types=types)
+    includes = 0
     for name, value in params:
         try:
             if "\x00" in name or "\x00" in value:
                 raise _Bad("NUL characters are not allowed in search parameters", BAD_VALUE)
             if name in RESULT_PARAMS or name.split(":")[0] in ("_include", "_revinclude"):
+                if name.startswith(("_include", "_revinclude")):
+                    includes += 1
+                    _check_includes(includes, limits, name)
                 _result_param(registry, query, name, value)
             else:
                 clause = parse_clause(registry, types, name, value)
+                check_limits(clause, limits, len(query.clauses))
                 check_values(registry, types, clause)
                 query.clauses.append(clause)
                 query.used.append((name, value))
         except _Bad as bad:
             query.issues.append(Issue(name, bad.message, bad.code))
         except FhirError as err:
+            if err.issue_code == "too-costly":
+                raise
             query.issues.append(Issue(name, err.message, err.code or "MSO-SEARCH-002"))
     return query
+
+
+def _check_includes(count: int, limits: SearchLimits, name: str) -> None:
+    if count > limits.max_includes:
+        raise limit_error(
+            budget.TOO_MANY_INCLUDES,
+            f"More than {limits.max_includes} _include / _revinclude parameters",
+            name,
+        )
+
+
+def check_limits(clause: Clause, limits: SearchLimits, before: int) -> None:
+    """400 ``too-costly`` when ``clause``, after ``before`` criteria, makes the search exceed
+    ``limits``: criteria (a ``_filter`` counts its leaves), OR-values, chain depth."""
+    leaves = list(_leaves(clause))
+    if before + len(leaves) > limits.max_criteria:
+        raise limit_error(
+            budget.TOO_MANY_CRITERIA,
+            f"More than {limits.max_criteria} search criteria",
+            clause.name,
+        )
+    for leaf, depth in leaves:
+        if depth > limits.max_chain_depth:
+            raise limit_error(
+                budget.CHAIN_TOO_DEEP,
+                f"More than {limits.max_chain_depth} chained or _has links in one criterion",
+                leaf.name,
+            )
+        end = leaf
+        while end.chain is not None or end.has is not None:
+            end = end.chain if end.chain is not None else end.has.inner  # type: ignore[union-attr]
+        if len(end.values) > limits.max_values:
+            raise limit_error(
+                budget.TOO_MANY_VALUES,
+                f"More than {limits.max_values} values in one criterion",
+                leaf.name,
+            )
+
+
+def _leaves(clause: Clause) -> Any:
+    """(criterion, its chain depth) for ``clause``, or for each leaf of a ``_filter``."""
+    if clause.filter is not None:
+        stack = [clause.filter]
+        while stack:
+            node = stack.pop()
+            if isinstance(node, Clause):
+                yield from _leaves(node)
+            else:
+                stack.extend(node.children)
+        return
+    depth, link = 0, clause
+    while link.chain is not None or link.has is not None:
+        depth += 1
+        link = link.chain if link.chain is not None else link.has.inner  # type: ignore[union-attr]
+    yield clause, depth
 
 
 def _result_param(registry: SearchRegistry, q: SearchQuery, name: str, value: str) -> None:

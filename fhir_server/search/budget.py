@@ -1,0 +1,129 @@
+"""What one search may cost: limits checked when the query is parsed, and the per-request
+budget (statement timeout, cancellation when the client has gone).
+
+http://hl7.org/fhir/R4/search.html leaves a server free to refuse a search it finds too costly
+(``too-costly``). The REST layer makes a :class:`SearchBudget` current for each request
+(:func:`budget_scope`); the storage layer registers the database connection a search statement
+runs on (:meth:`SearchBudget.running`), so that the REST layer can cancel that statement when
+the client disconnects. Without a current budget (in-process callers, tests) the default
+limits apply and nothing is cancelled.
+
+Pure: no engine, no connection of its own; a cancel function is whatever the caller hands in.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+from fhir_server.fhir.outcome import FhirError
+
+TOO_MANY_CRITERIA = "MSO-SEARCH-020"
+TOO_MANY_VALUES = "MSO-SEARCH-021"
+CHAIN_TOO_DEEP = "MSO-SEARCH-022"
+TOO_MANY_INCLUDES = "MSO-SEARCH-023"
+TOO_MANY_INCLUDED = "MSO-SEARCH-024"
+TIMED_OUT = "MSO-SEARCH-025"
+CANCELLED = "MSO-SEARCH-026"
+
+
+@dataclass(frozen=True, slots=True)
+class SearchLimits:
+    """Bounds on what one search may ask for (the defaults of the ``MSO_SEARCH_MAX_*``
+    settings)."""
+
+    max_criteria: int = 40  # AND-ed criteria (each _filter leaf counts)
+    max_values: int = 100  # OR-ed values of one criterion
+    max_chain_depth: int = 3  # chained and _has links in one criterion
+    max_includes: int = 10  # _include and _revinclude parameters
+    max_included: int = 1000  # resources _include / _revinclude may add to a page
+
+
+@dataclass(slots=True)
+class SearchBudget:
+    """One request's search budget: its limits, the statement timeout (milliseconds, 0: none)
+    and the cancel functions of the statements running for it."""
+
+    limits: SearchLimits = field(default_factory=SearchLimits)
+    timeout_ms: int = 0
+    cancelled: bool = False
+    _running: dict[int, Callable[[], None]] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @contextmanager
+    def running(self, cancel: Callable[[], None]) -> Iterator[None]:
+        """Register ``cancel`` (it stops the statement about to run) for the block; a
+        :data:`CANCELLED` error at once when the budget was already cancelled."""
+        key = id(cancel)
+        with self._lock:
+            if self.cancelled:
+                raise cancelled_error()
+            self._running[key] = cancel
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._running.pop(key, None)
+
+    def cancel(self) -> int:
+        """Stop every registered statement and refuse later ones; how many were stopped."""
+        with self._lock:
+            self.cancelled = True
+            cancels = list(self._running.values())
+        for cancel in cancels:
+            cancel()
+        return len(cancels)
+
+
+_current: ContextVar[SearchBudget | None] = ContextVar("mso_search_budget", default=None)
+_DEFAULT = SearchLimits()
+
+
+def current_budget() -> SearchBudget | None:
+    """The budget of the request being served (``None`` outside one)."""
+    return _current.get()
+
+
+def current_limits() -> SearchLimits:
+    """The limits of the request being served, else the defaults."""
+    budget = _current.get()
+    return budget.limits if budget is not None else _DEFAULT
+
+
+@contextmanager
+def budget_scope(budget: SearchBudget) -> Iterator[SearchBudget]:
+    """Make ``budget`` current for the block (in this context: a worker thread's too, when it
+    runs in a copy of this context)."""
+    token = _current.set(budget)
+    try:
+        yield budget
+    finally:
+        _current.reset(token)
+
+
+def limit_error(code: str, message: str, name: str | None = None) -> FhirError:
+    """The 400 of a search over one of its limits (``too-costly``, naming the limit's code)."""
+    return FhirError(
+        400, "too-costly", message, code=code, expression=[name] if name is not None else None
+    )
+
+
+def timeout_error() -> FhirError:
+    """The 503 of a search stopped by the statement timeout (``MSO_SEARCH_TIMEOUT_MS``)."""
+    return FhirError(
+        503,
+        "too-costly",
+        "The search took longer than the server allows; narrow it (fewer or more selective "
+        "criteria, a smaller _count)",
+        code=TIMED_OUT,
+    )
+
+
+def cancelled_error() -> FhirError:
+    """The error of a search stopped because its client disconnected (nobody reads it)."""
+    return FhirError(
+        503, "too-costly", "The search was cancelled: the client disconnected", code=CANCELLED
+    )
