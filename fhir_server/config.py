@@ -49,6 +49,31 @@ class Settings(BaseSettings):
     )
     default_page_size: int = Field(20, description="Search page size when _count is absent")
     max_page_size: int = Field(1000, description="Largest _count honoured")
+    search_timeout_ms: int = Field(
+        30000,
+        ge=0,
+        description="PostgreSQL: statement_timeout of a search's statements in milliseconds "
+        "(503 MSO-SEARCH-025 when it passes; 0: none)",
+    )
+    search_max_criteria: int = Field(
+        40, ge=1, description="Most criteria in one search (400 MSO-SEARCH-020 above)"
+    )
+    search_max_values: int = Field(
+        100,
+        ge=1,
+        description="Most comma-separated OR values in one criterion (400 MSO-SEARCH-021)",
+    )
+    search_max_chain_depth: int = Field(
+        3, ge=1, description="Most chained / _has links in one criterion (400 MSO-SEARCH-022)"
+    )
+    search_max_includes: int = Field(
+        10, ge=0, description="Most _include / _revinclude parameters (400 MSO-SEARCH-023)"
+    )
+    search_max_included: int = Field(
+        1000,
+        ge=0,
+        description="Most resources _include / _revinclude add to a page (400 MSO-SEARCH-024)",
+    )
     inline_reads: bool = Field(
         True, description="Serve read/vread on the event loop instead of a worker thread"
     )

@@ -14,9 +14,10 @@ body is even read. Every request that gets that far is audited (``fhir_server.au
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import parse_qsl
@@ -43,6 +44,7 @@ from fhir_server.interactions.base import (
     Written,
 )
 from fhir_server.interactions.table import ROUTER, Route, interaction_of, resolve_route
+from fhir_server.search.budget import SearchBudget, SearchLimits, budget_scope, current_budget
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +114,7 @@ class FhirEndpoint:
         self.audit = audit
         self.services = services if services is not None else Services()
         self.on_admit = on_admit
+        self.search_limits = _search_limits(settings)
         self._threads: ThreadPoolExecutor | None = None
 
     def base_url(self, request: Request) -> str:
@@ -126,7 +129,9 @@ class FhirEndpoint:
         seen = _Seen()
         message: str | None = None
         try:
-            response = await self._handle(request, path, pretty, seen)
+            budget = SearchBudget(self.search_limits, self.settings.search_timeout_ms)
+            with budget_scope(budget):
+                response = await self._handle(request, path, pretty, seen)
         except FhirError as exc:
             response = _outcome_response(exc, pretty)
             message = exc.message
@@ -236,8 +241,10 @@ class FhirEndpoint:
             # A request without a body (search, history, delete …): authentication (its
             # revocation lookup is a database round trip) and the handler share one trip to a
             # worker thread.
-            response = await self._in_thread(
-                self._admit_and_handle, ctx, req, seen, authenticate, handler
+            response = await _cancelled_when_gone(
+                request,
+                current_budget(),
+                self._in_thread(self._admit_and_handle, ctx, req, seen, authenticate, handler),
             )
             return self._render(response, pretty, seen)
         if authenticate is not None:
@@ -286,14 +293,16 @@ class FhirEndpoint:
 
         A plain executor rather than Starlette's ``run_in_threadpool``: anyio's capacity
         limiter and cancel-scope checkpoints around each call cost about 4% of a search's CPU.
-        As many threads as the database pool has connections (with overflow).
+        As many threads as the database pool has connections (with overflow). ``work`` runs in
+        a copy of the request's context (its search budget: ``search.budget``).
         """
         if self._threads is None:
             self._threads = ThreadPoolExecutor(
                 max_workers=2 * self.settings.db_pool_size, thread_name_prefix="fhir"
             )
+        context = contextvars.copy_context()
         return await asyncio.get_running_loop().run_in_executor(
-            self._threads, functools.partial(work, *args)
+            self._threads, functools.partial(context.run, work, *args)
         )
 
     def close(self) -> None:
@@ -398,6 +407,42 @@ class FhirEndpoint:
                 media_type=FHIR_JSON,
             )
         return Response(status_code=response.status, headers=headers)
+
+
+def _search_limits(settings: Settings) -> SearchLimits:
+    """The search limits of ``settings`` (``MSO_SEARCH_MAX_*``)."""
+    return SearchLimits(
+        max_criteria=settings.search_max_criteria,
+        max_values=settings.search_max_values,
+        max_chain_depth=settings.search_max_chain_depth,
+        max_includes=settings.search_max_includes,
+        max_included=settings.search_max_included,
+    )
+
+
+async def _cancelled_when_gone(
+    request: Request, budget: SearchBudget | None, work: Awaitable[Any]
+) -> Any:
+    """Await ``work`` (a request without a body, handled on a worker thread); should the
+    client disconnect first, cancel the search statements running for it (``budget``), so
+    that the database stops working for nobody and the thread returns."""
+    if budget is None:
+        return await work
+    watch = asyncio.ensure_future(_cancel_on_disconnect(request.receive, budget))
+    try:
+        return await work
+    finally:
+        watch.cancel()
+
+
+async def _cancel_on_disconnect(
+    receive: Callable[[], Awaitable[Any]], budget: SearchBudget
+) -> None:
+    """Wait for ``http.disconnect`` (the request has no body to read), then cancel ``budget``
+    (on a thread: a PostgreSQL cancel request opens a connection)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    await asyncio.get_running_loop().run_in_executor(None, budget.cancel)
 
 
 def _patients_of(references: list[str]) -> list[str]:

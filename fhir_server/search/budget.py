@@ -13,13 +13,20 @@ Pure: no engine, no connection of its own; a cancel function is whatever the cal
 
 from __future__ import annotations
 
+import heapq
+import itertools
+import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from typing import Any
 
 from fhir_server.fhir.outcome import FhirError
+
+log = logging.getLogger(__name__)
 
 TOO_MANY_CRITERIA = "MSO-SEARCH-020"
 TOO_MANY_VALUES = "MSO-SEARCH-021"
@@ -50,6 +57,7 @@ class SearchBudget:
     limits: SearchLimits = field(default_factory=SearchLimits)
     timeout_ms: int = 0
     cancelled: bool = False
+    timed_out: bool = False
     _running: dict[int, Callable[[], None]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -60,7 +68,7 @@ class SearchBudget:
         key = id(cancel)
         with self._lock:
             if self.cancelled:
-                raise cancelled_error()
+                raise timeout_error() if self.timed_out else cancelled_error()
             self._running[key] = cancel
         try:
             yield
@@ -68,16 +76,82 @@ class SearchBudget:
             with self._lock:
                 self._running.pop(key, None)
 
+    @contextmanager
+    def timed(self) -> Iterator[None]:
+        """Stop the statements registered in the block once it has lasted ``timeout_ms``
+        (for connections that cannot keep a ``statement_timeout`` of their own)."""
+        if self.timeout_ms <= 0:
+            yield
+            return
+        entry = _WATCHDOG.arm(time.monotonic() + self.timeout_ms / 1000, self.expire)
+        try:
+            yield
+        finally:
+            entry[2] = None
+
+    def expire(self) -> int:
+        """The timeout passed: stop the registered statements, refuse later ones."""
+        self.timed_out = True
+        return self.cancel()
+
     def cancel(self) -> int:
         """Stop every registered statement and refuse later ones; how many were stopped."""
         with self._lock:
             self.cancelled = True
             cancels = list(self._running.values())
         for cancel in cancels:
-            cancel()
+            try:
+                cancel()
+            except Exception:  # the statement ended meanwhile, or its connection did
+                log.debug("Could not cancel a search statement", exc_info=True)
         return len(cancels)
 
 
+class _Watchdog:
+    """One daemon thread calling functions at their deadlines (arming one costs a heap push,
+    not a thread; a disarmed entry is dropped when its time comes)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._heap: list[list[Any]] = []
+        self._order = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def arm(self, deadline: float, call: Callable[[], object]) -> list[Any]:
+        """Call ``call`` at ``deadline`` (monotonic) unless the entry's third item is set to
+        ``None`` before."""
+        entry = [deadline, next(self._order), call]
+        with self._cond:
+            heapq.heappush(self._heap, entry)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="search-watchdog", daemon=True
+                )
+                self._thread.start()
+            elif self._heap[0] is entry:
+                self._cond.notify()
+        return entry
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._heap and self._heap[0][2] is None:
+                    heapq.heappop(self._heap)
+                if not self._heap:
+                    self._cond.wait()
+                    continue
+                delay = self._heap[0][0] - time.monotonic()
+                if delay > 0:
+                    self._cond.wait(delay)
+                    continue
+                call = heapq.heappop(self._heap)[2]
+            try:
+                call()
+            except Exception:
+                log.exception("A search watchdog call failed")
+
+
+_WATCHDOG = _Watchdog()
 _current: ContextVar[SearchBudget | None] = ContextVar("mso_search_budget", default=None)
 _DEFAULT = SearchLimits()
 

@@ -12,12 +12,22 @@ request (SQLAlchemy's ``isolation_level="AUTOCOMMIT"``) cost about 4% of a searc
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.sql import Executable
+
+from fhir_server.fhir.outcome import FhirError
+from fhir_server.search.budget import (
+    SearchBudget,
+    cancelled_error,
+    current_budget,
+    timeout_error,
+)
 
 WRITE_OPTION = "mso_write"
 AUTOCOMMIT_OPTION = "mso_autocommit"
@@ -29,7 +39,9 @@ def build_engine(url: str, *, pool_size: int = 16, generic_plans: bool = False) 
 
     ``generic_plans`` (PostgreSQL): every statement is prepared on its first execution and
     planned once per connection, for no particular values (``plan_cache_mode``); only for
-    statements whose plan does not depend on their values (see ``search.compile``).
+    statements whose plan does not depend on their values (see ``search.compile``). Such a
+    pool serves searches only: a connection taken from it during a request runs under that
+    request's search budget (:func:`_enter_search_budget`).
     """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
@@ -54,8 +66,92 @@ def build_engine(url: str, *, pool_size: int = 16, generic_plans: bool = False) 
             hide_parameters=True,  # a statement's values (resource JSON) stay out of errors
         )
         event.listen(engine, "begin", _emit_begin)
+        if generic_plans:
+            event.listen(engine.pool, "checkout", _enter_search_budget)
+            event.listen(engine.pool, "checkin", _leave_search_budget)
     _engines.append(engine)
     return engine
+
+
+# -- what a search may cost: statement timeout and cancellation ---------------------------------
+#
+# A search-only pooled connection (the generic-plan pool) keeps the statement timeout of the
+# last search that used it (one SET when it changes: none per query); a search on a unit's own
+# connection, which writes use too, sets it for the search and resets it afterwards
+# (:func:`search_guard`). While a statement runs for a request, its connection's cancel
+# function is registered with the request's budget, which the REST layer calls when the client
+# disconnects.
+
+_TIMEOUT_KEY = "mso_statement_timeout"
+_BUDGET_KEY = "mso_search_budget"
+QUERY_CANCELED = "57014"  # PostgreSQL: canceling statement due to statement timeout / user request
+
+
+def canceller(dbapi_conn: Any) -> Callable[[], None]:
+    """A function that stops the statement running on ``dbapi_conn`` from another thread:
+    psycopg's cancel request (a separate connection to the server), SQLite's interrupt."""
+    cancel_safe = getattr(dbapi_conn, "cancel_safe", None)
+    if cancel_safe is not None:
+        return lambda: cancel_safe(timeout=5)
+    return dbapi_conn.interrupt  # type: ignore[no-any-return]
+
+
+def _set_timeout(dbapi_conn: Any, info: dict[str, Any], timeout_ms: int) -> None:
+    """PostgreSQL: the connection's ``statement_timeout`` (one round trip, only on a change)."""
+    if info.get(_TIMEOUT_KEY, 0) == timeout_ms:
+        return
+    cursor = dbapi_conn.cursor()
+    try:
+        cursor.execute(f"SET statement_timeout = {int(timeout_ms)}")
+    finally:
+        cursor.close()
+    info[_TIMEOUT_KEY] = timeout_ms
+
+
+def _enter_search_budget(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+    """Pool checkout on a search-only pool: the current budget's timeout (none outside a
+    request) and its cancel registration, until checkin."""
+    budget = current_budget()
+    _set_timeout(dbapi_conn, record.info, budget.timeout_ms if budget is not None else 0)
+    if budget is not None:
+        scope = budget.running(canceller(dbapi_conn))
+        try:
+            scope.__enter__()
+        except FhirError:  # cancelled meanwhile: the caller finds out at its next statement
+            return
+        record.info[_BUDGET_KEY] = scope
+
+
+def _leave_search_budget(_dbapi_conn: Any, record: Any) -> None:
+    scope = record.info.pop(_BUDGET_KEY, None)
+    if scope is not None:
+        scope.__exit__(None, None, None)
+
+
+@contextmanager
+def search_guard(conn: Connection, budget: SearchBudget | None) -> Iterator[Connection]:
+    """Run search statements on ``conn`` (a unit's connection, which writes use too: it keeps
+    no ``statement_timeout``) under ``budget``: its statements are cancelled when the budget's
+    timeout has passed (a watchdog thread, no round trip) or the client has gone."""
+    if budget is None:
+        yield conn
+        return
+    dbapi_conn = conn.connection.dbapi_connection
+    assert dbapi_conn is not None
+    with budget.running(canceller(dbapi_conn)), budget.timed():
+        yield conn
+
+
+def cost_error(exc: BaseException, budget: SearchBudget | None) -> FhirError | None:
+    """The OperationOutcome error of a statement stopped by the budget (timeout or cancelled
+    for a client that has gone), else ``None``."""
+    if budget is None:
+        return None
+    orig = getattr(exc, "orig", None) or exc
+    stopped = getattr(orig, "sqlstate", None) == QUERY_CANCELED or "interrupted" in str(orig)
+    if not stopped:
+        return None
+    return timeout_error() if budget.timed_out or not budget.cancelled else cancelled_error()
 
 
 def dispose_all() -> None:

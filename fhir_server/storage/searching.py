@@ -20,6 +20,7 @@ also be allowed to search the type (403 otherwise) and the before-search hooks r
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any, Protocol
@@ -28,9 +29,16 @@ from sqlalchemy import Connection, and_, or_
 
 from fhir_server.fhir.definitions import load_json
 from fhir_server.fhir.outcome import FhirError
+from fhir_server.search.budget import (
+    TOO_MANY_INCLUDED,
+    current_budget,
+    current_limits,
+    limit_error,
+)
 from fhir_server.search.compile import CompileOptions, Position, compartment_condition
 from fhir_server.search.query import Issue, SearchQuery, parse_query
 from fhir_server.storage import search_exec
+from fhir_server.storage.engine import cost_error, search_guard
 from fhir_server.storage.records import StoredResource
 
 DEFAULT_COUNT = 20  # matches per page when neither the call nor ``_count`` says
@@ -142,7 +150,7 @@ def search(
         tx.fire_search(types[0] if len(types) == 1 else "", raw)
     options = _options(tx, base_url, where, compartment, types)
     try:
-        return _page(tx, query, options, count, include_limit)
+        return _budgeted_page(tx, query, options, count, include_limit)
     except FhirError as err:
         if strict or err.status != 400 or err.code not in ("MSO-SEARCH-002", "MSO-SEARCH-003"):
             raise
@@ -156,7 +164,7 @@ def search(
         query.issues.append(
             Issue((err.expression or [""])[0], err.message, err.code or "MSO-SEARCH-002")
         )
-        return _page(tx, query, options, count, include_limit)
+        return _budgeted_page(tx, query, options, count, include_limit)
 
 
 def iter_search(
@@ -244,8 +252,39 @@ def _options(
     return options
 
 
-def _page(
+def _budgeted_page(
     tx: SearchUnit, query: SearchQuery, options: CompileOptions, count: int, include_limit: int
+) -> SearchPage:
+    """:func:`_page` under the current request's search budget (see ``search.budget``): the
+    statement timeout and cancellation on the unit's connection (taken only when needed; the
+    generic-plan pool applies the budget itself), a stopped statement answered as a 503."""
+    budget = current_budget()
+    with ExitStack() as stack:
+        guarded: list[Connection] = []
+
+        def connection() -> Connection:
+            if not guarded:
+                guarded.append(stack.enter_context(search_guard(tx.conn, budget)))
+            return guarded[0]
+
+        try:
+            return _page(tx, query, options, count, include_limit, connection)
+        except FhirError:
+            raise
+        except Exception as exc:
+            error = cost_error(exc, budget)
+            if error is None:
+                raise
+            raise error from None
+
+
+def _page(
+    tx: SearchUnit,
+    query: SearchQuery,
+    options: CompileOptions,
+    count: int,
+    include_limit: int,
+    connection: Callable[[], Connection],
 ) -> SearchPage:
     repo = tx.repo
     registry = repo.registry
@@ -255,13 +294,13 @@ def _page(
     if query.cursor:
         position, max_pid, total = search_exec.decode_cursor(query.cursor)
     if query.summary == "count":
-        total = search_exec.count(tx.conn, registry, query, options, max_pid=None)
+        total = search_exec.count(connection(), registry, query, options, max_pid=None)
         return SearchPage(query, total=total)
     # an autocommit read (not inside a transaction) may run its page on the generic-plan pool
     generic = repo.generic_plan_fetch if tx.autocommit and repo.postgres else None
     options.index_driven = generic is not None
     page = search_exec.run_page(
-        lambda: tx.conn, registry, query, options, count=count, position=position,
+        connection, registry, query, options, count=count, position=position,
         max_pid=max_pid, with_resources=True, generic_plans=generic,
     )  # fmt: skip
     max_pid = page.max_pid
@@ -275,10 +314,10 @@ def _page(
             pass
         elif query.total == "estimate":
             total = search_exec.count(
-                tx.conn, registry, query, options, max_pid=max_pid, estimate=True
+                connection(), registry, query, options, max_pid=max_pid, estimate=True
             )
         else:
-            total = search_exec.count(tx.conn, registry, query, options, max_pid=max_pid)
+            total = search_exec.count(connection(), registry, query, options, max_pid=max_pid)
     result = SearchPage(query, page.resources, total=total)
     if page.has_previous and page.first is not None:
         prev = Position(page.first.keys, page.first.pid, backward=True)
@@ -286,8 +325,16 @@ def _page(
     if page.has_next and page.last is not None:
         result.next_cursor = search_exec.encode_cursor(page.last, max_pid, total)
     if query.includes:  # the unit's connection is taken only when it is needed
+        cap = min(include_limit, current_limits().max_included)
         included = search_exec.include_pids(
-            tx.conn, registry, query.includes, page.pids, options, limit=include_limit
+            connection(), registry, query.includes, page.pids, options, limit=cap + 1
         )
+        if len(included) > cap:
+            raise limit_error(
+                TOO_MANY_INCLUDED,
+                f"_include / _revinclude would add more than {cap} resources to the page; "
+                "ask for a smaller _count",
+                "_include",
+            )
         result.included = tx.load(included)
     return result
