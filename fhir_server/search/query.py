@@ -123,7 +123,8 @@ def parse_query(
     """
     limits = limits if limits is not None else budget.current_limits()
     query = SearchQuery(types=types)
-    includes = 0
+    includes = criteria = 0
+    asked: set[tuple[str, str]] = set()
     for name, value in params:
         try:
             if "\x00" in name or "\x00" in value:
@@ -135,9 +136,14 @@ def parse_query(
                 _result_param(registry, query, name, value)
             else:
                 clause = parse_clause(registry, types, name, value)
-                check_limits(clause, limits, len(query.clauses))
+                criteria += 1
+                check_limits(clause, limits, criteria - 1)
                 check_values(registry, types, clause)
-                query.clauses.append(clause)
+                if (name, value) not in asked:
+                    # the same criterion again changes nothing, but would cost PostgreSQL's
+                    # planner a semi-join more (200 of them: 18 s of planning)
+                    asked.add((name, value))
+                    query.clauses.append(clause)
                 query.used.append((name, value))
         except _Bad as bad:
             query.issues.append(Issue(name, bad.message, bad.code))
