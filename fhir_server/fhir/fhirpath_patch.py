@@ -179,8 +179,8 @@ def _parse_operations(parameters: Any) -> list[_Operation]:
             raise _malformed("an operation needs a part list", position)
         by_name: dict[str, dict[str, Any]] = {}
         for part in parts:
-            if not isinstance(part, dict) or part.get("name") not in _PART_NAMES:
-                name = part.get("name") if isinstance(part, dict) else None
+            name = part.get("name") if isinstance(part, dict) else None
+            if not isinstance(name, str) or name not in _PART_NAMES:
                 raise _malformed(f"unknown operation part {_label(name)}", position)
             if part["name"] in by_name:
                 raise _malformed(f"part {part['name']!r} given twice", position)

@@ -20,6 +20,7 @@ from fhir_server.fhir.outcome import FhirError, Issue, not_found, operation_outc
 from fhir_server.interactions.base import FhirRequest, FhirResponse, InteractionContext
 from fhir_server.interactions.common import read_response, require_body, write_response
 from fhir_server.interactions.history import link_url, page_size
+from fhir_server.storage import cursors
 from fhir_server.storage.repository import StoredResource
 
 TYPE = "AuditEvent"
@@ -111,7 +112,15 @@ def _list(ctx: InteractionContext, req: FhirRequest, *, history: bool) -> FhirRe
             400, "not-supported", "AuditEvent sorts by date only", code="MSO-SEARCH-006"
         )
     cursor = req.param("_cursor")
-    before = int(cursor) if cursor and cursor.isdigit() else None
+    key = cursors.cursor_key(ctx.repo.engine)
+    before = cursors.unseal(cursor, key, "audit") if cursor else None
+    if cursor and type(before) is not int:
+        raise FhirError(
+            400,
+            "invalid",
+            "_cursor is not a paging cursor this server issued",
+            code="MSO-SEARCH-005",
+        )
 
     def work(tx: Any) -> tuple[list[tuple[int, dict[str, Any]]], bool, int | None]:
         page, more = store.search(
@@ -131,9 +140,8 @@ def _list(ctx: InteractionContext, req: FhirRequest, *, history: bool) -> FhirRe
         bundle["total"] = total
     links = [{"relation": "self", "url": link_url(base, req.params)}]
     if more and page:
-        links.append(
-            {"relation": "next", "url": link_url(base, [*kept, ("_cursor", str(page[-1][0]))])}
-        )
+        token = cursors.seal(page[-1][0], key, "audit")
+        links.append({"relation": "next", "url": link_url(base, [*kept, ("_cursor", token)])})
     bundle["link"] = links
     entries = [_entry(ctx, body, history) for _, body in page]
     if unknown:

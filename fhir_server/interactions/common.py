@@ -11,9 +11,18 @@ from urllib.parse import parse_qsl
 from fhir_server.fhir.definitions import is_resource_type
 from fhir_server.fhir.outcome import FhirError, information
 from fhir_server.interactions.base import FhirRequest, FhirResponse, InteractionContext, Written
-from fhir_server.storage.repository import StoredResource, Tx, as_utc, format_instant
+from fhir_server.storage.repository import (
+    ID_PATTERN,
+    StoredResource,
+    Tx,
+    as_utc,
+    format_instant,
+)
 
 T = TypeVar("T")
+
+# Versions are stored in a 32-bit integer column: a larger number names no version.
+MAX_VERSION = 2**31 - 1
 
 
 def run_write(ctx: InteractionContext, work: Callable[[Tx], T]) -> T:
@@ -43,6 +52,32 @@ def check_type(resource_type: str | None) -> str:
     return resource_type
 
 
+def check_path_id(resource_id: str) -> str:
+    """400 for a URL id that is not a FHIR id (``[A-Za-z0-9\\-.]{1,64}``): no resource can have
+    it, and it never reaches SQL (PostgreSQL refuses a NUL in text). The text does not quote it."""
+    if not ID_PATTERN.match(resource_id):
+        raise FhirError(
+            400,
+            "value",
+            "The id in the URL is not a valid FHIR id ([A-Za-z0-9-.], 1 to 64 characters)",
+            code="MSO-REST-002",
+            expression=["id"],
+        )
+    return resource_id
+
+
+def parse_count(raw: str) -> int | None:
+    """The non-negative integer ``raw`` spells in ASCII digits (``None`` for anything else:
+    ``str.isdigit`` also accepts digits ``int`` refuses, such as superscripts)."""
+    return int(raw) if raw.isascii() and raw.isdigit() else None
+
+
+def parse_version(raw: str) -> int | None:
+    """The version number ``raw`` names, or ``None`` when it names none that can exist."""
+    version = parse_count(raw)
+    return version if version is not None and version <= MAX_VERSION else None
+
+
 def require_body(req: FhirRequest) -> dict[str, Any]:
     """The request's resource, whose resourceType must match the URL's type."""
     body = req.body
@@ -69,12 +104,12 @@ def parse_etag(value: str | None, header: str = "If-Match") -> int | None:
     raw = value.strip()
     if raw.startswith("W/"):
         raw = raw[2:]
-    raw = raw.strip('"')
-    if not raw.isdigit():
+    version = parse_count(raw.strip('"'))
+    if version is None:
         raise FhirError(
             400, "invalid", f"{header} value '{value}' is not a version ETag", code="MSO-REST-005"
         )
-    return int(raw)
+    return version
 
 
 def criteria_names(params: list[tuple[str, str]]) -> str:

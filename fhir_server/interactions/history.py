@@ -8,7 +8,6 @@ snapshot, and never shift what a client has still to read).
 
 from __future__ import annotations
 
-import base64
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlencode
@@ -17,8 +16,11 @@ import orjson
 
 from fhir_server.fhir.outcome import FhirError
 from fhir_server.interactions.base import FhirRequest, FhirResponse, InteractionContext
-from fhir_server.interactions.common import check_type, run_read
+from fhir_server.interactions.common import check_path_id, check_type, parse_count, run_read
+from fhir_server.storage import cursors
 from fhir_server.storage.repository import StoredResource, Tx, format_instant, utc_now
+
+_CURSOR_PURPOSE = "history"
 
 _STATUS = {"POST": "201 Created", "PUT": "200 OK", "PATCH": "200 OK", "DELETE": "204 No Content"}
 
@@ -39,21 +41,20 @@ def page_size(ctx: InteractionContext, req: FhirRequest) -> int:
     raw = req.param("_count")
     if raw is None:
         return ctx.settings.default_page_size
-    if not raw.isdigit():
-        raise FhirError(
-            400, "invalid", f"_count={raw} is not a non-negative integer", code="MSO-REST-011"
-        )
-    return min(int(raw), ctx.settings.max_page_size)
+    count = parse_count(raw)
+    if count is None:
+        raise FhirError(400, "invalid", "_count is not a non-negative integer", code="MSO-REST-011")
+    return min(count, ctx.settings.max_page_size)
 
 
 def history(ctx: InteractionContext, req: FhirRequest) -> FhirResponse:
     """GET [base]/_history, [base]/[type]/_history, [base]/[type]/[id]/_history."""
     res_type = check_type(req.resource_type) if req.resource_type else None
-    res_id = req.resource_id
+    res_id = check_path_id(req.resource_id) if req.resource_id is not None else None
     since = _opt_instant(req, "_since")
     at = _opt_instant(req, "_at")
     count = page_size(ctx, req)
-    cursor = _decode_cursor(req.param("_cursor"))
+    cursor = _decode_cursor(ctx, req.param("_cursor"))
     snapshot = cursor["snapshot"] if cursor else utc_now()
     before = cursor["before"] if cursor else None
 
@@ -121,7 +122,7 @@ def _links(
     links = [{"relation": "self", "url": link_url(base, req.params)}]
     if has_more and versions:
         last = versions[-1]
-        token = _encode_cursor(last, snapshot)
+        token = _encode_cursor(ctx, last, snapshot)
         links.append({"relation": "next", "url": link_url(base, [*keep, ("_cursor", token)])})
     return links
 
@@ -131,24 +132,22 @@ def link_url(base: str, params: list[tuple[str, str]]) -> str:
     return f"{base}?{urlencode(params)}" if params else base
 
 
-def _encode_cursor(last: StoredResource, snapshot: datetime) -> str:
-    raw = orjson.dumps(
-        [last.last_updated.isoformat(), last.pid, last.version, snapshot.isoformat()]
-    )
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+def _encode_cursor(ctx: InteractionContext, last: StoredResource, snapshot: datetime) -> str:
+    data = [last.last_updated.isoformat(), last.pid, last.version, snapshot.isoformat()]
+    return cursors.seal(data, cursors.cursor_key(ctx.repo.engine), _CURSOR_PURPOSE)
 
 
-def _decode_cursor(token: str | None) -> dict[str, Any] | None:
+def _decode_cursor(ctx: InteractionContext, token: str | None) -> dict[str, Any] | None:
     if token is None:
         return None
+    data = cursors.unseal(token, cursors.cursor_key(ctx.repo.engine), _CURSOR_PURPOSE)
     try:
-        padded = token + "=" * (-len(token) % 4)
-        lu, pid, version, snapshot = orjson.loads(base64.urlsafe_b64decode(padded))
+        lu, pid, version, snapshot = data  # type: ignore[misc]
         return {
             "before": (datetime.fromisoformat(lu), int(pid), int(version)),
             "snapshot": datetime.fromisoformat(snapshot),
         }
-    except (ValueError, TypeError, orjson.JSONDecodeError):
+    except (ValueError, TypeError):
         raise FhirError(
             400, "invalid", "_cursor is not a cursor this server issued", code="MSO-REST-012"
         ) from None

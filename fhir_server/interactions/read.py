@@ -10,9 +10,11 @@ from __future__ import annotations
 from fhir_server.fhir.outcome import FhirError
 from fhir_server.interactions.base import FhirRequest, FhirResponse, InteractionContext
 from fhir_server.interactions.common import (
+    check_path_id,
     check_type,
     parse_etag,
     parse_http_date,
+    parse_version,
     read_response,
     run_read,
     version_headers,
@@ -24,7 +26,8 @@ from fhir_server.storage.repository import StoredResource
 def read(ctx: InteractionContext, req: FhirRequest) -> FhirResponse:
     """GET [base]/[type]/[id]."""
     res_type = check_type(req.resource_type)
-    stored = run_read(ctx, lambda tx: tx.read(res_type, req.resource_id or ""), snapshot=False)
+    res_id = check_path_id(req.resource_id or "")
+    stored = run_read(ctx, lambda tx: tx.read(res_type, res_id), snapshot=False)
     if _not_modified(req, stored):
         return FhirResponse(status=304, headers=version_headers(ctx, stored, location=False))
     return _subsetted(req, read_response(ctx, stored), stored)
@@ -33,12 +36,12 @@ def read(ctx: InteractionContext, req: FhirRequest) -> FhirResponse:
 def vread(ctx: InteractionContext, req: FhirRequest) -> FhirResponse:
     """GET [base]/[type]/[id]/_history/[vid]."""
     res_type = check_type(req.resource_type)
-    version = req.version_id or ""
-    if not version.isdigit():
-        raise FhirError(404, "not-found", f"Version '{version}' is not known", code="MSO-REST-405")
-    stored = run_read(
-        ctx, lambda tx: tx.vread(res_type, req.resource_id or "", int(version)), snapshot=False
-    )
+    res_id = check_path_id(req.resource_id or "")
+    version = parse_version(req.version_id or "")
+    if version is None:
+        # not quoted: the segment is whatever the client sent
+        raise FhirError(404, "not-found", "That version is not known", code="MSO-REST-405")
+    stored = run_read(ctx, lambda tx: tx.vread(res_type, res_id, version), snapshot=False)
     return _subsetted(req, read_response(ctx, stored), stored)
 
 

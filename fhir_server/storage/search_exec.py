@@ -9,7 +9,6 @@ stored on the server (by ``url``) or from the R4 ValueSets shipped with the spec
 
 from __future__ import annotations
 
-import base64
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -31,12 +30,14 @@ from fhir_server.search.compile import (
 from fhir_server.search.query import Include, SearchQuery, parse_query
 from fhir_server.search.registry import SearchRegistry
 from fhir_server.search.shapes import page_statement
+from fhir_server.storage import cursors
 from fhir_server.storage.index_schema import idx_reference, idx_uri
 from fhir_server.storage.records import StoredResource, as_utc
 from fhir_server.storage.schema import resource
 
 log = logging.getLogger(__name__)
 MAX_INCLUDE_ROUNDS = 4
+_CURSOR_PURPOSE = "search"
 
 
 def strict_error(query: SearchQuery) -> FhirError | None:
@@ -301,21 +302,32 @@ def _one_include(
 # -- cursors ----------------------------------------------------------------------------------
 
 
-def encode_cursor(position: Position, max_pid: int | None, total: int | None) -> str:
-    """An opaque page token: keyset position + snapshot bound + total."""
+def encode_cursor(position: Position, max_pid: int | None, total: int | None, key: bytes) -> str:
+    """An opaque, signed page token: keyset position + snapshot bound + total
+    (:mod:`fhir_server.storage.cursors`; ``key`` is :func:`~.cursors.cursor_key`)."""
     keys = [{"dt": k.isoformat()} if isinstance(k, datetime) else k for k in position.keys]
     data = {"k": keys, "p": position.pid, "b": position.backward, "m": max_pid, "t": total}
-    return base64.urlsafe_b64encode(orjson.dumps(data)).decode().rstrip("=")
+    return cursors.seal(data, key, _CURSOR_PURPOSE)
 
 
-def decode_cursor(token: str) -> tuple[Position, int, int | None]:
-    """Reverse :func:`encode_cursor`; a 400 for a token that is not one."""
+def decode_cursor(token: str, key: bytes) -> tuple[Position, int, int | None]:
+    """Reverse :func:`encode_cursor`; a 400 for a token this server did not sign."""
+    data = cursors.unseal(token, key, _CURSOR_PURPOSE)
     try:
-        data = orjson.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        if not isinstance(data, dict):
+            raise TypeError
         keys = [datetime.fromisoformat(k["dt"]) if isinstance(k, dict) else k for k in data["k"]]
-        return Position(keys, int(data["p"]), bool(data["b"])), int(data["m"]), data.get("t")
-    except Exception:
-        raise FhirError(400, "invalid", "Invalid paging cursor", code="MSO-SEARCH-005") from None
+        total = data.get("t")
+        if total is not None and type(total) is not int:
+            raise TypeError
+        return Position(keys, int(data["p"]), bool(data["b"])), int(data["m"]), total
+    except (KeyError, TypeError, ValueError):
+        raise FhirError(
+            400,
+            "invalid",
+            "_cursor is not a paging cursor this server issued",
+            code="MSO-SEARCH-005",
+        ) from None
 
 
 # -- ValueSets --------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from fhir_server.search.budget import (
 from fhir_server.search.compile import CompileOptions, Position, compartment_condition
 from fhir_server.search.query import Issue, SearchQuery, parse_query
 from fhir_server.storage import search_exec
+from fhir_server.storage.cursors import cursor_key
 from fhir_server.storage.engine import cost_error, search_guard
 from fhir_server.storage.records import StoredResource
 
@@ -292,7 +293,7 @@ def _page(
     total: int | None = None
     max_pid: int | None = None
     if query.cursor:
-        position, max_pid, total = search_exec.decode_cursor(query.cursor)
+        position, max_pid, total = search_exec.decode_cursor(query.cursor, cursor_key(repo.engine))
     if query.summary == "count":
         total = search_exec.count(connection(), registry, query, options, max_pid=None)
         return SearchPage(query, total=total)
@@ -321,9 +322,13 @@ def _page(
     result = SearchPage(query, page.resources, total=total)
     if page.has_previous and page.first is not None:
         prev = Position(page.first.keys, page.first.pid, backward=True)
-        result.previous_cursor = search_exec.encode_cursor(prev, max_pid, total)
+        result.previous_cursor = search_exec.encode_cursor(
+            prev, max_pid, total, cursor_key(repo.engine)
+        )
     if page.has_next and page.last is not None:
-        result.next_cursor = search_exec.encode_cursor(page.last, max_pid, total)
+        result.next_cursor = search_exec.encode_cursor(
+            page.last, max_pid, total, cursor_key(repo.engine)
+        )
     if query.includes:  # the unit's connection is taken only when it is needed
         cap = min(include_limit, current_limits().max_included)
         included = search_exec.include_pids(
