@@ -17,6 +17,7 @@ import asyncio
 import contextvars
 import functools
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -24,7 +25,7 @@ from urllib.parse import parse_qsl
 
 import orjson
 from starlette.concurrency import iterate_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 
 from fhir_server.audit.events import Interaction
@@ -55,6 +56,10 @@ _JSON_FORMATS = frozenset(
     {"json", "application/json", "application/fhir+json", "application/json+fhir"}
 )
 _TRANSPORT_PARAMS = frozenset({"_format", "_pretty"})
+# ``\u0000`` escaped in JSON text, not preceded by an escaped backslash: a NUL in a string,
+# which no FHIR string may hold (http://hl7.org/fhir/R4/datatypes.html#string) and PostgreSQL's
+# text and jsonb refuse.
+_NUL_ESCAPE = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
 _METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _INLINE = (read.read, read.vread)
@@ -329,9 +334,12 @@ class FhirEndpoint:
         instance_read = handler in (read.read, read.vread)
         if raw_write and handler in (create.create, update.update):
             self._check_length(request, self.settings.max_binary_bytes, _file_too_large)
-            blob = await self.blobs.put_async(
-                request.stream(), max_bytes=self.settings.max_binary_bytes
-            )
+            try:
+                blob = await self.blobs.put_async(
+                    request.stream(), max_bytes=self.settings.max_binary_bytes
+                )
+            except ClientDisconnect:  # the blob store has removed its partial file
+                raise _client_gone(request) from None
             req.raw_body = binary.RawUpload(
                 blob, request.headers["content-type"], request.headers.get("x-security-context")
             )
@@ -355,11 +363,14 @@ class FhirEndpoint:
         self._check_length(request, limit, _body_too_large)
         chunks: list[bytes] = []
         size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise _body_too_large(limit)
-            chunks.append(chunk)
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise _body_too_large(limit)
+                chunks.append(chunk)
+        except ClientDisconnect:
+            raise _client_gone(request) from None
         raw = b"".join(chunks)
         content_type = _mime(request.headers.get("content-type"))
         if content_type == FORM and handler in _SEARCHES:
@@ -377,6 +388,13 @@ class FhirEndpoint:
             raise _unsupported_media("The request body has no Content-Type")
         if content_type not in binary.FHIR_JSON_TYPES and not patch_document:
             raise _unsupported_media(f"Content-Type '{content_type}' is not supported")
+        if _NUL_ESCAPE.search(raw):
+            raise FhirError(
+                400,
+                "invalid",
+                "A string in the body holds a NUL character (\\u0000), which FHIR strings may not",
+                code="MSO-REST-014",
+            )
         if req.method == "PATCH":
             req.body = jsonio.loads(raw)
             return
@@ -465,6 +483,19 @@ def _patients_in(req: FhirRequest) -> list[str]:
             elif ref and "/" not in ref and (name != "subject"):
                 out.append(ref)
     return out
+
+
+def _client_gone(request: Request) -> FhirError:
+    """A client that disconnected before its body was complete: one log line, no traceback
+    (a dropped connection is no server error); nothing is stored. The error is only audited,
+    as nobody is left to read it."""
+    log.info("Client disconnected during the body of %s %s", request.method, request.url.path)
+    return FhirError(
+        400,
+        "incomplete",
+        "The client disconnected before the request body was complete",
+        code="MSO-REST-499",
+    )
 
 
 def _unsupported_media(problem: str) -> FhirError:

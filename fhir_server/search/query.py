@@ -126,9 +126,17 @@ def parse_query(
     includes = criteria = 0
     asked: set[tuple[str, str]] = set()
     for name, value in params:
+        if "\x00" in name or "\x00" in value:
+            # never dropped as lenient handling would: no value has a NUL, and a search that
+            # ignored the criterion would answer more than was asked for
+            raise FhirError(
+                400,
+                "invalid",
+                "NUL characters are not allowed in search parameters",
+                code=BAD_VALUE,
+                expression=[name.replace("\x00", "")],
+            )
         try:
-            if "\x00" in name or "\x00" in value:
-                raise _Bad("NUL characters are not allowed in search parameters", BAD_VALUE)
             if name in RESULT_PARAMS or name.split(":")[0] in ("_include", "_revinclude"):
                 if name.startswith(("_include", "_revinclude")):
                     includes += 1
@@ -211,7 +219,7 @@ def _leaves(clause: Clause) -> Any:
 
 def _result_param(registry: SearchRegistry, q: SearchQuery, name: str, value: str) -> None:
     if name == "_count":
-        if not value.isdigit():
+        if not (value.isascii() and value.isdigit()):
             raise _Bad("_count must be a non-negative integer")
         q.count = int(value)
     elif name == "_sort":
