@@ -62,13 +62,16 @@ def examples(weight: float) -> int:
     return max(1, round(settings().max_examples * weight))
 
 
-@dataclass
+@dataclass(repr=False)
 class FuzzWorld:
     """What the fuzz tests aim at and send with."""
 
     probe: Probe
     known: Known
     patient: str
+
+    def __repr__(self) -> str:  # Hypothesis prints it with every failing example
+        return f"FuzzWorld(patient={self.patient!r}, task={self.known.task!r})"
 
 
 def _credentials(app: Any, world_headers: dict[str, dict[str, str]]) -> dict[str, str | None]:
