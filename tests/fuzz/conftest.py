@@ -4,8 +4,8 @@ Profiles (``MSO_FUZZ_PROFILE``, default ``ci``):
 
 - ``ci``: derandomized (the same examples on every run, so a CI failure reproduces with the
   same command), 20 examples per route (tests scale it with :func:`examples`), a 5 s deadline
-  per request, no example database, no shrinking time wasted on a flaky machine beyond
-  Hypothesis' own bound. About a minute per database on two cores.
+  per request, no example database, one bug reported per test (shrunk within Hypothesis' own
+  bound). About 35-45 s per database on two cores.
 - ``deep``: random, 500 examples per route, no deadline, the example database kept in
   ``.hypothesis/`` so a failure found once is replayed first: for a local hunt.
 
