@@ -5,6 +5,7 @@ Nothing is built at import time: :func:`fhir_server.app.create_app` takes a :cla
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Literal
 
@@ -28,6 +29,12 @@ class Settings(BaseSettings):
         True,
         description="`mso serve` logs one line per request to stdout: client address, method, "
         "path (never the query string), status, duration",
+    )
+    trusted_proxies: str = Field(
+        "",
+        description="Comma-separated addresses or CIDR networks of reverse proxies whose "
+        "X-Forwarded-For / X-Forwarded-Proto `mso serve` honours; from any other client they "
+        "are ignored (empty: none)",
     )
     base_url: str | None = Field(
         None,
@@ -177,6 +184,18 @@ class Settings(BaseSettings):
                 return "false"
             return text
         return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxy_networks(cls, value: str) -> str:
+        """Each entry an IP address or network (``10.1.2.3/8`` becomes ``10.0.0.0/8``): a typo
+        must not pass as a name that no client address ever matches."""
+        entries = [item.strip() for item in value.split(",") if item.strip()]
+        parse = ipaddress.ip_address
+        return ",".join(
+            str(ipaddress.ip_network(item, strict=False) if "/" in item else parse(item))
+            for item in entries
+        )
 
     @property
     def blob_path(self) -> Path:

@@ -11,6 +11,11 @@ one line per request on stdout from the logger ``fhir_server.access``: client ad
 path, status and duration. It replaces uvicorn's, which writes the query string (search values
 can be patient data, ``name=Smith``) and no duration. The path is the raw, still
 percent-encoded one, so a decoded control character cannot forge a log line.
+
+Forwarding headers (``X-Forwarded-For``, ``X-Forwarded-Proto``) are honoured only on connections
+from ``MSO_TRUSTED_PROXIES`` (:func:`proxy_options`); from anyone else they are ignored, so the
+client address that the audit trail and the login lockout record is the connection's own.
+uvicorn's default (trust 127.0.0.1 and ::1) would let any local process forge it.
 """
 
 from __future__ import annotations
@@ -144,21 +149,32 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _uvicorn_options(log_level: str) -> dict[str, Any]:
+def proxy_options(trusted_proxies: str) -> dict[str, Any]:
+    """uvicorn's proxy-header options for ``MSO_TRUSTED_PROXIES`` (comma-separated addresses
+    and networks): off when it is empty, else trusting exactly those peers."""
+    proxies = [item.strip() for item in trusted_proxies.split(",") if item.strip()]
+    if not proxies:
+        return {"proxy_headers": False, "forwarded_allow_ips": []}
+    return {"proxy_headers": True, "forwarded_allow_ips": proxies}
+
+
+def _uvicorn_options(log_level: str, trusted_proxies: str) -> dict[str, Any]:
     """What every uvicorn process gets; its own access log stays off (see :class:`AccessLog`)."""
     return {
         "factory": True,
         "log_level": log_level,
         "access_log": False,
         "log_config": log_config(),
+        **proxy_options(trusted_proxies),
     }
 
 
-def _worker(host: str, port: int, log_level: str) -> None:
+def _worker(host: str, port: int, log_level: str, trusted_proxies: str) -> None:
     import uvicorn
 
     sock = _listen(host, port)
-    config = uvicorn.Config(APP, host=host, port=port, **_uvicorn_options(log_level))
+    options = _uvicorn_options(log_level, trusted_proxies)
+    config = uvicorn.Config(APP, host=host, port=port, **options)
     uvicorn.Server(config).run(sockets=[sock])
 
 
@@ -166,15 +182,19 @@ def serve(*, host: str, port: int, workers: int, log_level: str, access_log: boo
     """Serve the app on ``host:port`` with ``workers`` processes until a signal stops it.
 
     ``access_log`` reaches the workers as ``MSO_ACCESS_LOG`` (they build the app from the
-    environment)."""
+    environment); so does ``MSO_TRUSTED_PROXIES``, read here for uvicorn's proxy options."""
+    from fhir_server.config import Settings
+
     os.environ["MSO_ACCESS_LOG"] = "true" if access_log else "false"
+    trusted_proxies = Settings().trusted_proxies
     if workers <= 1 or not hasattr(socket, "SO_REUSEPORT"):
         import uvicorn
 
-        uvicorn.run(APP, host=host, port=port, workers=workers, **_uvicorn_options(log_level))
+        options = _uvicorn_options(log_level, trusted_proxies)
+        uvicorn.run(APP, host=host, port=port, workers=workers, **options)
         return 0
     spawn = multiprocessing.get_context("spawn")
-    args = (host, port, log_level)
+    args = (host, port, log_level, trusted_proxies)
     procs: list[Any] = []
     stopping = False
 

@@ -4,17 +4,25 @@ The FHIR API serves them read-only (create allowed for admin and system clients 
 own events) with the search parameters an auditor uses (IHE BALP): ``date``, ``patient``,
 ``agent``, ``altid``, ``entity``, ``type``, ``subtype``, ``action``, ``outcome``, ``address``,
 ``_id``, plus ``_count``, ``_total``, ``_sort=(-)date`` and keyset paging. Newest first.
+
+Every event is stored whatever its values: a searchable column's value that does not fit the
+column (a 300-character ``X-Forwarded-For``, a search for ``patient=<300 characters>``) is cut
+to its first characters, ``…`` and a digest of the whole value (:func:`fit`), and a search value
+goes through the same function, so a search for the whole value finds it; the JSON keeps the
+value whole. PostgreSQL text cannot hold NUL, so NUL becomes U+FFFD in the columns.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import types
 import uuid
 from collections.abc import Iterable
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, func, insert, or_, select
+from sqlalchemy import Connection, String, func, insert, or_, select
 from sqlalchemy.sql.elements import ColumnElement
 
 from fhir_server.search.types.base import split_escaped, split_prefix, to_sql
@@ -35,6 +43,38 @@ SEARCH_PARAMS = {
     "address": "address",
 }
 RESULT_PARAMS = frozenset({"_count", "_cursor", "_total", "_sort", "_format", "_pretty"})
+# The string columns and their sizes: what :func:`fit` cuts values to.
+_LENGTHS = {
+    c.name: c.type.length
+    for c in audit_event.columns
+    if isinstance(c.type, String) and c.type.length
+}
+# The columns of a row that only serve searching (emptied by :func:`bare_row`).
+SEARCH_COLUMNS = tuple(
+    c.name for c in audit_event.columns if c.name not in ("seq", "id", "recorded_ms", "content")
+)
+_MARK = "…"
+_DIGEST = 12  # hex digits of the SHA-256 of a cut value
+
+
+def fit(value: str | None, length: int) -> str | None:
+    """``value`` as it is stored in (and searched for in) a column of ``length`` characters:
+    unchanged when it fits, else its first characters, ``…`` and 12 hex digits of its SHA-256
+    (two long values sharing a prefix stay apart). NUL becomes U+FFFD."""
+    if value is None:
+        return None
+    text = value.replace("\x00", "\ufffd")
+    if len(text) <= length:
+        return text
+    if length <= len(_MARK) + _DIGEST:  # a code column (action, outcome): no room for a digest
+        return text[:length]
+    digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:_DIGEST]
+    return text[: length - len(_MARK) - _DIGEST] + _MARK + digest
+
+
+def _fitted(name: str, value: Any) -> Any:
+    length = _LENGTHS.get(name)
+    return fit(value, length) if length and isinstance(value, str) else value
 
 
 def _ms(instant: str) -> int:
@@ -71,13 +111,60 @@ def columns_of(event: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def prepare(event: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """An AuditEvent as it will be stored (an id and ``meta`` assigned) and its table row."""
+def _stored_body(event: dict[str, Any]) -> dict[str, Any]:
     body = dict(event)
-    body["id"] = body.get("id") or str(uuid.uuid4())
+    given = body.get("id")
+    if not (isinstance(given, str) and given and fit(given, _LENGTHS["id"]) == given):
+        body["id"] = str(uuid.uuid4())  # none given, or not one the id column can hold
     body["meta"] = {**(body.get("meta") or {}), "versionId": "1"}
-    body["meta"]["lastUpdated"] = body["recorded"]
-    return body, {"id": body["id"], **columns_of(body), "content": orjson.dumps(body)}
+    body["meta"]["lastUpdated"] = body.get("recorded")
+    return body
+
+
+def prepare(event: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """An AuditEvent as it will be stored (an id and ``meta`` assigned) and its table row
+    (column values cut to fit, see :func:`fit`). Raises when the event is malformed (no
+    ``recorded`` instant, a value JSON cannot hold): :func:`bare_prepare` stores it anyway."""
+    body = _stored_body(event)
+    columns = {name: _fitted(name, value) for name, value in columns_of(body).items()}
+    return body, {"id": body["id"], **columns, "content": orjson.dumps(body)}
+
+
+def bare_row(row: dict[str, Any]) -> dict[str, Any]:
+    """``row`` with its searchable columns emptied (found by ``_id`` and ``date`` only): the
+    last resort for a row the database refused."""
+    recorded = row.get("recorded_ms")
+    bare = {name: None for name in SEARCH_COLUMNS}
+    bare["recorded_ms"] = recorded if isinstance(recorded, int) else now_ms()
+    return {**row, **bare}
+
+
+def renamed(row: dict[str, Any]) -> dict[str, Any]:
+    """``row`` bare (:func:`bare_row`) under a new id (also in its JSON): the last resort for
+    an event whose id the database refuses (one already stored)."""
+    new_id = str(uuid.uuid4())
+    try:
+        content = orjson.dumps({**orjson.loads(row["content"]), "id": new_id})
+    except orjson.JSONDecodeError:
+        content = row["content"]
+    return bare_row({**row, "id": new_id, "content": content})
+
+
+def bare_prepare(event: dict[str, Any]) -> dict[str, Any]:
+    """The row of an event :func:`prepare` refused: the JSON as it can be written (a value
+    JSON cannot hold becomes its text, undecodable characters U+FFFD), its id, its
+    ``recorded`` instant if it has one (else now), no searchable columns."""
+    body = _stored_body(event)
+    try:
+        content = orjson.dumps(body)
+    except (TypeError, orjson.JSONEncodeError):
+        text = json.dumps(body, default=str, ensure_ascii=False)
+        content = text.encode("utf-8", "replace")
+    try:
+        recorded: int | None = _ms(body["recorded"])
+    except (KeyError, TypeError, ValueError):
+        recorded = None
+    return bare_row({"id": str(body["id"]), "recorded_ms": recorded, "content": content})
 
 
 def write_rows(conn: Connection, rows: list[dict[str, Any]]) -> None:
@@ -150,6 +237,7 @@ def conditions(params: list[tuple[str, str]]) -> tuple[list[ColumnElement[bool]]
             values = [v.split("|", 1)[1] if "|" in v else v for v in values]
         if base == "entity":
             values = [v.split("/_history/")[0] for v in values]
+        values = [_fitted(column_name, v) for v in values]  # as stored
         where.append(or_(*(column == v for v in values)) if values else column.is_(None))
     return where, unknown
 
