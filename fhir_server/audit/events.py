@@ -62,9 +62,10 @@ AUTH_SUBTYPES = {
 
 @dataclass(slots=True)
 class Interaction:
-    """What happened in one FHIR request, as the REST layer saw it."""
+    """What happened in one FHIR request, as the REST layer saw it (``interaction`` ``None``:
+    a request no route serves, refused before it became an interaction)."""
 
-    interaction: str
+    interaction: str | None
     status: int
     resource_type: str | None = None
     resource_id: str | None = None
@@ -141,11 +142,7 @@ def interaction_event(
     principal: Principal | None, event: Interaction, recorded: str
 ) -> dict[str, Any]:
     """The AuditEvent of one FHIR interaction."""
-    subtype = (
-        _coding(INTERACTION, event.interaction, event.interaction)
-        if event.interaction != "search-compartment"
-        else _coding(INTERACTION, "search-type", "search-type")
-    )
+    code = "search-type" if event.interaction == "search-compartment" else event.interaction
     references = list(event.entities)
     if event.resource_type and event.resource_id:
         ref = f"{event.resource_type}/{event.resource_id}"
@@ -182,7 +179,7 @@ def interaction_event(
     audit: dict[str, Any] = {
         "resourceType": "AuditEvent",
         "type": _coding(AUDIT_TYPE, "rest", "RESTful Operation"),
-        "subtype": [subtype],
+        "subtype": [_coding(INTERACTION, code, code)] if code else [],
         "action": ACTIONS.get(event.interaction, "E"),
         "recorded": recorded,
         "outcome": outcome_code(event.status),

@@ -10,7 +10,6 @@ from __future__ import annotations
 from fhir_server.fhir.outcome import FhirError, information
 from fhir_server.interactions.base import FhirRequest, FhirResponse, InteractionContext
 from fhir_server.interactions.common import (
-    check_path_id,
     check_type,
     parse_etag,
     run_write,
@@ -22,7 +21,7 @@ from fhir_server.storage.repository import StoredResource, Tx
 def delete(ctx: InteractionContext, req: FhirRequest) -> FhirResponse:
     """DELETE [base]/[type]/[id]."""
     res_type = check_type(req.resource_type)
-    res_id = check_path_id(req.resource_id or "")
+    res_id = req.resource_id or ""
     if_match = parse_etag(req.header("if-match"))
     stored = run_write(ctx, lambda tx: tx.delete(res_type, res_id, if_match=if_match))
     return _reply(req, stored, f"{res_type}/{res_id}")

@@ -16,7 +16,7 @@ import orjson
 
 from fhir_server.fhir.outcome import FhirError
 from fhir_server.interactions.base import FhirRequest, FhirResponse, InteractionContext
-from fhir_server.interactions.common import check_path_id, check_type, parse_count, run_read
+from fhir_server.interactions.common import check_type, parse_count, run_read
 from fhir_server.storage import cursors
 from fhir_server.storage.repository import StoredResource, Tx, format_instant, utc_now
 
@@ -50,7 +50,7 @@ def page_size(ctx: InteractionContext, req: FhirRequest) -> int:
 def history(ctx: InteractionContext, req: FhirRequest) -> FhirResponse:
     """GET [base]/_history, [base]/[type]/_history, [base]/[type]/[id]/_history."""
     res_type = check_type(req.resource_type) if req.resource_type else None
-    res_id = check_path_id(req.resource_id) if req.resource_id is not None else None
+    res_id = req.resource_id
     since = _opt_instant(req, "_since")
     at = _opt_instant(req, "_at")
     count = page_size(ctx, req)

@@ -13,14 +13,13 @@ from fhir_server.fhir.outcome import FhirError, gone, not_found
 from fhir_server.fhir.patch import apply_patch
 from fhir_server.interactions.base import FhirRequest, FhirResponse, InteractionContext
 from fhir_server.interactions.common import check_type, parse_etag, run_write, write_response
-from fhir_server.storage.repository import StoredResource, Tx, check_id, check_version
+from fhir_server.storage.repository import StoredResource, Tx, check_version
 
 
 def patch(ctx: InteractionContext, req: FhirRequest) -> FhirResponse:
     """PATCH [base]/[type]/[id]."""
     res_type = check_type(req.resource_type)
     res_id = req.resource_id or ""
-    check_id(res_id)
     if_match = parse_etag(req.header("if-match"))
     content_type = req.header("content-type") or ""
     stored = run_write(

@@ -10,7 +10,6 @@ from __future__ import annotations
 from fhir_server.fhir.outcome import FhirError
 from fhir_server.interactions.base import FhirRequest, FhirResponse, InteractionContext
 from fhir_server.interactions.common import (
-    check_path_id,
     check_type,
     parse_etag,
     parse_http_date,
@@ -26,7 +25,7 @@ from fhir_server.storage.repository import StoredResource
 def read(ctx: InteractionContext, req: FhirRequest) -> FhirResponse:
     """GET [base]/[type]/[id]."""
     res_type = check_type(req.resource_type)
-    res_id = check_path_id(req.resource_id or "")
+    res_id = req.resource_id or ""
     stored = run_read(ctx, lambda tx: tx.read(res_type, res_id), snapshot=False)
     if _not_modified(req, stored):
         return FhirResponse(status=304, headers=version_headers(ctx, stored, location=False))
@@ -36,7 +35,7 @@ def read(ctx: InteractionContext, req: FhirRequest) -> FhirResponse:
 def vread(ctx: InteractionContext, req: FhirRequest) -> FhirResponse:
     """GET [base]/[type]/[id]/_history/[vid]."""
     res_type = check_type(req.resource_type)
-    res_id = check_path_id(req.resource_id or "")
+    res_id = req.resource_id or ""
     version = parse_version(req.version_id or "")
     if version is None:
         # not quoted: the segment is whatever the client sent

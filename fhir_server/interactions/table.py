@@ -30,6 +30,7 @@ from fhir_server.interactions import (
     update,
 )
 from fhir_server.interactions.base import FhirRequest, FhirResponse, Handler, InteractionContext
+from fhir_server.interactions.common import check_path_id
 from fhir_server.interactions.operations import catalog as operations
 
 
@@ -167,7 +168,7 @@ def resolve_route(method: str, path: str, req: FhirRequest) -> Route:
             if pattern == "{type}":
                 req.resource_type = segment
             elif pattern == "{id}":
-                req.resource_id = segment
+                req.resource_id = check_path_id(segment)  # before any handler or SQL
             elif pattern == "{vid}":
                 req.version_id = segment
             elif pattern == "{op}":

@@ -18,7 +18,7 @@ from fhir_server.interactions.common import (
     run_write,
     write_response,
 )
-from fhir_server.storage.repository import StoredResource, Tx, check_id
+from fhir_server.storage.repository import StoredResource, Tx
 
 
 def update(ctx: InteractionContext, req: FhirRequest) -> FhirResponse:
@@ -26,7 +26,6 @@ def update(ctx: InteractionContext, req: FhirRequest) -> FhirResponse:
     res_type = check_type(req.resource_type)
     body = require_body(req)
     res_id = req.resource_id or ""
-    check_id(res_id)
     if body.get("id") != res_id:
         raise FhirError(
             400,

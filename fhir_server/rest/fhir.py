@@ -60,7 +60,6 @@ _TRANSPORT_PARAMS = frozenset({"_format", "_pretty"})
 # which no FHIR string may hold (http://hl7.org/fhir/R4/datatypes.html#string) and PostgreSQL's
 # text and jsonb refuse.
 _NUL_ESCAPE = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
-_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _INLINE = (read.read, read.vread)
 _SEARCHES = (search.search_type, search.search_system)
@@ -146,12 +145,32 @@ class FhirEndpoint:
                 FhirError(500, "exception", "Internal server error", code="MSO-REST-500"), pretty
             )
             message = "Internal server error"
-        if self.audit is not None and seen.route is not None and seen.req is not None:
+        if self.audit is not None and seen.req is not None:
+            if seen.route is None and seen.principal is None:
+                seen.principal = await self._identify(request)
             self._audit(request, seen, response.status_code, message)
         return response
 
+    async def _identify(self, request: Request) -> Principal | None:
+        """Who sent a request that no route serves (refused before authentication), for its
+        audit record; ``None`` without a valid token. Only on that error path."""
+        header = request.headers.get("authorization")
+        if self.tokens is None or not header:
+            return None
+        try:
+            authenticate = functools.partial(
+                self.tokens.authenticate,
+                header,
+                source=request.client.host if request.client else None,
+                audience=self.base_url(request),
+            )
+            return await self._in_thread(authenticate)
+        except FhirError:
+            return None
+
     def _audit(self, request: Request, seen: _Seen, status: int, message: str | None) -> None:
-        """Queue the AuditEvent of a request (never for ``metadata``).
+        """Queue the AuditEvent of a request (never for ``metadata``), also of one that no
+        route serves (a 404 or 405, an id that is not an id: no interaction code then).
 
         A write's event names what it wrote (``Type/id/_history/vid``, see
         :attr:`FhirResponse.written`), which a create's URL does not. A transaction or batch
@@ -159,14 +178,14 @@ class FhirEndpoint:
         interaction, so that ``AuditEvent?entity=…`` finds every write.
         """
         route, req = seen.route, seen.req
-        assert route is not None and req is not None
-        if route.handler is capabilities.capabilities:
+        assert req is not None
+        if route is not None and route.handler is capabilities.capabilities:
             return
-        code = interaction_of(route, req)
+        code = interaction_of(route, req) if route is not None else None
         source = request.client.host if request.client else None
         query = None
         patients: list[str] = []
-        if code.startswith(("search", "history")):
+        if code is not None and code.startswith(("search", "history")):
             private = req.resource_type in _PRIVATE_QUERY_TYPES
             query = "&".join(f"{k}={'…' if private else v}" for k, v in req.params)
             patients = _patients_in(req)
@@ -217,9 +236,10 @@ class FhirEndpoint:
             headers=headers,
             prefer=Prefer.parse(headers.get("prefer")),
         )
+        seen.req = req  # audited even when no route serves it
         route = resolve_route(method, path, req)
         handler = route.handler
-        seen.route, seen.req = route, req
+        seen.route = route
         ctx = InteractionContext(
             repo=self.repo,
             settings=self.settings,
@@ -557,13 +577,7 @@ class FhirASGI:
         if path.startswith(self.prefix):
             path = path[len(self.prefix) :]
         request = Request(scope, receive)
-        if request.method not in _METHODS:
-            response = _outcome_response(
-                FhirError(
-                    405, "not-supported", f"{request.method} is not supported", code="MSO-REST-405M"
-                ),
-                False,
-            )
-        else:
-            response = await self.endpoint.handle(request, path.strip("/"))
+        # every method goes through the route table: one it has on no path is a 405 (with
+        # Allow) there, and audited like any other request
+        response = await self.endpoint.handle(request, path.strip("/"))
         await response(scope, receive, send)

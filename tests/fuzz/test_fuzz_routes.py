@@ -29,11 +29,6 @@ def test_other_methods_are_refused_with_an_outcome(fuzz, method) -> None:
     assert response.status_code == 405
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 21: a request no route matches (404 MSO-REST-404P, 405 MSO-REST-405M) "
-    "is answered but not audited (FhirEndpoint.handle audits only routed requests)",
-)
 @pytest.mark.parametrize(
     "request_", [FuzzRequest("GET", "Patient/x/y/z/w/v"), FuzzRequest("DELETE", "_history")]
 )

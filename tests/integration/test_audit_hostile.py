@@ -85,8 +85,8 @@ def test_an_id_longer_than_64_characters_is_audited_and_findable(app, admin) -> 
         200,
         400,
     )
-    # the read is refused before it is an interaction of this user (see the REST layer)
-    assert len(_events(app, admin, altid=user)) == 2
+    # the read is refused before it is an interaction, and still audited under this user
+    assert len(_events(app, admin, altid=user)) == 3
     assert len(_events(app, admin, patient=long_id)) == 2
 
 

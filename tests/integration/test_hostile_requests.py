@@ -179,7 +179,10 @@ def test_a_forged_audit_event_cursor_is_a_400(client, token) -> None:
     refused(client.get("/fhir/AuditEvent", params={"_cursor": token}), 400, "MSO-SEARCH-005")
 
 
-def test_audit_events_page_with_signed_cursors(client, tagged) -> None:
+def test_audit_events_page_with_signed_cursors(app, client, tagged) -> None:
+    for _ in range(2):  # at least two events in the trail, stored
+        client.get("/fhir/Patient", params={"_count": "1"})
+    app.state.audit.flush()
     link = next_link(client.get("/fhir/AuditEvent?_count=1").json())
     assert link is not None and "." in link.split("_cursor=")[1]
     page = client.get(link)
@@ -290,3 +293,34 @@ def test_a_client_gone_mid_upload_is_no_error(client, caplog, path, content_type
     assert list(blobs.rglob(".upload-*")) == []
     after = client.get("/fhir/Binary", params={"_summary": "count"}).json()["total"]
     assert after == before
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["Patient/%00/Observation", "Patient/%00/$everything", "Patient/%00/_history", "Patient/%00"],
+)
+def test_an_id_that_is_not_a_fhir_id_is_refused_by_every_route(client, path: str) -> None:
+    """The route table checks the ``{id}`` segment once, for every route that has one."""
+    response = client.get(f"/fhir/{path}")
+    assert response.status_code == 400, response.text
+    assert response.json()["issue"][0]["details"]["coding"][0]["code"] == "MSO-REST-002"
+
+
+def test_a_request_no_route_serves_is_audited_with_its_sender(app, client) -> None:
+    """Refused before it became an interaction (an id that is not an id, a path no route has),
+    the request is still in the trail, under the user whose token it carried."""
+    import uuid
+
+    from fastapi.testclient import TestClient
+
+    from tests.auth_helpers import token_for
+
+    user = f"prober-{uuid.uuid4().hex[:8]}"
+    token = token_for(app, role="admin", username=user)
+    prober = TestClient(app, headers={"Authorization": f"Bearer {token}"})
+    assert prober.get("/fhir/Patient/%00").status_code == 400
+    assert prober.get("/fhir/Patient/x/y/z/w/v").status_code == 404
+    app.state.audit.flush()
+    found = client.get("/fhir/AuditEvent", params={"altid": user}).json()
+    outcomes = sorted(e["resource"]["outcome"] for e in found.get("entry", ()))
+    assert outcomes == ["4", "4"], found

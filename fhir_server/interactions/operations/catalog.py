@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from fhir_server.fhir.outcome import FhirError
 from fhir_server.interactions.base import FhirRequest, FhirResponse, InteractionContext
-from fhir_server.interactions.common import check_path_id, check_type
+from fhir_server.interactions.common import check_type
 from fhir_server.interactions.operations import (
     REGISTRY,
     Operation,
@@ -32,8 +32,6 @@ def invoke(ctx: InteractionContext, req: FhirRequest) -> FhirResponse:
     level = level_of(req)
     if req.resource_type:
         check_type(req.resource_type)
-    if req.resource_id is not None:
-        check_path_id(req.resource_id)
     check_parameters(req.body)
     for operation in REGISTRY.get(req.operation or "", ()):
         if level not in operation.levels:
