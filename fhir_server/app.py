@@ -21,6 +21,7 @@ from fhir_server.messaging.service import Messaging
 from fhir_server.rest.errors import install as install_error_handlers
 from fhir_server.rest.fhir import FhirASGI, FhirEndpoint
 from fhir_server.storage.blobs import BlobStore
+from fhir_server.storage.cursors import cursor_key
 from fhir_server.wiring import build_repository
 from fhir_server.workflow.appointments import Appointments
 from fhir_server.workflow.billing import Billing
@@ -57,6 +58,8 @@ def create_app(settings: Settings | None = None) -> FrontDoor:
     engine, hooks = repo.engine, repo.hooks
     blobs = BlobStore(settings.blob_path)
     tokens = TokenService(engine, settings)
+    # read (or create) the cursor key now, not on a first search inside a write transaction
+    cursor_key(engine)
     audit = AuditLog(repo)
     audit.register(hooks)
     events = CaseEvents()  # the one case-event bus of this application

@@ -21,12 +21,13 @@ from datetime import timedelta
 
 import orjson
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
-from joserfc.jwk import OctKey, RSAKey
+from joserfc.jwk import RSAKey
 from sqlalchemy import Engine, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from fhir_server.auth.secrets import new_token
 from fhir_server.storage.auth_schema import auth_server_key
+from fhir_server.storage.cursors import session_secret
 from fhir_server.storage.engine import WRITE_OPTION
 from fhir_server.storage.repository import as_utc, utc_now
 
@@ -104,26 +105,7 @@ class KeyStore:
     def session_secret(self) -> bytes:
         """The HMAC secret for signed cookies and CSRF tokens (shared by all processes)."""
         if self._session_secret is None:
-            row = self._row("session")
-            if row is None:
-                try:
-                    with self.engine.begin() as conn:
-                        key = OctKey.generate_key(256)
-                        conn.execute(
-                            insert(auth_server_key).values(
-                                kid=new_token(12),
-                                use="session",
-                                generation=1,
-                                alg="HS256",
-                                private_jwk=orjson.dumps(key.as_dict(private=True)).decode(),
-                                created=utc_now(),
-                            )
-                        )
-                except IntegrityError:
-                    pass  # another process created it first
-                row = self._row("session")
-            assert row is not None
-            self._session_secret = OctKey.import_key(orjson.loads(row.private_jwk)).raw_value
+            self._session_secret = session_secret(self.engine)
         return self._session_secret
 
     # -- loading -----------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ def cursor_key(engine: Engine) -> bytes:
         with _lock:
             key = _keys.get(engine)
             if key is None:
-                secret = _session_secret(engine)
+                secret = session_secret(engine)
                 key = hmac.new(secret, _LABEL, hashlib.sha256).digest()
                 _keys[engine] = key
     return key
@@ -90,8 +90,10 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
-def _session_secret(engine: Engine) -> bytes:
-    """The raw bytes of the server's session secret, created (once, shared) if missing."""
+def session_secret(engine: Engine) -> bytes:
+    """The raw bytes of the server's session secret (``auth_server_key`` row ``session``),
+    created once, shared by every process, if missing: it signs cookies and CSRF tokens
+    (:class:`fhir_server.auth.keys.KeyStore`) and, derived, paging cursors."""
     secret = _read_session_secret(engine)
     if secret is None:
         try:
@@ -119,7 +121,7 @@ def _read_session_secret(engine: Engine) -> bytes | None:
 
 
 def _new_session_row() -> dict[str, Any]:
-    """A ``session`` row as :class:`fhir_server.auth.keys.KeyStore` writes it (an oct JWK)."""
+    """A new ``session`` row: a 256-bit secret as an oct JWK."""
     jwk = {"k": _b64(secrets.token_bytes(32)), "kty": "oct"}
     return {
         "kid": secrets.token_urlsafe(12),
