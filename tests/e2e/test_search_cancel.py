@@ -13,11 +13,14 @@ import pytest
 
 from tests.e2e.conftest import server_auth
 
+# PostgreSQL only (pg_stat_activity, a backend cancelled): the SQLite backend is not a skip,
+# it is not a parameter of these tests.
+pytestmark = pytest.mark.parametrize(
+    "db_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
+)
 
 @pytest.fixture
 def pg(db_url: str) -> Iterator[psycopg.Connection]:
-    if not db_url.startswith("postgresql"):
-        pytest.skip("pg_stat_activity is PostgreSQL's")
     with psycopg.connect(db_url.replace("postgresql+psycopg://", "postgresql://")) as conn:
         yield conn
 
