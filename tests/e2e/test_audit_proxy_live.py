@@ -4,7 +4,6 @@ proxy is audited (issue 21)."""
 
 from __future__ import annotations
 
-import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -13,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.conftest import server_auth, start_server
+from tests.e2e.conftest import server_auth, start_server, stop_server
 
 
 @pytest.fixture(scope="module")
@@ -24,11 +23,7 @@ def proxied(db_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[s
     try:
         yield base
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
 
 
 def _audited(base: str, marker: str, forwarded: str) -> list[dict[str, Any]]:

@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.e2e.conftest import start_server
+from tests.e2e.conftest import start_server, stop_server
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
@@ -179,11 +179,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
             },
         )
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
 
 
 def run_script(live: Live, script: str, workdir: Path) -> subprocess.CompletedProcess[str]:

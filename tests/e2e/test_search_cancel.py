@@ -19,6 +19,7 @@ pytestmark = pytest.mark.parametrize(
     "db_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
 )
 
+
 @pytest.fixture
 def pg(db_url: str) -> Iterator[psycopg.Connection]:
     with psycopg.connect(db_url.replace("postgresql+psycopg://", "postgresql://")) as conn:
