@@ -18,7 +18,7 @@ from fhir_server.fhir.outcome import FhirError
 from fhir_server.interactions.base import FhirRequest, FhirResponse, InteractionContext
 from fhir_server.interactions.common import run_read, run_write, version_headers, write_response
 from fhir_server.storage.blobs import BlobInfo, BlobStore
-from fhir_server.storage.repository import StoredResource, Tx, check_id
+from fhir_server.storage.repository import StoredResource, Tx
 
 FHIR_JSON_TYPES = frozenset({"application/fhir+json", "application/json", "application/json+fhir"})
 
@@ -64,7 +64,6 @@ def update_raw(ctx: InteractionContext, req: FhirRequest) -> FhirResponse:
     """PUT [base]/Binary/[id] with raw content."""
     upload: RawUpload = req.raw_body
     res_id = req.resource_id or ""
-    check_id(res_id)
     stored, created = run_write(ctx, lambda tx: _store(tx, upload, res_id))
     verb = "Created" if created else "Updated"
     return write_response(

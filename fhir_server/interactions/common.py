@@ -12,7 +12,6 @@ from fhir_server.fhir.definitions import is_resource_type
 from fhir_server.fhir.outcome import FhirError, information
 from fhir_server.interactions.base import FhirRequest, FhirResponse, InteractionContext, Written
 from fhir_server.storage.repository import (
-    ID_PATTERN,
     StoredResource,
     Tx,
     as_utc,
@@ -50,20 +49,6 @@ def check_type(resource_type: str | None) -> str:
             404, "not-supported", f"Unknown resource type '{resource_type}'", code="MSO-REST-001"
         )
     return resource_type
-
-
-def check_path_id(resource_id: str) -> str:
-    """400 for a URL id that is not a FHIR id (``[A-Za-z0-9\\-.]{1,64}``): no resource can have
-    it, and it never reaches SQL (PostgreSQL refuses a NUL in text). The text does not quote it."""
-    if not ID_PATTERN.match(resource_id):
-        raise FhirError(
-            400,
-            "value",
-            "The id in the URL is not a valid FHIR id ([A-Za-z0-9-.], 1 to 64 characters)",
-            code="MSO-REST-002",
-            expression=["id"],
-        )
-    return resource_id
 
 
 def parse_count(raw: str) -> int | None:

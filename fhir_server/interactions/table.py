@@ -30,8 +30,8 @@ from fhir_server.interactions import (
     update,
 )
 from fhir_server.interactions.base import FhirRequest, FhirResponse, Handler, InteractionContext
-from fhir_server.interactions.common import check_path_id
 from fhir_server.interactions.operations import catalog as operations
+from fhir_server.storage.repository import check_id
 
 
 def _compartment_search(ctx: InteractionContext, req: FhirRequest) -> FhirResponse:
@@ -168,7 +168,7 @@ def resolve_route(method: str, path: str, req: FhirRequest) -> Route:
             if pattern == "{type}":
                 req.resource_type = segment
             elif pattern == "{id}":
-                req.resource_id = check_path_id(segment)  # before any handler or SQL
+                req.resource_id = check_id(segment)  # before any handler or SQL
             elif pattern == "{vid}":
                 req.version_id = segment
             elif pattern == "{op}":

@@ -48,16 +48,19 @@ def new_id() -> str:
     return str(uuid.uuid4())
 
 
-def check_id(resource_id: str) -> None:
-    """Refuse ids that are not valid FHIR ids (``[A-Za-z0-9\\-.]{1,64}``)."""
+def check_id(resource_id: str) -> str:
+    """``resource_id``, or a 400 when it is not a valid FHIR id (``[A-Za-z0-9\\-.]{1,64}``):
+    no resource can have it, and it never reaches SQL (PostgreSQL refuses a NUL in text). The
+    text does not quote it (it is whatever the client sent)."""
     if not ID_PATTERN.match(resource_id):
         raise FhirError(
             400,
             "value",
-            f"'{resource_id}' is not a valid FHIR id",
+            "The id is not a valid FHIR id ([A-Za-z0-9-.], 1 to 64 characters)",
             code="MSO-REST-002",
             expression=["id"],
         )
+    return resource_id
 
 
 @dataclass(slots=True)
