@@ -15,6 +15,7 @@ from fhir_server.audit.log import AuditLog
 from fhir_server.auth.routes import router as auth_router
 from fhir_server.auth.server import build_auth_server
 from fhir_server.auth.tokens import TokenService
+from fhir_server.bulk.worker import ExportWorker
 from fhir_server.config import Settings
 from fhir_server.hooks import Hooks
 from fhir_server.messaging.service import Messaging
@@ -65,11 +66,15 @@ def create_app(settings: Settings | None = None) -> FrontDoor:
     events = CaseEvents()  # the one case-event bus of this application
     messaging = Messaging(engine, settings, events)
     services = build_services(settings, hooks, blobs, events)
+    exports = ExportWorker(repo, settings)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         messaging.start()
+        if settings.bulk_worker:
+            exports.start()
         yield
+        exports.stop()
         messaging.stop()
         endpoint.close()
         audit.close()
@@ -94,6 +99,7 @@ def create_app(settings: Settings | None = None) -> FrontDoor:
     app.state.audit = audit
     app.state.messaging = messaging
     app.state.services = services
+    app.state.bulk = exports
     endpoint = FhirEndpoint(
         repo,
         settings,

@@ -1,6 +1,6 @@
-"""The ``mso`` command: ``serve``, ``migrate``, ``load-conformance``, ``reindex``, ``seed-demo``,
-``outbox status``, and the authorization commands ``user``, ``client``, ``launch``, ``key``,
-``token`` (:mod:`fhir_server.auth.cli`).
+"""The ``mso`` command: ``serve``, ``worker``, ``migrate``, ``load-conformance``, ``reindex``,
+``seed-demo``, ``outbox status``, and the authorization commands ``user``, ``client``,
+``launch``, ``key``, ``token`` (:mod:`fhir_server.auth.cli`).
 
 Every command says on stderr which database it uses (password hidden; a SQLite file with its
 absolute path), because a relative SQLite URL means a different file in every folder. Only the
@@ -97,6 +97,15 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         log_level=args.log_level,
         access_log=access_log,
     )
+
+
+def _worker(args: argparse.Namespace, settings: Settings) -> int:
+    import logging
+
+    from fhir_server.bulk.worker import run
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    return run(settings, once=args.once)
 
 
 def _migrate(args: argparse.Namespace, settings: Settings) -> int:
@@ -244,6 +253,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--type", metavar="RESOURCE_TYPE", help="only this resource type (default: all)"
     )
     reindex.set_defaults(func=_reindex)
+
+    worker = sub.add_parser(
+        "worker",
+        help="run bulk export jobs from the database queue (any number, on any host)",
+    )
+    from fhir_server.bulk.worker import add_arguments as add_worker_arguments
+
+    add_worker_arguments(worker)
+    worker.set_defaults(func=_worker)
 
     outbox = sub.add_parser("outbox", help="the notification email outbox").add_subparsers(
         dest="outbox_command", required=True

@@ -164,6 +164,41 @@ class Settings(BaseSettings):
         30.0, description="Sent emails are deleted from the outbox after this many days"
     )
 
+    # -- bulk data export (fhir_server.bulk) ---------------------------------------------------
+    bulk_dir: Path | None = Field(
+        None, description="Folder of bulk export output files (default: <data_dir>/bulk)"
+    )
+    bulk_worker: bool = Field(
+        True,
+        description="Run one bulk export worker thread in each `mso serve` process (`mso worker` "
+        "runs more, on any host that reaches the database)",
+    )
+    bulk_lease_seconds: float = Field(
+        60.0,
+        description="A running export job whose worker has not renewed its lease for this long "
+        "is taken over by another worker, from its last checkpoint",
+    )
+    bulk_poll_interval: float = Field(
+        1.0, description="Seconds an idle bulk export worker waits between looks at the queue"
+    )
+    bulk_file_max_bytes: int = Field(
+        256 * 1024 * 1024, description="An NDJSON output file is split after this many bytes"
+    )
+    bulk_batch_size: int = Field(
+        1000, description="Resources an export reads from the database per batch at most"
+    )
+    bulk_batch_max_bytes: int = Field(
+        8 * 1024 * 1024,
+        description="Bytes of stored JSON an export loads at once at most (a larger resource "
+        "alone)",
+    )
+    bulk_retention_hours: float = Field(
+        24.0, description="Hours an export's files stay downloadable after it completes"
+    )
+    bulk_max_jobs_per_client: int = Field(
+        3, description="Queued or running exports a client may have (429 above)"
+    )
+
     # -- case workflow (fhir_server.workflow) ---------------------------------------------------
     sla_hours_routine: int = Field(72, description="Hours a routine case may take (SLA due)")
     sla_hours_urgent: int = Field(24, description="Hours an urgent case may take (SLA due)")
@@ -196,6 +231,11 @@ class Settings(BaseSettings):
             str(ipaddress.ip_network(item, strict=False) if "/" in item else parse(item))
             for item in entries
         )
+
+    @property
+    def bulk_path(self) -> Path:
+        """Folder of the bulk export output files."""
+        return self.bulk_dir or (self.data_dir / "bulk")
 
     @property
     def blob_path(self) -> Path:

@@ -187,12 +187,17 @@ class AccessPolicy:
         """True when ``caller`` may see ``stored`` (a row already loaded).
 
         For an admin or organization-less system client with a plain scope only chat is
-        hidden, and whether a version is chat follows from its content: no query needed.
+        hidden, and whether a version is chat follows from its content: no query needed. But
+        not a Binary's: a raw upload becomes chat content when a message attaches it (its
+        next version names the message as security context), and from then on its earlier
+        versions are chat content too, which only its access rows tell.
         """
         if not isinstance(caller, Principal):
             return True
-        if stored.content is not None and self._sees_all_but_chat(
-            caller, stored.res_type, permission
+        if (
+            stored.content is not None
+            and stored.res_type != "Binary"
+            and self._sees_all_but_chat(caller, stored.res_type, permission)
         ):
             return not is_chat(stored.res_type, stored.resource)
         return self.is_visible(conn, caller, stored.pid, permission)
@@ -458,6 +463,12 @@ def _via(condition: ConditionOn, r: Any) -> ColumnElement[bool]:
     )
 
 
+def not_chat(r: Any) -> ColumnElement[bool]:
+    """SQL: ``r`` is not a chat message. Paths that hand data out in bulk (the bulk export)
+    add it to the caller's own filter: chat never leaves the platform, whoever asks."""
+    return not_(_has_scope(r, ScopeKind.CHAT))
+
+
 def _has_scope(r: Any, kind: ScopeKind, refs: Any = None) -> ColumnElement[bool]:
     """SQL: ``r`` has an ``access_scope`` row of ``kind`` (with ``ref_id`` in ``refs``)."""
     s = access_scope.alias()
@@ -476,5 +487,6 @@ __all__ = [
     "forbidden",
     "is_chat",
     "is_notification",
+    "not_chat",
     "owner_key",
 ]

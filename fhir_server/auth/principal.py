@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 from fhir_server.auth.scopes import ScopeSet
 
@@ -57,6 +58,42 @@ class Principal:
         """Admins and system clients bound to no organization: the platform's operators."""
         return self.role is Role.ADMIN or (self.role is Role.SYSTEM and not self.organization)
 
+    def to_dict(self) -> dict[str, Any]:
+        """The principal as JSON-ready data, for work done later on its behalf (a bulk export
+        job runs as the caller who started it): :meth:`from_dict` restores it."""
+        data: dict[str, Any] = {"subject": self.subject, "role": self.role.value}
+        data["scopes"] = str(self.scopes)
+        for name in _OPTIONAL:
+            value = getattr(self, name)
+            if value is not None:
+                data[name] = value
+        if self.extra:
+            data["extra"] = dict(self.extra)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Principal:
+        """The principal :meth:`to_dict` saved."""
+        return cls(
+            subject=data["subject"],
+            role=Role(data["role"]),
+            scopes=ScopeSet.parse(data.get("scopes"), strict=False),
+            extra=dict(data.get("extra") or {}),
+            **{name: data.get(name) for name in _OPTIONAL},
+        )
+
     def who(self) -> str:
         """A short, log-safe description for audit records: ``role:subject``."""
         return f"{self.role.value}:{self.subject}"
+
+
+_OPTIONAL = (
+    "client_id",
+    "fhir_user",
+    "practitioner_role",
+    "organization",
+    "patient",
+    "encounter",
+    "token_id",
+    "source",
+)

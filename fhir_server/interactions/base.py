@@ -75,6 +75,7 @@ class FhirRequest:
     version_id: str | None = None
     operation: str | None = None
     compartment_type: str | None = None
+    file_name: str | None = None  # a bulk export's output file
     params: list[tuple[str, str]] = field(default_factory=list)
     headers: dict[str, str] = field(default_factory=dict)
     body: dict[str, Any] | None = None

@@ -10,7 +10,6 @@ returns the resource with ``data`` (base64) streamed from the blob.
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,7 +95,7 @@ def read_json(ctx: InteractionContext, req: FhirRequest, blobs: BlobStore) -> Fh
         return None
     headers = version_headers(ctx, stored, location=False)
     return FhirResponse(
-        stream=_json_with_data(stored.content or b"{}", blobs, blob.sha256),
+        stream=blobs.json_with_data(stored.content or b"{}", blob.sha256),
         media_type="application/fhir+json",
         headers=headers,
     )
@@ -113,11 +112,3 @@ def _load(tx: Tx, req: FhirRequest) -> tuple[StoredResource, Any]:
     else:
         stored = tx.read("Binary", res_id)
     return stored, tx.blob_of(stored)
-
-
-def _json_with_data(content: bytes, blobs: BlobStore, sha256: str) -> Iterator[bytes]:
-    # The stored JSON ends with "}"; the data element is spliced in before it.
-    yield content[:-1]
-    yield b',"data":"'
-    yield from blobs.read_base64(sha256)
-    yield b'"}'

@@ -100,6 +100,7 @@ def _build_core(registry: Any, router: Router | None) -> dict[str, Any]:
         "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "publisher": "MSO",
         "kind": "instance",
+        "instantiates": ["http://hl7.org/fhir/uv/bulkdata/CapabilityStatement/bulk-data"],
         "software": {"name": "MSO FHIR Server", "version": __version__},
         "implementation": {"description": "Medical Second Opinion FHIR server"},
         "fhirVersion": FHIR_VERSION,

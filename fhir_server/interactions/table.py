@@ -19,6 +19,7 @@ from functools import cache
 from fhir_server.fhir.outcome import FhirError
 from fhir_server.interactions import (
     audit_events,
+    bulk_status,
     capabilities,
     create,
     delete,
@@ -47,7 +48,8 @@ class Route:
 
     ``level`` is ``system``, ``type`` or ``instance``; ``interaction`` the code listed under
     ``rest.interaction`` or ``rest.resource.interaction`` (``None`` for routes that are not
-    interactions of their own, like ``metadata`` or operations).
+    interactions of their own, like ``metadata`` or operations). ``operation`` names what a
+    route outside the interactions does, for its audit record (the bulk export's requests).
     """
 
     method: str
@@ -56,6 +58,7 @@ class Route:
     level: str
     interaction: str | None
     conditional: bool = False
+    operation: str | None = None
 
 
 ROUTES: tuple[Route, ...] = (
@@ -64,6 +67,19 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", (), transaction.transaction_or_batch, "system", "transaction"),
     Route("POST", ("_search",), search.search_system, "system", None),
     Route("GET", ("_history",), history.history, "system", "history-system"),
+    # the bulk export's status, cancel and download (kick-off: the $export operation)
+    Route("GET", ("_bulk", "{job}"), bulk_status.status, "system", None, operation="export-status"),
+    Route(
+        "DELETE", ("_bulk", "{job}"), bulk_status.cancel, "system", None, operation="export-cancel"
+    ),
+    Route(
+        "GET",
+        ("_bulk", "{job}", "{file}"),
+        bulk_status.download,
+        "system",
+        None,
+        operation="export-download",
+    ),
     Route("GET", ("{op}",), operations.invoke, "system", None),
     Route("POST", ("{op}",), operations.invoke, "system", None),
     Route("GET", ("{type}",), search.search_type, "type", "search-type"),
@@ -175,6 +191,12 @@ def resolve_route(method: str, path: str, req: FhirRequest) -> Route:
                 req.operation = segment[1:]
             elif pattern == "{ctype}":
                 req.compartment_type = segment
+            elif pattern == "{job}":
+                req.resource_id = check_id(segment)
+            elif pattern == "{file}":
+                req.file_name = segment
+        if route.operation is not None:
+            req.operation = route.operation
         if req.resource_type == audit_events.TYPE and route.handler in _AUDIT_HANDLERS:
             return dataclasses.replace(route, handler=_AUDIT_HANDLERS[route.handler])
         return route

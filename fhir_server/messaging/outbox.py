@@ -28,7 +28,7 @@ from enum import StrEnum
 from sqlalchemy import Connection, Engine, delete, func, insert, select, update
 from sqlalchemy.sql.elements import ColumnElement
 
-from fhir_server.storage.engine import WRITE_OPTION
+from fhir_server.storage.engine import write_connection
 from fhir_server.storage.messaging_schema import mail_outbox
 from fhir_server.storage.repository import as_utc, utc_now
 
@@ -98,12 +98,6 @@ def enqueue(
     return len(rows)
 
 
-def _write(engine: Engine) -> Connection:
-    conn = engine.connect()
-    conn.execution_options(**{WRITE_OPTION: True})  # SQLite: BEGIN IMMEDIATE
-    return conn
-
-
 def claim(
     engine: Engine, *, limit: int, lease: float, now: datetime | None = None
 ) -> list[ClaimedMail]:
@@ -123,7 +117,7 @@ def claim(
         )
         .returning(_o.id, _o.message_id, _o.to_addr, _o.subject, _o.body, _o.attempts)
     )
-    with _write(engine) as conn, conn.begin():
+    with write_connection(engine) as conn, conn.begin():
         rows = conn.execute(stmt).all()
     claimed = [
         ClaimedMail(r.id, r.message_id, r.to_addr, r.subject, r.body, r.attempts) for r in rows
@@ -146,7 +140,7 @@ def _settle(engine: Engine, mail: ClaimedMail, **values: object) -> bool:
         )
         .values(**values)
     )
-    with _write(engine) as conn, conn.begin():
+    with write_connection(engine) as conn, conn.begin():
         return conn.execute(stmt).rowcount == 1
 
 
@@ -194,7 +188,7 @@ def purge_sent(engine: Engine, *, older_than: float, now: datetime | None = None
     """Delete sent rows older than ``older_than`` seconds (failed rows stay for inspection)."""
     cutoff = (now or utc_now()) - timedelta(seconds=older_than)
     stmt = delete(mail_outbox).where(_o.status == MailStatus.SENT.value, _o.sent < cutoff)
-    with _write(engine) as conn, conn.begin():
+    with write_connection(engine) as conn, conn.begin():
         return conn.execute(stmt).rowcount
 
 

@@ -706,21 +706,26 @@ def compartment_condition(
     registry: SearchRegistry,
     compartment_params: dict[str, list[str]],
     compartment_type: str,
-    compartment_id: str,
+    compartment_id: str | Sequence[str] | None,
     target_type: str,
 ) -> Callable[[Any], ColumnElement[bool]]:
     """A condition: the resource is in ``compartment_type/compartment_id``.
 
     http://hl7.org/fhir/R4/compartmentdefinition.html: a ``target_type`` resource is in the
     compartment when any of its listed reference parameters points at the compartment owner;
-    ``{def}`` means the owner itself.
+    ``{def}`` means the owner itself. ``compartment_id`` may also be several owners (in any
+    of their compartments: a Group's members) or ``None`` (in some ``compartment_type``
+    compartment: a Patient-level bulk export).
     """
     codes = compartment_params.get(target_type, [])
+    ids = [compartment_id] if isinstance(compartment_id, str) else compartment_id
 
     def build(r: Any) -> ColumnElement[bool]:
+        if ids is not None and not ids:
+            return false()  # no owner: an empty Group
         conds: list[ColumnElement[bool]] = []
         if target_type == compartment_type:  # the owner is in its own compartment
-            conds.append(r.c.res_id == compartment_id)
+            conds.append(true() if ids is None else r.c.res_id.in_(ids))
         identities = []
         for code in codes:
             if code == "{def}":
@@ -730,14 +735,13 @@ def compartment_condition(
                 identities.append(param.identity(target_type))
         if identities:
             ref = idx_reference
-            conds.append(
-                r.c.pid.in_(
-                    select(ref.c.pid).where(
-                        ref.c.hash_identity.in_(identities),
-                        ref.c.target_id == compartment_id,
-                        ref.c.target_type == compartment_type,
-                    )
+            owner = [ref.c.target_type == compartment_type]
+            if ids is not None:
+                owner.append(
+                    ref.c.target_id == ids[0] if len(ids) == 1 else ref.c.target_id.in_(ids)
                 )
+            conds.append(
+                r.c.pid.in_(select(ref.c.pid).where(ref.c.hash_identity.in_(identities), *owner))
             )
         return or_(*conds) if conds else false()
 

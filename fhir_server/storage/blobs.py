@@ -115,3 +115,11 @@ class BlobStore:
         import base64
 
         yield from (base64.b64encode(chunk) for chunk in self.read(sha256, chunk_size=3 * 65536))
+
+    def json_with_data(self, content: bytes, sha256: str) -> Iterator[bytes]:
+        """The stored JSON ``content`` of a blob-backed Binary with its ``data`` element
+        (base64 of blob ``sha256``) spliced in before the closing brace, streamed."""
+        yield content[:-1]
+        yield b',"data":"'
+        yield from self.read_base64(sha256)
+        yield b'"}'

@@ -192,6 +192,14 @@ def _emit_begin(conn: Connection) -> None:
     conn.exec_driver_sql("BEGIN IMMEDIATE" if sqlite_write else "BEGIN")
 
 
+def write_connection(engine: Engine) -> Connection:
+    """A connection of ``engine`` for a write transaction (on SQLite its ``BEGIN`` is
+    ``BEGIN IMMEDIATE``, so two writers queue instead of failing at their first write)."""
+    conn = engine.connect()
+    conn.execution_options(**{WRITE_OPTION: True})
+    return conn
+
+
 def is_postgres(engine: Engine) -> bool:
     """True for a PostgreSQL engine."""
     return engine.dialect.name == "postgresql"

@@ -485,16 +485,18 @@ class Tx:
         params: Sequence[tuple[str, str]] | SearchQuery = (),
         *,
         batch: int = 1000,
+        max_bytes: int | None = None,
         where: Sequence[searching.Condition] = (),
-        compartment: tuple[str, str] | None = None,
+        compartment: tuple[str, str | Sequence[str] | None] | None = None,
         base_url: str | None = None,
         check: bool = True,
     ) -> Iterator[StoredResource]:
-        """Every match the caller may see, in pid order, fetched ``batch`` at a time (bulk
-        export): see :func:`.searching.iter_search`."""
+        """Every match the caller may see, in pid order, fetched ``batch`` at a time and at
+        most ``max_bytes`` of content at once (bulk export): see
+        :func:`.searching.iter_search`."""
         return searching.iter_search(
-            self, types, params, batch=batch, where=where, compartment=compartment,
-            base_url=base_url, check=check,
+            self, types, params, batch=batch, max_bytes=max_bytes, where=where,
+            compartment=compartment, base_url=base_url, check=check,
         )  # fmt: skip
 
     def lock_criteria(self, res_type: str, params: list[tuple[str, str]]) -> None:

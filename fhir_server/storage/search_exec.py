@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, and_, select
+from sqlalchemy import Connection, and_, func, select
 
 from fhir_server.fhir.outcome import FhirError
 from fhir_server.search.compile import (
@@ -107,6 +107,31 @@ def current_max_pid(conn: Connection) -> int:
     """The largest pid now (the snapshot bound of a new search)."""
     stmt = select(resource.c.pid).order_by(resource.c.pid.desc()).limit(1)
     return int(conn.execute(stmt).scalar() or 0)
+
+
+def chunks_by_size(conn: Connection, pids: Sequence[int], max_bytes: int) -> list[list[int]]:
+    """``pids`` (in their order) cut into runs whose stored JSON is at most ``max_bytes`` in
+    all (a resource larger than that makes a run of its own); the sizes are read from the
+    database, the contents are not."""
+    if not pids:
+        return []
+    stmt = select(resource.c.pid, func.coalesce(func.length(resource.c.content), 0)).where(
+        resource.c.pid.in_(pids)
+    )
+    sizes = dict(conn.execute(stmt).tuples().all())
+    chunks: list[list[int]] = []
+    run: list[int] = []
+    used = 0
+    for pid in pids:
+        size = int(sizes.get(pid, 0))
+        if run and used + size > max_bytes:
+            chunks.append(run)
+            run, used = [], 0
+        run.append(pid)
+        used += size
+    if run:
+        chunks.append(run)
+    return chunks
 
 
 _CONTENT = ("res_type", "res_id", "version", "last_updated", "deleted", "content")

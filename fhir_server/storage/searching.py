@@ -99,9 +99,13 @@ def compartment_params() -> dict[str, list[str]]:
 
 
 def in_compartment(
-    registry: Any, compartment_type: str, compartment_id: str, types: Sequence[str]
+    registry: Any,
+    compartment_type: str,
+    compartment_id: str | Sequence[str] | None,
+    types: Sequence[str],
 ) -> Condition:
-    """A condition: the resource (of one of ``types``) is in ``compartment_type/id``."""
+    """A condition: the resource (of one of ``types``) is in ``compartment_type/id`` (several
+    ids: in any of their compartments; ``None``: in some compartment of that type)."""
     params = compartment_params()
     per_type = {
         t: compartment_condition(registry, params, compartment_type, compartment_id, t)
@@ -174,8 +178,9 @@ def iter_search(
     params: Sequence[tuple[str, str]] | SearchQuery = (),
     *,
     batch: int = 1000,
+    max_bytes: int | None = None,
     where: Sequence[Condition] = (),
-    compartment: tuple[str, str] | None = None,
+    compartment: tuple[str, str | Sequence[str] | None] | None = None,
     base_url: str | None = None,
     check: bool = True,
 ) -> Iterator[StoredResource]:
@@ -183,7 +188,12 @@ def iter_search(
     order, fetched ``batch`` at a time (keyset on pid); resources written after the first
     batch are not included (its snapshot bound). Parameters are strict (a 400 for one that
     cannot be used: an export must not silently widen); ``_sort``, ``_count``, ``_include``
-    and the paging parameters are not used."""
+    and the paging parameters are not used.
+
+    With ``max_bytes`` a batch's pids are fetched first and their contents loaded in chunks of
+    at most that many bytes of stored JSON (a resource larger than that alone): the memory a
+    batch takes is bounded whatever the resources hold (bulk export of inline attachments).
+    """
     types, query, raw = _parse(tx, types, params, strict=True)
     query.sort, query.includes = [], []
     if check:
@@ -195,9 +205,13 @@ def iter_search(
     while True:
         page = search_exec.run_page(
             lambda: tx.conn, registry, query, options, count=batch, position=position,
-            max_pid=max_pid, with_resources=True,
+            max_pid=max_pid, with_resources=max_bytes is None,
         )  # fmt: skip
-        yield from page.resources
+        if max_bytes is None:
+            yield from page.resources
+        else:
+            for chunk in search_exec.chunks_by_size(tx.conn, page.pids, max_bytes):
+                yield from tx.load(chunk)
         if not page.has_next or page.last is None:
             return
         position, max_pid = page.last, page.max_pid
@@ -235,7 +249,7 @@ def _options(
     tx: SearchUnit,
     base_url: str | None,
     where: Sequence[Condition],
-    compartment: tuple[str, str] | None,
+    compartment: tuple[str, str | Sequence[str] | None] | None,
     types: tuple[str, ...],
 ) -> CompileOptions:
     """Compile options with the caller's access filter; ValueSets and CodeSystems stored on the

@@ -16,6 +16,7 @@ from fhir_server.interactions.operations import (
     Operation,
     case_workflow,
     everything,
+    export,
     level_of,
     mso_stats,
     record_payment,
@@ -23,7 +24,7 @@ from fhir_server.interactions.operations import (
 )
 from fhir_server.interactions.operations.parameters import check_parameters
 
-BUILTIN_MODULES = (case_workflow, everything, mso_stats, record_payment, validate)
+BUILTIN_MODULES = (case_workflow, everything, export, mso_stats, record_payment, validate)
 """The modules whose import registered the built-in operations."""
 
 
