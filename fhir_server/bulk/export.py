@@ -69,10 +69,11 @@ class Lease:
             raise JobLost(self.job.id)
         self._renewed = time.monotonic()
 
-    def keep_alive(self) -> None:
-        """Renew the lease if a third of it has passed since the last renewal."""
+    def keep_alive(self, exported: int) -> None:
+        """Renew the lease if a third of it has passed since the last renewal, with the count
+        of resources ``exported`` so far (the status's progress)."""
         if time.monotonic() - self._renewed > self.seconds / 3:
-            self.save()
+            self.save(exported=exported)
 
 
 class ExportRun:
@@ -186,7 +187,7 @@ class ExportRun:
                         self._commit(writer, rtype, "output")
                         writer = None
                     else:
-                        self.lease.keep_alive()
+                        self.lease.keep_alive(self.state["exported"] + writer.count)
         except FhirError as err:
             # a search this type cannot run (a _typeFilter the data defeats): the other
             # types are still exported, and the error file says why this one is not whole

@@ -32,7 +32,7 @@ from tests.e2e.conftest import start_server, stop_server
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 EXAMPLES = ROOT / "examples"
-RUN_SECTIONS = ("Example session", "A case from submission to invoice")
+RUN_SECTIONS = ("Example session", "A case from submission to invoice", "Bulk export")
 """``##`` sections whose ``sh`` blocks run, in README order."""
 SCRIPT_TIMEOUT = 300
 
