@@ -190,7 +190,7 @@ class Settings(BaseSettings):
     bulk_batch_max_bytes: int = Field(
         8 * 1024 * 1024,
         description="Bytes of stored JSON an export loads at once at most (a larger resource "
-        "alone)",
+        "alone, read in slices of this size)",
     )
     bulk_retention_hours: float = Field(
         24.0, description="Hours an export's files stay downloadable after it completes"

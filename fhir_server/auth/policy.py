@@ -464,9 +464,15 @@ def _via(condition: ConditionOn, r: Any) -> ColumnElement[bool]:
 
 
 def not_chat(r: Any) -> ColumnElement[bool]:
-    """SQL: ``r`` is not a chat message. Paths that hand data out in bulk (the bulk export)
-    add it to the caller's own filter: chat never leaves the platform, whoever asks."""
-    return not_(_has_scope(r, ScopeKind.CHAT))
+    """SQL: ``r`` is neither chat nor about chat (a Provenance or Binary visible through a
+    chat message: who wrote to whom, when). Paths that hand data out in bulk (the bulk
+    export) add it to the caller's own filter: chat never leaves the platform, whoever asks."""
+    return not_(
+        or_(
+            _has_scope(r, ScopeKind.CHAT),
+            _via(lambda target: _has_scope(target, ScopeKind.CHAT), r),
+        )
+    )
 
 
 def _has_scope(r: Any, kind: ScopeKind, refs: Any = None) -> ColumnElement[bool]:

@@ -21,7 +21,8 @@ from __future__ import annotations
 import heapq
 import logging
 import time
-from collections.abc import Iterator
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -34,7 +35,9 @@ from fhir_server.bulk import jobs
 from fhir_server.bulk.files import OutputStore, PartWriter, part_name
 from fhir_server.bulk.request import ExportRequest
 from fhir_server.fhir.outcome import FhirError
+from fhir_server.search.budget import current_limits
 from fhir_server.search.summary import apply as shape
+from fhir_server.search.types.reference import parse_reference
 from fhir_server.storage import bulk_reads
 from fhir_server.storage.blobs import BlobStore
 from fhir_server.storage.records import StoredResource, format_instant, utc_now
@@ -134,6 +137,10 @@ class ExportRun:
             "deleted": [],
             "error": [],
             "exported": 0,
+            # Provenance added by includeAssociatedData (not asked for in _type): only that
+            # of the exported resources
+            "associated": self.request.provenance
+            and "Provenance" not in (self.request.types or ["Provenance"]),
         }
         self.lease.save(
             self.state, snapshot_pid=bound, estimate=estimate, transaction_time=utc_now()
@@ -176,7 +183,9 @@ class ExportRun:
         writer: PartWriter | None = None
         try:
             with self.repo.unit(caller=self.caller, snapshot=False) as tx:
-                for stored in self._resources(tx, rtype):
+                associated = rtype == "Provenance" and self.state.get("associated")
+                found = self._associated(tx) if associated else self._resources(tx, rtype)
+                for stored in found:
                     if writer is None:
                         writer = self.store.open_part(
                             self.job.id, part_name(rtype, self.state["part"])
@@ -202,9 +211,19 @@ class ExportRun:
         if writer is not None:
             self._commit(writer, rtype, "output")
 
-    def _resources(self, tx: Tx, rtype: str) -> Iterator[StoredResource]:
-        """The job's ``rtype`` resources after the checkpoint, in pid order, each once."""
-        after, bound = self.state["after"], self.state["bound"]
+    def _resources(
+        self,
+        tx: Tx,
+        rtype: str,
+        *,
+        after: int | None = None,
+        criteria: Sequence[tuple[str, str]] = (),
+        compartment: bool = True,
+    ) -> Iterator[StoredResource]:
+        """The job's ``rtype`` resources after the checkpoint (or ``after``), narrowed by
+        ``criteria``, in pid order, each once."""
+        after = self.state["after"] if after is None else after
+        bound = self.state["bound"]
         where = [
             not_chat,
             lambda r: r.c.pid > after,
@@ -219,13 +238,13 @@ class ExportRun:
         streams = [
             tx.iter_search(
                 rtype,
-                [*dated, *criteria],
+                [*dated, *type_filter, *criteria],
                 batch=self.batch_size,
                 max_bytes=self.batch_max_bytes,
                 where=where,
-                compartment=self._compartment(),
+                compartment=self._compartment() if compartment else None,
             )
-            for criteria in filters
+            for type_filter in filters
         ]
         if len(streams) == 1:
             yield from streams[0]
@@ -234,6 +253,43 @@ class ExportRun:
         for stored in heapq.merge(*streams, key=lambda s: s.pid):
             if stored.pid != last:  # _typeFilter searches are OR'ed: a match once
                 last = stored.pid
+                yield stored
+
+    def _associated(self, tx: Tx) -> Iterator[StoredResource]:
+        """The Provenance whose ``target`` is one of the resources this job exports
+        (``RelevantProvenanceResources``), in pid order, batch by batch."""
+        pending: list[StoredResource] = []
+        for stored in self._resources(tx, "Provenance", compartment=False):
+            pending.append(stored)
+            if len(pending) >= self.batch_size:
+                yield from self._of_exported(tx, pending)
+                pending = []
+        yield from self._of_exported(tx, pending)
+
+    def _of_exported(self, tx: Tx, batch: list[StoredResource]) -> Iterator[StoredResource]:
+        """Those of ``batch`` (Provenance) with a target that the job's other types export:
+        the same search as theirs, narrowed to the targets' ids."""
+        exported = set(self.state["plan"]) - {"Provenance"}
+        targets: dict[int, set[tuple[str, str]]] = {}
+        wanted: dict[str, set[str]] = defaultdict(set)
+        for stored in batch:
+            refs = set()
+            for target in stored.resource.get("target") or []:
+                rtype, rid, _ = parse_reference(str(target.get("reference") or ""))
+                if rtype in exported and rid:
+                    refs.add((rtype, rid))
+                    wanted[rtype].add(rid)
+            targets[stored.pid] = refs
+        found: set[tuple[str, str]] = set()
+        step = current_limits().max_values
+        for rtype, ids in wanted.items():
+            listed = sorted(ids)
+            for start in range(0, len(listed), step):
+                criteria = [("_id", ",".join(listed[start : start + step]))]
+                matches = self._resources(tx, rtype, after=0, criteria=criteria)
+                found.update((rtype, match.res_id) for match in matches)
+        for stored in batch:
+            if targets[stored.pid] & found:
                 yield stored
 
     def _line(self, tx: Tx, stored: StoredResource) -> bytes | Iterator[bytes]:

@@ -32,7 +32,7 @@ from fhir_server.search.registry import SearchRegistry
 from fhir_server.search.shapes import page_statement
 from fhir_server.storage import cursors
 from fhir_server.storage.index_schema import idx_reference, idx_uri
-from fhir_server.storage.records import StoredResource, as_utc
+from fhir_server.storage.records import CURRENT_COLUMNS, StoredResource, as_utc
 from fhir_server.storage.schema import resource
 
 log = logging.getLogger(__name__)
@@ -109,29 +109,59 @@ def current_max_pid(conn: Connection) -> int:
     return int(conn.execute(stmt).scalar() or 0)
 
 
-def chunks_by_size(conn: Connection, pids: Sequence[int], max_bytes: int) -> list[list[int]]:
+def chunks_by_size(
+    conn: Connection, pids: Sequence[int], max_bytes: int
+) -> list[tuple[list[int], int]]:
     """``pids`` (in their order) cut into runs whose stored JSON is at most ``max_bytes`` in
-    all (a resource larger than that makes a run of its own); the sizes are read from the
-    database, the contents are not."""
+    all (a resource larger than that makes a run of its own), each with its size in bytes;
+    the sizes are read from the database, the contents are not."""
     if not pids:
         return []
     stmt = select(resource.c.pid, func.coalesce(func.length(resource.c.content), 0)).where(
         resource.c.pid.in_(pids)
     )
-    sizes = dict(conn.execute(stmt).tuples().all())
-    chunks: list[list[int]] = []
+    sizes = {pid: size for pid, size in conn.execute(stmt).all()}
+    chunks: list[tuple[list[int], int]] = []
     run: list[int] = []
     used = 0
     for pid in pids:
         size = int(sizes.get(pid, 0))
         if run and used + size > max_bytes:
-            chunks.append(run)
+            chunks.append((run, used))
             run, used = [], 0
         run.append(pid)
         used += size
     if run:
-        chunks.append(run)
+        chunks.append((run, used))
     return chunks
+
+
+def load_in_slices(conn: Connection, pid: int, slice_bytes: int) -> StoredResource | None:
+    """The current version of resource ``pid`` (``None`` if gone), its content read
+    ``slice_bytes`` at a time: a driver fetching a large value whole holds several copies of
+    it (PostgreSQL's text protocol sends ``bytea`` as hex, twice its size), a slice at a time
+    the content is held about twice (its slices, then the joined bytes)."""
+    columns = [c for c in CURRENT_COLUMNS if c.name != "content"]
+    head = conn.execute(
+        select(*columns, func.length(resource.c.content).label("size")).where(
+            resource.c.pid == pid, resource.c.deleted.is_(False)
+        )
+    ).one_or_none()
+    if head is None or head.size is None:
+        return None
+    parts: list[bytes] = []
+    for start in range(1, int(head.size) + 1, slice_bytes):
+        piece = func.substr(resource.c.content, start, slice_bytes)
+        parts.append(bytes(conn.execute(select(piece).where(resource.c.pid == pid)).scalar_one()))
+    return StoredResource(
+        pid=head.pid,
+        res_type=head.res_type,
+        res_id=head.res_id,
+        version=head.version,
+        last_updated=as_utc(head.last_updated),
+        deleted=False,
+        content=b"".join(parts),
+    )
 
 
 _CONTENT = ("res_type", "res_id", "version", "last_updated", "deleted", "content")

@@ -210,8 +210,14 @@ def iter_search(
         if max_bytes is None:
             yield from page.resources
         else:
-            for chunk in search_exec.chunks_by_size(tx.conn, page.pids, max_bytes):
-                yield from tx.load(chunk)
+            for chunk, size in search_exec.chunks_by_size(tx.conn, page.pids, max_bytes):
+                if size <= max_bytes:
+                    yield from tx.load(chunk)
+                    continue
+                # one resource alone larger than a batch may be: read it in slices
+                large = search_exec.load_in_slices(tx.conn, chunk[0], max_bytes)
+                if large is not None:
+                    yield large
         if not page.has_next or page.last is None:
             return
         position, max_pid = page.last, page.max_pid

@@ -697,6 +697,22 @@ def test_the_repository_search_applies_the_callers_access(app, world: World, rol
     assert set(streamed) == paged
 
 
+def test_the_seam_bounds_batches_by_bytes_and_reads_a_large_resource_in_slices(
+    app, world: World
+) -> None:
+    """``max_bytes`` changes how contents are read, never what: resources larger than it are
+    read alone, in slices of that many bytes (bulk export of large inline attachments), and
+    come out byte for byte as a plain load gives them."""
+    principal = _principal(app, world, "reqA")
+    with app.state.repo.unit(caller=principal, snapshot=False) as tx:
+        for rtype in sorted(set(TYPES.values())):
+            whole = {s.pid: s.content for s in tx.iter_search(rtype, batch=3)}
+            for max_bytes in (7, 100_000):
+                sliced = list(tx.iter_search(rtype, batch=3, max_bytes=max_bytes))
+                assert [s.pid for s in sliced] == list(whole)
+                assert {s.pid: s.content for s in sliced} == whole
+
+
 def test_a_requester_sees_only_its_organizations_cases_through_the_seam(app, world: World) -> None:
     u = world.ids["caseA1"].split("-")[-1]  # this world's suffix: other tests' cases aside
     for role, expected in (("reqA", {"caseA1", "caseA2"}), ("reqB", {"caseB1"})):
