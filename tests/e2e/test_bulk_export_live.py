@@ -305,6 +305,7 @@ def test_40mb_attachments_are_exported_with_bounded_worker_memory(live) -> None:
             manifest = wait_manifest(http, status_url, headers, timeout=45)
             assert worker.poll() is None, workers.logs()
             peak = _peak_rss_mb(worker.pid)
+            print(f"worker peak RSS {peak:.0f} MB")  # shown with pytest -s
         finally:
             workers.stop_all()
         check_manifest(manifest)
