@@ -71,6 +71,26 @@ def install_sigterm_handler() -> None:
     signal.signal(signal.SIGTERM, _raise)
 
 
+def run_benchmark(
+    args: Any, run: Callable[[Any], Any], report: Callable[[Any, Any], str], *, stopped: str
+) -> int:
+    """A benchmark's ``main`` after parsing its options: SIGTERM handled, ``run(args)``, its
+    ``report`` printed; 130 on Ctrl-C (``stopped`` says what was cleaned up), 1 on a
+    :class:`RuntimeError` (the benchmark could not run)."""
+    install_sigterm_handler()
+    try:
+        figures = run(args)
+    except KeyboardInterrupt:
+        print(f"\nInterrupted; {stopped}.", file=sys.stderr)
+        return 130
+    except RuntimeError as exc:
+        print(f"\nbenchmark failed: {exc}", file=sys.stderr)
+        return 1
+    print()
+    print(report(figures, args))
+    return 0
+
+
 def percentile(sorted_values: Sequence[float], q: float) -> float:
     """Nearest-rank percentile ``q`` (0-100) of already sorted values (0.0 when empty)."""
     if not sorted_values:

@@ -49,9 +49,9 @@ from bench.common import (
     format_table,
     fresh_database,
     http_json,
-    install_sigterm_handler,
     process_tree,
     psycopg_dsn,
+    run_benchmark,
     run_closed_loop,
     run_wrk,
     running_server,
@@ -607,19 +607,9 @@ def report(rows: list[Row], args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m bench crud [options]``: run the benchmark and print its tables."""
-    args = _parse_args(argv)
-    install_sigterm_handler()
-    try:
-        rows = run(args)
-    except KeyboardInterrupt:
-        print("\nInterrupted; server stopped and database cleaned up.", file=sys.stderr)
-        return 130
-    except RuntimeError as exc:
-        print(f"\nbenchmark failed: {exc}", file=sys.stderr)
-        return 1
-    print()
-    print(report(rows, args))
-    return 0
+    return run_benchmark(
+        _parse_args(argv), run, report, stopped="server stopped and database cleaned up"
+    )
 
 
 if __name__ == "__main__":

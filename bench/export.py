@@ -57,9 +57,9 @@ from bench.common import (
     fmt_share,
     format_table,
     fresh_database,
-    install_sigterm_handler,
     mint_system_token,
     psycopg_dsn,
+    run_benchmark,
     running_server,
 )
 
@@ -1138,19 +1138,9 @@ def report(fig: Figures, args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m bench export [options]``: run the benchmark and print its tables."""
-    args = _parse_args(argv)
-    install_sigterm_handler()
-    try:
-        figures = run(args)
-    except KeyboardInterrupt:
-        print("\nInterrupted; server and worker stopped, database cleaned up.", file=sys.stderr)
-        return 130
-    except RuntimeError as exc:
-        print(f"\nbenchmark failed: {exc}", file=sys.stderr)
-        return 1
-    print()
-    print(report(figures, args))
-    return 0
+    return run_benchmark(
+        _parse_args(argv), run, report, stopped="server and worker stopped, database cleaned up"
+    )
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, and_, func, select
+from sqlalchemy import Connection, and_, func, null, select
 
 from fhir_server.fhir.outcome import FhirError
 from fhir_server.search.compile import (
@@ -32,7 +32,7 @@ from fhir_server.search.registry import SearchRegistry
 from fhir_server.search.shapes import page_statement
 from fhir_server.storage import cursors
 from fhir_server.storage.index_schema import idx_reference, idx_uri
-from fhir_server.storage.records import CURRENT_COLUMNS, StoredResource, as_utc
+from fhir_server.storage.records import CURRENT_COLUMNS, StoredResource, as_utc, stored_from_row
 from fhir_server.storage.schema import resource
 
 log = logging.getLogger(__name__)
@@ -141,7 +141,7 @@ def load_in_slices(conn: Connection, pid: int, slice_bytes: int) -> StoredResour
     ``slice_bytes`` at a time: a driver fetching a large value whole holds several copies of
     it (PostgreSQL's text protocol sends ``bytea`` as hex, twice its size), a slice at a time
     the content is held about twice (its slices, then the joined bytes)."""
-    columns = [c for c in CURRENT_COLUMNS if c.name != "content"]
+    columns = [c if c.name != "content" else null().label("content") for c in CURRENT_COLUMNS]
     head = conn.execute(
         select(*columns, func.length(resource.c.content).label("size")).where(
             resource.c.pid == pid, resource.c.deleted.is_(False)
@@ -153,15 +153,9 @@ def load_in_slices(conn: Connection, pid: int, slice_bytes: int) -> StoredResour
     for start in range(1, int(head.size) + 1, slice_bytes):
         piece = func.substr(resource.c.content, start, slice_bytes)
         parts.append(bytes(conn.execute(select(piece).where(resource.c.pid == pid)).scalar_one()))
-    return StoredResource(
-        pid=head.pid,
-        res_type=head.res_type,
-        res_id=head.res_id,
-        version=head.version,
-        last_updated=as_utc(head.last_updated),
-        deleted=False,
-        content=b"".join(parts),
-    )
+    stored = stored_from_row(head)
+    stored.content = b"".join(parts)
+    return stored
 
 
 _CONTENT = ("res_type", "res_id", "version", "last_updated", "deleted", "content")
