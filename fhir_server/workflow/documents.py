@@ -27,6 +27,10 @@ the entry named. Errors: ``MSO-DOC-420`` category, ``MSO-DOC-421`` content type 
 file, ``MSO-DOC-422`` size, ``MSO-DOC-423`` too many documents, ``MSO-DOC-424`` content missing
 or not on this server, or a link to something that is not a case or not a known document,
 ``MSO-DOC-409`` case status, ``MSO-DOC-410`` a case document's Binary replaced.
+
+A chat message's attachments are held to the same type and size checks, with the same codes
+(:func:`check_attachment`), and an uploaded Binary becomes readable by the case's other party
+the same way (:func:`secure_binaries`): see :mod:`fhir_server.messaging.chat`.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import base64
 import binascii
 import io
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from fhir_server.codes import (
@@ -219,35 +223,46 @@ def check_contents(body: dict[str, Any], reader: ContentReader) -> None:
         raise _invalid("MSO-DOC-424", f"{document_name(body)} has no content", "DocumentReference")
     for index, content in enumerate(contents):
         attachment = (content or {}).get("attachment") or {}
-        name = document_name(body, index)
         where = f"DocumentReference.content[{index}].attachment"
-        declared = attachment.get("contentType")
-        if declared not in DOCUMENT_CONTENT_TYPES:
-            raise _invalid(
-                "MSO-DOC-421",
-                f"{name}: the declared content type is not accepted (PDF, DOCX, JPEG, "
-                "PNG, TIFF or DICOM)",
-                f"{where}.contentType",
-            )
-        size = attachment.get("size")
-        if isinstance(size, int) and size > MAX_DOCUMENT_BYTES:
-            raise _too_large(name, size, where)
-        sniffed, actual = reader.inspect(attachment, name, where)
-        if actual > MAX_DOCUMENT_BYTES:
-            raise _too_large(name, actual, where)
-        if sniffed is None:
-            raise _invalid(
-                "MSO-DOC-421",
-                f"{name}: its content is not a PDF, DOCX, JPEG, PNG, TIFF or DICOM "
-                "file (the type is checked by content, not by name)",
-                where,
-            )
-        if sniffed != declared:
-            raise _invalid(
-                "MSO-DOC-421",
-                f"{name}: declared as '{declared}' but its content is '{sniffed}'",
-                f"{where}.contentType",
-            )
+        check_attachment(attachment, reader, name=document_name(body, index), where=where)
+
+
+def check_attachment(
+    attachment: dict[str, Any], reader: ContentReader, *, name: str, where: str
+) -> None:
+    """One attachment of a case document (or of a chat message): an accepted type by content
+    agreeing with its declared ``contentType``, within the size limit (declared and actual).
+
+    ``name`` says which file it is in an error (no resource content) and ``where`` is the
+    FHIRPath of the attachment element.
+    """
+    declared = attachment.get("contentType")
+    if declared not in DOCUMENT_CONTENT_TYPES:
+        raise _invalid(
+            "MSO-DOC-421",
+            f"{name}: the declared content type is not accepted (PDF, DOCX, JPEG, "
+            "PNG, TIFF or DICOM)",
+            f"{where}.contentType",
+        )
+    size = attachment.get("size")
+    if isinstance(size, int) and size > MAX_DOCUMENT_BYTES:
+        raise _too_large(name, size, where)
+    sniffed, actual = reader.inspect(attachment, name, where)
+    if actual > MAX_DOCUMENT_BYTES:
+        raise _too_large(name, actual, where)
+    if sniffed is None:
+        raise _invalid(
+            "MSO-DOC-421",
+            f"{name}: its content is not a PDF, DOCX, JPEG, PNG, TIFF or DICOM "
+            "file (the type is checked by content, not by name)",
+            where,
+        )
+    if sniffed != declared:
+        raise _invalid(
+            "MSO-DOC-421",
+            f"{name}: declared as '{declared}' but its content is '{sniffed}'",
+            f"{where}.contentType",
+        )
 
 
 def _too_large(name: str, size: int, where: str) -> FhirError:
@@ -280,11 +295,20 @@ def check_count(tx: Tx, case_id: str, body: dict[str, Any]) -> None:
 def secure_contents(tx: Tx, doc_id: str, body: dict[str, Any]) -> None:
     """Give each Binary a case document's attachments name, and that has no
     ``securityContext`` (a raw upload: ``POST [base]/Binary``), the document as its security
-    context (http://hl7.org/fhir/R4/binary.html#security), so whoever may read the document
-    may read its content: the case's provider as well as its uploader. The raw content is
-    kept (the new version points at the same blob)."""
-    for content in body.get("content") or ():
-        binary_id = ref_id(((content or {}).get("attachment") or {}).get("url") or "", "Binary")
+    context: see :func:`secure_binaries`."""
+    attachments = [(content or {}).get("attachment") or {} for content in body.get("content") or ()]
+    secure_binaries(tx, attachments, f"DocumentReference/{doc_id}")
+
+
+def secure_binaries(tx: Tx, attachments: Iterable[dict[str, Any]], context: str) -> None:
+    """Give each Binary on this server that ``attachments`` name by ``url``, and that has no
+    ``securityContext`` yet (a raw upload: ``POST [base]/Binary``), the resource ``context``
+    (``Type/id``: the document or chat message carrying it) as its security context
+    (http://hl7.org/fhir/R4/binary.html#security), so whoever may read that resource may read
+    its content: the other party of the case as well as the uploader. The raw content is kept
+    (the new version points at the same blob)."""
+    for attachment in attachments:
+        binary_id = ref_id(attachment.get("url") or "", "Binary")
         if binary_id is None:
             continue
         with tx.internal():
@@ -292,10 +316,7 @@ def secure_contents(tx: Tx, doc_id: str, body: dict[str, Any]) -> None:
             if stored is None or stored.deleted or stored.resource.get("securityContext"):
                 continue
             blob = tx.blob_of(stored)
-            secured = {
-                **stored.resource,
-                "securityContext": {"reference": f"DocumentReference/{doc_id}"},
-            }
+            secured = {**stored.resource, "securityContext": {"reference": context}}
             updated, _ = tx.update("Binary", binary_id, secured, if_match=stored.version)
             if blob is not None:
                 tx.attach_blob(

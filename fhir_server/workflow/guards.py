@@ -1,9 +1,10 @@
 """The workflow's guards, in one table: which writes of which resources each rule holds.
 
 The MSO rules (DESIGN.md: the case status table, case documents, case issues, appointments,
-feedback, amended recommendations) hold on every write path because the repository fires its
-hooks on every path — single REST writes, transaction and batch Bundle entries, PATCH, the
-operations' own writes — and :class:`Guards` is registered once at each write hook point.
+feedback, amended recommendations, the case chat) hold on every write path because the
+repository fires its hooks on every path — single REST writes, transaction and batch Bundle
+entries, PATCH, the operations' own writes — and :class:`Guards` is registered once at each
+write hook point.
 For each write it runs, in table order, every row whose resource kind matches:
 
 * ``kind``: a predicate on the write (resource type and content, new or previous);
@@ -26,7 +27,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from fhir_server.auth.resource_kinds import is_chat
 from fhir_server.hooks import HookEvent, HookPoint
+from fhir_server.messaging import chat
 from fhir_server.workflow import amendments, documents
 from fhir_server.workflow.cases import is_case_request
 from fhir_server.workflow.feedback import is_feedback
@@ -99,12 +102,24 @@ def feedback(event: HookEvent) -> bool:
     return event.resource_type == "QuestionnaireResponse" and _either(event, is_feedback)
 
 
+def chat_message(event: HookEvent) -> bool:
+    """A case chat message: a Communication basedOn a case (new or previous content: no
+    write turns another Communication into one, nor one into another)."""
+    return event.resource_type == "Communication" and _either(event, chat.is_chat_message)
+
+
+def chat_attachment(event: HookEvent) -> bool:
+    """A Binary that is chat content (its security context is a chat message) already."""
+    return event.resource_type == "Binary" and is_chat("Binary", event.previous or {})
+
+
 # -- the table -----------------------------------------------------------------------------------
 
 
 def guard_table(workflow: Workflow, appointments: Appointments, feedbacks: Feedback) -> list[Row]:
     """Every workflow guard, in the order they run for one write."""
     w, a, f = workflow, appointments, feedbacks
+    c = chat.ChatRules(blobs=workflow.blobs)
     # fmt: off
     return [
         # kind                          write    guard                     server too
@@ -138,6 +153,12 @@ def guard_table(workflow: Workflow, appointments: Appointments, feedbacks: Feedb
         Row(feedback,                    CREATED, f.given),
         Row(feedback,                    UPDATE, f.final),
         Row(feedback,                    DELETE, f.final),
+        Row(chat_message,                CREATE, c.send),
+        Row(chat_message,                CREATED, c.sent),
+        Row(chat_message,                UPDATE, chat.refuse_change, server_too=True),
+        Row(chat_message,                DELETE, chat.refuse_change, server_too=True),
+        Row(chat_attachment,             UPDATE, chat.refuse_change, server_too=True),
+        Row(chat_attachment,             DELETE, chat.refuse_change, server_too=True),
     ]
     # fmt: on
 

@@ -15,6 +15,7 @@ from fhir_server.interactions.operations import (
     REGISTRY,
     Operation,
     case_workflow,
+    chat_read,
     everything,
     export,
     level_of,
@@ -24,7 +25,15 @@ from fhir_server.interactions.operations import (
 )
 from fhir_server.interactions.operations.parameters import check_parameters
 
-BUILTIN_MODULES = (case_workflow, everything, export, mso_stats, record_payment, validate)
+BUILTIN_MODULES = (
+    case_workflow,
+    chat_read,
+    everything,
+    export,
+    mso_stats,
+    record_payment,
+    validate,
+)
 """The modules whose import registered the built-in operations."""
 
 
