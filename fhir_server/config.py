@@ -134,6 +134,18 @@ class Settings(BaseSettings):
         description="A user who made an authenticated request within this many seconds is "
         "online and gets in-app notifications only, no email",
     )
+    chat_email_quiet_seconds: float = Field(
+        900.0,
+        description="A chat message starts a new conversation burst when the previous message "
+        "to the same side came this many seconds before or more; an offline recipient gets one "
+        "email per burst",
+    )
+    chat_email_snippet_chars: int = Field(
+        0,
+        ge=0,
+        description="Characters of a chat message's text quoted in its email (0: none, only "
+        "who wrote on which case)",
+    )
     smtp_host: str | None = Field(
         None, description="SMTP server for notification emails (unset: emails stay queued)"
     )

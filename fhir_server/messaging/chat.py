@@ -28,6 +28,12 @@ conditional interactions, transaction and batch entries):
   a raw-uploaded Binary gets the message as its security context
   (:func:`fhir_server.workflow.documents.secure_binaries`), so the other party may read it and
   admins may not;
+* **notification** (:func:`message_event`): every message is a case event
+  (``chat-message``) telling the other party — an in-app notification "New message from
+  <sender> on case CASE-…" and, for a recipient who is offline, an email at the first message
+  of a conversation burst only (:func:`starts_burst`, ``MSO_CHAT_EMAIL_QUIET_SECONDS``), with
+  no message text unless ``MSO_CHAT_EMAIL_SNIPPET_CHARS`` asks for a snippet
+  (:func:`email_text`);
 * **immutability** (:func:`refuse_change`): neither a message nor the Binary attached to it is
   ever updated or deleted, by anyone, the server included — PUT, PATCH, DELETE, conditional
   or inside a Bundle, a status change such as ``entered-in-error`` — 405 ``MSO-CHAT-405``
@@ -62,6 +68,7 @@ from fhir_server.messaging import thread
 from fhir_server.storage.repository import format_instant, utc_now
 from fhir_server.workflow import documents
 from fhir_server.workflow.cases import current, state_of_case
+from fhir_server.workflow.events import CaseEvent, CaseEventKind, CaseEvents, case_event
 from fhir_server.workflow.status import CaseState, Party, parties_of, ref_id
 
 if TYPE_CHECKING:
@@ -144,6 +151,7 @@ class ChatRules:
     """
 
     blobs: BlobStore
+    events: CaseEvents
 
     def send(self, event: HookEvent) -> None:
         """Before a caller's message is stored: its party, addressing, stamps (see module)."""
@@ -192,16 +200,21 @@ class ChatRules:
 
     def sent(self, event: HookEvent) -> None:
         """After a caller's message is stored: its attachments, checked once the whole unit
-        is written (see module)."""
+        is written (see module), and the :data:`CaseEventKind.CHAT_MESSAGE` event that
+        notifies the other party."""
         body = event.resource or {}
+        message_id = event.resource_id or body.get("id") or ""
         attachments = [
             (index, item["contentAttachment"])
             for index, item in enumerate(body.get("payload") or ())
             if isinstance(item, dict) and isinstance(item.get("contentAttachment"), dict)
         ]
         if attachments:
-            message_id = event.resource_id or body.get("id") or ""
             event.tx.defer(partial(self._attachments, event.tx, message_id, attachments))
+        case = chat_case(event.tx, case_of(body))
+        if case is not None:
+            news = message_event(event.tx, case, event.caller, message_id, body)
+            self.events.emit(event.tx, news)
 
     def _attachments(
         self, tx: Tx, message_id: str, attachments: list[tuple[int, dict[str, Any]]]
@@ -215,6 +228,56 @@ class ChatRules:
                 where=f"Communication.payload[{index}].contentAttachment",
             )
         documents.secure_binaries(tx, [a for _, a in attachments], f"Communication/{message_id}")
+
+
+def message_event(
+    tx: Tx, case: CaseState, caller: Any, message_id: str, body: dict[str, Any]
+) -> CaseEvent:
+    """The case event of a new message: its sender's display, its own ``sent`` and that of
+    the case's previous message to the same recipient (epoch ms; where a conversation burst
+    starts, :func:`starts_burst`) and its first text (quoted in emails only as far as
+    ``MSO_CHAT_EMAIL_SNIPPET_CHARS`` says)."""
+    recipient = ((body.get("recipient") or [{}])[0] or {}).get("reference")
+    with tx.internal():
+        previous = thread.latest(tx, case.case_id, recipient=recipient, other_than=message_id)
+    texts = [
+        item["contentString"]
+        for item in body.get("payload") or ()
+        if isinstance(item, dict) and isinstance(item.get("contentString"), str)
+    ]
+    sent = datetime.fromisoformat(str(body.get("sent")).replace("Z", "+00:00"))
+    return case_event(
+        CaseEventKind.CHAT_MESSAGE,
+        case,
+        actor=caller,
+        subject=f"Communication/{message_id}",
+        detail={
+            "sender": ((body.get("sender") or {}).get("display")) or "",
+            "sent_ms": int(sent.timestamp() * 1000),
+            "previous_ms": previous.ms if previous is not None else None,
+            "text": texts[0] if texts else "",
+        },
+    )
+
+
+def starts_burst(event: CaseEvent, quiet_seconds: float) -> bool:
+    """Whether the chat message of ``event`` starts a conversation burst for its recipient:
+    no earlier message to the same side, or the latest one ``quiet_seconds`` before or more.
+    An offline recipient is emailed once a burst, at its first message."""
+    previous, sent = event.detail.get("previous_ms"), event.detail.get("sent_ms")
+    if previous is None or sent is None:
+        return True
+    return int(sent) - int(previous) >= quiet_seconds * 1000
+
+
+def email_text(event: CaseEvent, text: str, snippet_chars: int) -> str:
+    """A chat message's email text: the notice's ``text``, then the first ``snippet_chars``
+    characters of the message's text when that is set (0 by default: none)."""
+    quoted = str(event.detail.get("text") or "").strip()
+    if snippet_chars <= 0 or not quoted:
+        return text
+    cut = quoted[:snippet_chars] + ("…" if len(quoted) > snippet_chars else "")
+    return f'{text}\n\n"{cut}"'
 
 
 def _stamp(last: thread.Position | None) -> str:

@@ -27,11 +27,11 @@ from fhir_server.codes import (
     concept,
 )
 from fhir_server.config import Settings
-from fhir_server.messaging import emails, outbox, presence
+from fhir_server.messaging import chat, emails, outbox, presence
 from fhir_server.messaging.recipients import Recipient, resolve
 from fhir_server.messaging.rules import notices_for
 from fhir_server.storage.repository import Tx, format_instant, utc_now
-from fhir_server.workflow.events import CaseEvent, CaseEvents
+from fhir_server.workflow.events import CaseEvent, CaseEventKind, CaseEvents
 
 
 def notification(event: CaseEvent, text: str, recipient: dict[str, Any], sent: str) -> dict:
@@ -82,7 +82,7 @@ class Notifier:
             if not users:
                 continue
             notified.update(u.username for u in users)
-            subject, text = notice.render(event.case_number)
+            subject, text = notice.render(event.case_number, str(event.detail.get("sender", "")))
             addressed: set[str] = set()
             for user in users:
                 key = user.identity or f"user:{user.username}"
@@ -96,6 +96,10 @@ class Notifier:
         self, tx: Tx, event: CaseEvent, users: list[Recipient], subject: str, text: str
     ) -> list[outbox.OutgoingMail]:
         with_address = [u for u in users if u.email]
+        if event.kind is CaseEventKind.CHAT_MESSAGE:
+            if not chat.starts_burst(event, self.settings.chat_email_quiet_seconds):
+                return []  # one email a conversation burst: its first message's
+            text = chat.email_text(event, text, self.settings.chat_email_snippet_chars)
         if not with_address:
             return []
         online = presence.online_among(

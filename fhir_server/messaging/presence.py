@@ -99,6 +99,15 @@ def online_among(
     return {row.username for row in rows}
 
 
+def flush_presence() -> None:
+    """Wait until the presence writes queued so far are done (its one writer thread runs them
+    in order)."""
+    with _lock:
+        writer = _writer
+    if writer is not None:
+        writer.submit(lambda: None).result()
+
+
 def forget_touches() -> None:
     """Clear this process's write throttle (tests, or after a clock jump)."""
     with _lock:

@@ -1,8 +1,9 @@
 """Which case event notifies whom, and with which words (issue 5, Notifications).
 
-The words are fixed templates whose only variable is the case number: a notification and its
-email never carry clinical details (no diagnosis, question, reason or patient name), whatever
-the event's ``detail`` holds. Users are told what happened and open the case to see more.
+The words are fixed templates whose variables are the case number and, for a chat message, the
+name of its sender: a notification and its email never carry clinical details (no diagnosis,
+question, reason or patient name), whatever the event's ``detail`` holds. Users are told what
+happened and open the case to see more.
 """
 
 from __future__ import annotations
@@ -33,15 +34,16 @@ class Audience(StrEnum):
 @dataclass(frozen=True, slots=True)
 class Notice:
     """What one audience is told: an email subject and a one-sentence text (``{case}`` is the
-    case number)."""
+    case number, ``{sender}`` the display of a chat message's sender)."""
 
     audience: Audience
     subject: str
     text: str
 
-    def render(self, case_number: str) -> tuple[str, str]:
-        """The subject and text for ``case_number``."""
-        return self.subject.format(case=case_number), self.text.format(case=case_number)
+    def render(self, case_number: str, sender: str = "") -> tuple[str, str]:
+        """The subject and text for ``case_number`` (and a chat message's ``sender``)."""
+        names = {"case": case_number, "sender": sender or "the other party"}
+        return self.subject.format(**names), self.text.format(**names)
 
 
 def _n(audience: Audience, subject: str, text: str) -> Notice:
@@ -123,6 +125,13 @@ RULES: MappingProxyType[CaseEventKind, tuple[Notice, ...]] = MappingProxyType(
                 A.OTHER_PARTY,
                 "Appointment answered for case {case}",
                 "The appointment proposal for case {case} was answered.",
+            ),
+        ),
+        K.CHAT_MESSAGE: (
+            _n(
+                A.OTHER_PARTY,
+                "New message on case {case}",
+                "New message from {sender} on case {case}.",
             ),
         ),
         K.INVOICE_ISSUED: (

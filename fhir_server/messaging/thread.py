@@ -78,9 +78,30 @@ class Thread:
         )
 
 
-def latest(tx: Tx, case_id: str) -> Position | None:
-    """Where the case's latest message (that the unit's caller may see) is."""
-    row = tx.conn.execute(Thread(tx).in_case(case_id).limit(1)).first()
+def latest(
+    tx: Tx, case_id: str, *, recipient: str | None = None, other_than: str | None = None
+) -> Position | None:
+    """Where the case's latest message (that the unit's caller may see) is; only of those
+    addressed to ``recipient`` (``Type/id``), and not message ``other_than`` (an id), when
+    given."""
+    thread = Thread(tx)
+    stmt = thread.in_case(case_id)
+    if recipient is not None:
+        rtype, _, rid = recipient.partition("/")
+        to = idx_reference.alias("chat_to")
+        stmt = stmt.where(
+            exists(
+                select(literal(1)).where(
+                    to.c.pid == thread.r.c.pid,
+                    to.c.hash_identity == identity(tx.repo.registry, "recipient"),
+                    to.c.target_type == rtype,
+                    to.c.target_id == rid,
+                )
+            )
+        )
+    if other_than is not None:
+        stmt = stmt.where(thread.r.c.res_id != other_than)
+    row = tx.conn.execute(stmt.limit(1)).first()
     return Position(int(row[0]), int(row[1])) if row else None
 
 

@@ -30,3 +30,4 @@ class CaseEventKind(StrEnum):
     INVOICE_ISSUED = "invoice-issued"
     INVOICE_PAID = "invoice-paid"
     FEEDBACK = "feedback"
+    CHAT_MESSAGE = "chat-message"

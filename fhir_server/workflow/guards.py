@@ -119,7 +119,7 @@ def chat_attachment(event: HookEvent) -> bool:
 def guard_table(workflow: Workflow, appointments: Appointments, feedbacks: Feedback) -> list[Row]:
     """Every workflow guard, in the order they run for one write."""
     w, a, f = workflow, appointments, feedbacks
-    c = chat.ChatRules(blobs=workflow.blobs)
+    c = chat.ChatRules(blobs=workflow.blobs, events=workflow.events)
     # fmt: off
     return [
         # kind                          write    guard                     server too

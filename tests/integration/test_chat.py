@@ -11,18 +11,23 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from sqlalchemy import delete, select, update
 
 from fhir_server.codes import (
     COMMUNICATION_CATEGORY_SYSTEM,
     MAX_DOCUMENT_BYTES,
     PROFILE_CHAT_MESSAGE,
 )
+from fhir_server.messaging.presence import flush_presence, forget_touches, touch_presence
+from fhir_server.storage.auth_schema import auth_user
+from fhir_server.storage.messaging_schema import mail_outbox, user_presence
 from fhir_server.workflow import documents
 from tests.integration.workflow_world import (
     PDF,
     World,
     b64,
     build_world,
+    case_number,
     exe_bytes,
     pdf_bytes,
     png_bytes,
@@ -675,3 +680,143 @@ def test_a_case_without_a_provider_has_no_chat_yet(world: World) -> None:
     sr_id, _ = world.submit()
     refused(world.post("reqA", "Communication", message(sr_id)), 409, "MSO-CHAT-409")
     refused(world.post("prov1", "Communication", message(sr_id)), 403, "MSO-CHAT-403")
+
+
+# -- notifications ------------------------------------------------------------------------------
+
+CLINICAL_TEXT = "suspected melanoma on the left forearm, biopsy pending"
+
+
+def username_of(world: World, who: str) -> str:
+    token = world.as_(who)["Authorization"].split()[1]
+    return world.app.state.tokens.verify(token).principal.subject
+
+
+def offline_with_email(world: World, *who: str) -> dict[str, str]:
+    """Give ``who`` an e-mail address and nobody a recent request (offline: e-mail due)."""
+    names = {w: username_of(world, w) for w in who}
+    with world.app.state.repo.engine.begin() as conn:
+        for name in names.values():
+            conn.execute(
+                update(auth_user).where(auth_user.c.username == name).values(email=f"{name}@x.test")
+            )
+    nobody_online(world)
+    return names
+
+
+def nobody_online(world: World) -> None:
+    """No user made a request lately: every recipient is offline (e-mail due)."""
+    flush_presence()  # a request's presence write still queued would land after the delete
+    with world.app.state.repo.engine.begin() as conn:
+        conn.execute(delete(user_presence))
+    forget_touches()
+
+
+def mails_of(world: World, sr_id: str) -> list[Any]:
+    with world.app.state.repo.engine.connect() as conn:
+        rows = conn.execute(
+            select(mail_outbox)
+            .where(mail_outbox.c.case_id == sr_id, mail_outbox.c.event == "chat-message")
+            .order_by(mail_outbox.c.id)
+        ).all()
+    return list(rows)
+
+
+def chat_notices(world: World, who: str, sr_id: str) -> list[dict[str, Any]]:
+    found = world.get(
+        who,
+        "Communication",
+        params={
+            "category": f"{COMMUNICATION_CATEGORY_SYSTEM}|notification",
+            "about": f"ServiceRequest/{sr_id}",
+            "_count": "100",
+        },
+    )
+    assert found.status_code == 200, found.text
+    notices = [e["resource"] for e in found.json().get("entry", ())]
+    return [n for n in notices if n.get("topic", {}).get("text") == "chat-message"]
+
+
+def test_a_message_notifies_the_other_party_in_app_and_by_one_email_a_burst(
+    world: World, monkeypatch: Any
+) -> None:
+    sr_id, _ = case(world)
+    number = case_number(world, sr_id)
+    names = offline_with_email(world, "reqA", "prov1")
+    sent = [
+        send(world, "prov1", message(sr_id, text(b)))
+        for b in ("alpha note", "bravo note", CLINICAL_TEXT)
+    ]
+    display = sent[0]["sender"]["display"]
+
+    mails = mails_of(world, sr_id)  # read from the database: the requester stays offline
+    assert [m.username for m in mails] == [names["reqA"]]  # one burst, one e-mail
+    mail = mails[0]
+    assert mail.to_addr == f"{names['reqA']}@x.test"
+    assert number in mail.subject and "New message" in mail.subject
+    assert f"New message from {display} on case {number}" in mail.body
+    assert f"/viewer/cases/{sr_id}" in mail.body or "Sign in to MSO" in mail.body
+    for body in ("alpha note", "bravo note", CLINICAL_TEXT):
+        assert body not in mail.body and body not in mail.subject  # no message text
+
+    # in-app: one notification a message, for the requester side only, never the text
+    notices = chat_notices(world, "reqA", sr_id)
+    assert len(notices) == 3
+    for notice in notices:
+        assert notice["recipient"] == [{"reference": f"PractitionerRole/{world.req_role}"}]
+        words = notice["payload"][0]["contentString"]
+        assert words == f"New message from {display} on case {number}."
+    assert chat_notices(world, "prov1", sr_id) == []  # the sender is not told of its own
+
+    # the requester's answer is a burst of its own for the provider (who went offline)
+    nobody_online(world)
+    send(world, "reqA", message(sr_id, text("thanks")))
+    assert [m.username for m in mails_of(world, sr_id)] == [names["reqA"], names["prov1"]]
+
+    # after a quiet period, the provider's next message starts a new burst
+    monkeypatch.setattr(world.app.state.settings, "chat_email_quiet_seconds", 0.0)
+    nobody_online(world)
+    send(world, "prov1", message(sr_id, text("one more")))
+    assert [m.username for m in mails_of(world, sr_id)] == [
+        names["reqA"],
+        names["prov1"],
+        names["reqA"],
+    ]
+
+
+def test_an_online_recipient_gets_no_email_and_a_snippet_is_only_quoted_when_asked(
+    world: World, monkeypatch: Any
+) -> None:
+    sr_id, _ = case(world)
+    names = offline_with_email(world, "reqA", "prov1")
+    touch_presence(world.app.state.repo.engine, names["reqA"], wait=True)  # online
+    send(world, "prov1", message(sr_id, text(CLINICAL_TEXT)))
+    assert mails_of(world, sr_id) == []
+    assert len(chat_notices(world, "reqA", sr_id)) == 1  # in-app all the same
+
+    monkeypatch.setattr(world.app.state.settings, "chat_email_snippet_chars", 10)
+    nobody_online(world)
+    send(world, "reqA", message(sr_id, text(CLINICAL_TEXT)))  # the provider is offline
+    (mail,) = mails_of(world, sr_id)
+    assert mail.username == names["prov1"]
+    assert f'"{CLINICAL_TEXT[:10]}…"' in mail.body
+    assert CLINICAL_TEXT[10:] not in mail.body
+
+
+def test_admins_are_never_told_of_chat_messages(world: World) -> None:
+    sr_id, _ = case(world)
+    offline_with_email(world, "reqA", "prov1", "admin")
+    send(world, "reqA", message(sr_id, text(CLINICAL_TEXT)))
+    admin = username_of(world, "admin")
+    assert [m.username for m in mails_of(world, sr_id)] == [username_of(world, "prov1")]
+    assert admin not in {m.username for m in mails_of(world, sr_id)}
+    found = world.get(
+        "admin",
+        "Communication",
+        params={"about": f"ServiceRequest/{sr_id}", "_count": "100"},
+    )
+    assert found.status_code == 200
+    for entry in found.json().get("entry", ()):
+        recipients = entry["resource"].get("recipient") or []
+        assert all(r.get("reference") != f"user:{admin}" for r in recipients)
+        assert CLINICAL_TEXT not in str(entry["resource"])
