@@ -539,7 +539,10 @@ def run_wrk(
     if cpu_watch:
         cpu_watch.start()
     started = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    except FileNotFoundError:
+        raise RuntimeError(f"{cmd[0]} not found: install it (apt-get install wrk)") from None
     watchdog = threading.Timer(seconds + 60, proc.kill)
     watchdog.start()
     try:
