@@ -19,6 +19,7 @@ from fhir_server.bulk.worker import ExportWorker
 from fhir_server.config import Settings
 from fhir_server.hooks import Hooks
 from fhir_server.messaging.service import Messaging
+from fhir_server.messaging.subscription_worker import SubscriptionWorker
 from fhir_server.rest.errors import install as install_error_handlers
 from fhir_server.rest.fhir import FhirASGI, FhirEndpoint
 from fhir_server.storage.blobs import BlobStore
@@ -67,13 +68,17 @@ def create_app(settings: Settings | None = None) -> FrontDoor:
     messaging = Messaging(engine, settings, events)
     services = build_services(settings, hooks, blobs, events)
     exports = ExportWorker(repo, settings)
+    notifications = SubscriptionWorker(repo, settings)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         messaging.start()
         if settings.bulk_worker:
             exports.start()
+        if settings.subscription_worker:
+            notifications.start()
         yield
+        notifications.stop()
         exports.stop()
         messaging.stop()
         endpoint.close()
@@ -98,6 +103,7 @@ def create_app(settings: Settings | None = None) -> FrontDoor:
     app.state.tokens = tokens
     app.state.audit = audit
     app.state.messaging = messaging
+    app.state.subscriptions = notifications
     app.state.services = services
     app.state.bulk = exports
     endpoint = FhirEndpoint(

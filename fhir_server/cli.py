@@ -103,9 +103,22 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
     import logging
 
     from fhir_server.bulk.worker import run
+    from fhir_server.messaging.subscription_worker import SubscriptionWorker
+    from fhir_server.wiring import build_repository
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    return run(settings, once=args.once)
+    repo = build_repository(settings)
+    notifications = SubscriptionWorker(repo, settings)
+    try:
+        if args.once:
+            while notifications.run_once():
+                pass
+        else:
+            notifications.start()  # Subscription notifications beside the export jobs
+        return run(settings, once=args.once)
+    finally:
+        notifications.stop()
+        repo.dispose()
 
 
 def _migrate(args: argparse.Namespace, settings: Settings) -> int:
@@ -256,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = sub.add_parser(
         "worker",
-        help="run bulk export jobs from the database queue (any number, on any host)",
+        help="run bulk export jobs and deliver Subscription notifications (any number, on any "
+        "host)",
     )
     from fhir_server.bulk.worker import add_arguments as add_worker_arguments
 

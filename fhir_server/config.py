@@ -146,6 +146,36 @@ class Settings(BaseSettings):
         description="Characters of a chat message's text quoted in its email (0: none, only "
         "who wrote on which case)",
     )
+    subscription_worker: bool = Field(
+        True,
+        description="Run the Subscription delivery thread in this process (mso serve; mso "
+        "worker always runs one)",
+    )
+    change_feed_retention_hours: float = Field(
+        168.0,
+        description="Hours the change feed keeps a change once Subscription dispatch has read it",
+    )
+    subscription_allowed_hosts: str = Field(
+        "",
+        description="Hosts (names or addresses, comma-separated) a rest-hook Subscription may "
+        "reach over plain http or at all besides https endpoints; none by default",
+    )
+    subscription_poll_interval: float = Field(
+        0.2, description="Seconds an idle Subscription worker waits before looking again"
+    )
+    subscription_timeout: float = Field(
+        10.0, description="Seconds a rest-hook endpoint has to answer a notification"
+    )
+    subscription_retry_base: float = Field(
+        5.0,
+        description="Seconds before the first retry of a failed notification (doubled each try)",
+    )
+    subscription_retry_max: float = Field(
+        600.0, description="Seconds between retries of a failed notification at most"
+    )
+    subscription_retry_hours: float = Field(
+        24.0, description="Hours a notification is retried from its first try before it is given up"
+    )
     smtp_host: str | None = Field(
         None, description="SMTP server for notification emails (unset: emails stay queued)"
     )

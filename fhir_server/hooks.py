@@ -53,6 +53,14 @@ class HookEvent:
 Hook = Callable[[HookEvent], None]
 
 
+def written_version(event: HookEvent) -> int:
+    """The version an ``after_*`` write event stored: the resource's ``versionId``, or for a
+    deletion the version after the deleted one (the tombstone's)."""
+    if event.point is HookPoint.AFTER_DELETE:
+        return int(((event.previous or {}).get("meta") or {}).get("versionId") or 0) + 1
+    return int(((event.resource or {}).get("meta") or {}).get("versionId") or 1)
+
+
 @dataclass
 class Hooks:
     """A registry of hook functions per point, called in registration order."""

@@ -90,6 +90,8 @@ def make_settings(db_url: str, tmp_path: Path, **overrides: object):
     """Settings for a test app on ``db_url`` with its data under ``tmp_path``."""
     from fhir_server.config import Settings
 
+    # no Subscription delivery thread unless a test asks: the tests that need one drive it
+    overrides.setdefault("subscription_worker", False)
     return Settings(
         database_url=db_url, data_dir=tmp_path, base_url="http://testserver/fhir", **overrides
     )

@@ -33,7 +33,7 @@ from typing import Any
 from fhir_server.audit import events, store
 from fhir_server.audit.events import Interaction
 from fhir_server.auth.principal import Principal
-from fhir_server.hooks import HookEvent, HookPoint, Hooks
+from fhir_server.hooks import HookEvent, HookPoint, Hooks, written_version
 from fhir_server.storage.repository import Repository, Tx, format_instant, utc_now
 
 log = logging.getLogger(__name__)
@@ -162,12 +162,7 @@ class AuditLog:
         caller = event.caller
         if not isinstance(caller, Principal) or event.resource_type in _NO_PROVENANCE:
             return
-        if event.point is HookPoint.AFTER_DELETE:
-            previous = int(((event.previous or {}).get("meta") or {}).get("versionId") or 0)
-            version = str(previous + 1)
-        else:
-            version = ((event.resource or {}).get("meta") or {}).get("versionId") or "1"
-        target = f"{event.resource_type}/{event.resource_id}/_history/{version}"
+        target = f"{event.resource_type}/{event.resource_id}/_history/{written_version(event)}"
         tx = event.tx
         pending: dict[str, list[str]] | None = tx.unit_state.get(_PENDING_PROVENANCE)
         if pending is None:

@@ -12,7 +12,7 @@ request (SQLAlchemy's ``isolation_level="AUTOCOMMIT"``) cost about 4% of a searc
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -258,11 +258,26 @@ def execute_constant(conn: Connection, statement: Executable, values: dict[str, 
     per-execution work (parameter processing, result setup) cost more CPU than the database
     spent on them."""
     sql, params = driver_params(statement, conn.dialect, values)
+    _on_cursor(conn, lambda cursor: cursor.execute(sql, params))
+
+
+def execute_constant_many(
+    conn: Connection, statement: Executable, rows: Sequence[dict[str, Any]]
+) -> None:
+    """:func:`execute_constant` for several rows of values at once (``executemany``)."""
+    if not rows:
+        return
+    prepared = [driver_params(statement, conn.dialect, values) for values in rows]
+    sql = prepared[0][0]
+    _on_cursor(conn, lambda cursor: cursor.executemany(sql, [params for _, params in prepared]))
+
+
+def _on_cursor(conn: Connection, work: Callable[[Any], Any]) -> None:
     raw = conn.connection.dbapi_connection
     assert raw is not None
     cursor = raw.cursor()
     try:
-        cursor.execute(sql, params)
+        work(cursor)
     finally:
         cursor.close()
 

@@ -224,6 +224,7 @@ class Tx:
         self.unit_state: dict[str, Any] = {}  # what hooks gather over the unit (see defer)
         self._deferred: deque[tuple[Callable[[], None], Callable[[FhirError], FhirError] | None]]
         self._deferred = deque()
+        self._at_commit: dict[str, Callable[[], None]] = {}
         self._lazy = conn is None  # the unit's connection is this Tx's to open and release
         self._held = HeldWrites()
 
@@ -352,9 +353,15 @@ class Tx:
         """
         self._deferred.append((check, self.error_context))
 
+    def at_commit(self, key: str, work: Callable[[], None]) -> None:
+        """Run ``work`` once, after the unit's deferred checks and every write they made, just
+        before it commits (a second call with the same ``key`` is ignored): for bookkeeping
+        that must see all of the unit's writes at once (the change feed)."""
+        self._at_commit.setdefault(key, work)
+
     def run_deferred(self) -> None:
-        """Run the deferred checks in order (checks may defer more), then store what is still
-        held back: the unit is about to commit."""
+        """Run the deferred checks in order (checks may defer more), store what is still
+        held back, then the :meth:`at_commit` work: the unit is about to commit."""
         while self._deferred:
             check, context = self._deferred.popleft()
             try:
@@ -364,6 +371,8 @@ class Tx:
                     raise
                 raise context(exc) from exc
         self.flush_writes()
+        while self._at_commit:
+            self._at_commit.pop(next(iter(self._at_commit)))()
 
     # -- reads ------------------------------------------------------------------------------
 

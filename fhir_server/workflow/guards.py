@@ -1,10 +1,10 @@
 """The workflow's guards, in one table: which writes of which resources each rule holds.
 
 The MSO rules (DESIGN.md: the case status table, case documents, case issues, appointments,
-feedback, amended recommendations, the case chat) hold on every write path because the
-repository fires its hooks on every path — single REST writes, transaction and batch Bundle
-entries, PATCH, the operations' own writes — and :class:`Guards` is registered once at each
-write hook point.
+feedback, amended recommendations, the case chat, Subscriptions) hold on every write path
+because the repository fires its hooks on every path — single REST writes, transaction and
+batch Bundle entries, PATCH, the operations' own writes — and :class:`Guards` is registered
+once at each write hook point.
 For each write it runs, in table order, every row whose resource kind matches:
 
 * ``kind``: a predicate on the write (resource type and content, new or previous);
@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 from fhir_server.auth.resource_kinds import is_chat
 from fhir_server.hooks import HookEvent, HookPoint
 from fhir_server.messaging import chat
+from fhir_server.messaging.subscriptions import SubscriptionRules
 from fhir_server.workflow import amendments, documents
 from fhir_server.workflow.cases import is_case_request
 from fhir_server.workflow.feedback import is_feedback
@@ -120,6 +121,7 @@ def guard_table(workflow: Workflow, appointments: Appointments, feedbacks: Feedb
     """Every workflow guard, in the order they run for one write."""
     w, a, f = workflow, appointments, feedbacks
     c = chat.ChatRules(blobs=workflow.blobs, events=workflow.events)
+    s = SubscriptionRules(workflow.settings)
     # fmt: off
     return [
         # kind                          write    guard                     server too
@@ -159,6 +161,9 @@ def guard_table(workflow: Workflow, appointments: Appointments, feedbacks: Feedb
         Row(chat_message,                DELETE, chat.refuse_change, server_too=True),
         Row(chat_attachment,             UPDATE, chat.refuse_change, server_too=True),
         Row(chat_attachment,             DELETE, chat.refuse_change, server_too=True),
+        Row(of_type("Subscription"),     CREATE, s.accept),
+        Row(of_type("Subscription"),     UPDATE, s.accept),
+        Row(of_type("Subscription"),     CREATED, s.own),
     ]
     # fmt: on
 

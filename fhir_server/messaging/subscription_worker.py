@@ -1,0 +1,89 @@
+"""The Subscription worker: a thread turning the change feed into sent notifications.
+
+Each round dispatches the committed changes (:func:`.dispatch.dispatch_once`, one dispatcher at
+a time across processes: the feed cursor's row lock) and sends the due rest-hook notifications
+(:class:`.rest_hook.RestHookSender`, claimed with ``SKIP LOCKED`` on PostgreSQL, so any number
+of processes share the queue). ``mso serve`` runs one (``MSO_SUBSCRIPTION_WORKER``) and so does
+every ``mso worker``. A worker that has caught up looks again after
+``MSO_SUBSCRIPTION_POLL_INTERVAL`` seconds, or at once when :meth:`SubscriptionWorker.wake` is
+called.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from fhir_server.config import Settings
+from fhir_server.messaging.dispatch import dispatch_once, prune_feed
+from fhir_server.messaging.rest_hook import RestHookSender
+from fhir_server.storage.repository import Repository
+
+log = logging.getLogger(__name__)
+
+BATCH = 500
+"""Changes a dispatch round reads at most."""
+SEND_BATCH = 20
+"""Notifications a sending round claims at most."""
+PRUNE_EVERY = 3600.0
+"""Seconds between two prunings of the change feed by one worker."""
+
+
+class SubscriptionWorker:
+    """Dispatch and delivery of Subscription notifications in a background thread."""
+
+    def __init__(self, repo: Repository, settings: Settings) -> None:
+        self.repo = repo
+        self.settings = settings
+        self.sender = RestHookSender(repo, settings)
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._next_prune = time.monotonic() + PRUNE_EVERY
+
+    def run_once(self) -> bool:
+        """One round: the committed changes dispatched, the due notifications sent; whether
+        work is left over (a full batch of changes or of notifications: no pause before the
+        next round). A worker that keeps up pauses between rounds rather than chasing every
+        new change: chasing them cost the API a third of its writes (measured, README)."""
+        dispatched = dispatch_once(self.repo, batch=BATCH)
+        while dispatched >= BATCH:
+            dispatched = dispatch_once(self.repo, batch=BATCH)
+        if time.monotonic() >= self._next_prune:
+            self._next_prune = time.monotonic() + PRUNE_EVERY
+            prune_feed(self.repo, self.settings.change_feed_retention_hours)
+        return self.sender.run_once(limit=SEND_BATCH) >= SEND_BATCH
+
+    def start(self) -> None:
+        """Start the thread (idempotent)."""
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(
+                target=self._run, name="subscription-worker", daemon=True
+            )
+            self._thread.start()
+
+    def wake(self) -> None:
+        """Look for work now rather than after the poll interval."""
+        self._wake.set()
+
+    def stop(self, timeout: float | None = 10.0) -> None:
+        """Stop the thread after its current round."""
+        thread, self._thread = self._thread, None
+        self._stop.set()
+        self._wake.set()
+        if thread is not None:
+            thread.join(timeout)
+        self.sender.close()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                busy = self.run_once()
+            except Exception:  # a database hiccup: logged, and the next round tries again
+                log.exception("Subscription worker round failed")
+                busy = False
+            if not busy:
+                self._wake.wait(self.settings.subscription_poll_interval)
+                self._wake.clear()

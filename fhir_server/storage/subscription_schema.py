@@ -1,0 +1,49 @@
+"""Tables of FHIR Subscriptions (:mod:`fhir_server.messaging.subscriptions`).
+
+``subscription_owner``: who each Subscription resource belongs to. A notification is sent only
+for what its owner may read, by the same access policy as a read: ``principal`` is the owner as
+a serialized :class:`~fhir_server.auth.principal.Principal` (its role, organization, identity
+and scopes when it created the Subscription), ``created`` the moment from which changes count
+for it, and ``events`` how many notifications it has had (each delivery's ``event_no``).
+
+``subscription_delivery``: a queue of notifications to send, one row per (Subscription,
+matching change), filled from the change feed in the transaction that moves the feed cursor
+(:mod:`fhir_server.messaging.dispatch`), so a change is turned into notifications exactly once.
+``status`` moves ``pending`` -> ``sending`` (claimed under a lease until ``due``) -> ``sent`` |
+``failed`` (given up after the retry window) | ``dropped`` (no longer readable by the owner);
+``attempts`` and ``last_error`` record failed tries, ``first_try`` starts the retry window.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import BigInteger, Column, DateTime, Index, Integer, String, Table, Text
+
+from fhir_server.storage.base_schema import PidType, metadata
+
+subscription_owner = Table(
+    "subscription_owner",
+    metadata,
+    Column("sub_id", String(64), primary_key=True),
+    Column("principal", Text, nullable=False),
+    Column("created", DateTime(timezone=True), nullable=False),
+    Column("events", BigInteger, nullable=False),
+)
+
+subscription_delivery = Table(
+    "subscription_delivery",
+    metadata,
+    Column("id", PidType, primary_key=True, autoincrement=True),
+    Column("sub_id", String(64), nullable=False),
+    Column("event_no", BigInteger, nullable=False),
+    Column("res_type", String(64), nullable=False),
+    Column("res_id", String(64), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("due", DateTime(timezone=True), nullable=False),
+    Column("first_try", DateTime(timezone=True), nullable=True),
+    Column("last_error", Text, nullable=True),
+    Column("created", DateTime(timezone=True), nullable=False),
+    Index(None, "status", "due"),
+    Index(None, "sub_id", "id"),
+)
