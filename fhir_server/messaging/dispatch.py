@@ -62,9 +62,8 @@ class Listener:
 def dispatch_once(repo: Repository, *, batch: int = 500) -> int:
     """Turn the next committed changes into queued notifications; how many changes were
     handled (0: the feed is drained, or another dispatcher moved first)."""
-    with write_connection(repo.engine) as conn, conn.begin():
-        position = change_feed.position_of(conn, CURSOR)
     with repo.engine.connect() as conn:
+        position = change_feed.position_of(conn, CURSOR)
         changes = change_feed.read(conn, position, limit=batch)
     if not changes:
         return 0
@@ -150,4 +149,5 @@ def prune_feed(repo: Repository, retention_hours: float) -> int:
     ``retention_hours`` (``MSO_CHANGE_FEED_RETENTION_HOURS``); how many went."""
     before = utc_now() - timedelta(hours=retention_hours)
     with write_connection(repo.engine) as conn, conn.begin():
-        return change_feed.prune(conn, change_feed.position_of(conn, CURSOR), before)
+        read = change_feed.position_of(conn, CURSOR, for_update=True)
+        return change_feed.prune(conn, read, before)

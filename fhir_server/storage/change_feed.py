@@ -143,14 +143,16 @@ def read(conn: Connection, after: Position, limit: int = 1000) -> list[Change]:
 
 
 def position_of(conn: Connection, name: str, *, for_update: bool = False) -> Position:
-    """Where the consumer ``name`` has read up to (the beginning for a new one); with
-    ``for_update`` its row is locked until the transaction ends (one reader at a time)."""
+    """Where the consumer ``name`` has read up to (the beginning for a new one). With
+    ``for_update``, in a write transaction, its row is created if need be and locked until the
+    transaction ends (one writer of the position at a time); without, nothing is written."""
     stmt = select(feed_cursor.c.xid, feed_cursor.c.id).where(feed_cursor.c.name == name)
     if for_update:
         stmt = stmt.with_for_update()
     row = conn.execute(stmt).first()
     if row is None:
-        conn.execute(insert(feed_cursor).values(name=name, xid=0, id=0))
+        if for_update:
+            conn.execute(insert(feed_cursor).values(name=name, xid=0, id=0))
         return Position()
     return Position(int(row.xid), int(row.id))
 

@@ -79,7 +79,7 @@ def test_a_unit_is_in_the_feed_whole_or_not_at_all(repo: Any) -> None:
 
 def test_consumers_keep_their_positions(repo: Any) -> None:
     with repo.engine.begin() as conn:
-        assert change_feed.position_of(conn, "a") == Position()
+        assert change_feed.position_of(conn, "a", for_update=True) == Position()
         change_feed.save_position(conn, "a", Position(3, 9))
     with repo.engine.begin() as conn:
         assert change_feed.position_of(conn, "a", for_update=True) == Position(3, 9)
