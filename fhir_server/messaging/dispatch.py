@@ -26,7 +26,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from sqlalchemy import insert, select, update
+from sqlalchemy import and_, insert, select, update
 
 from fhir_server.auth.principal import Principal
 from fhir_server.fhir.outcome import FhirError
@@ -34,6 +34,7 @@ from fhir_server.messaging.subscriptions import Criteria, parse_criteria
 from fhir_server.storage import change_feed
 from fhir_server.storage.engine import write_connection
 from fhir_server.storage.records import as_utc, utc_now
+from fhir_server.storage.schema import resource
 from fhir_server.storage.subscription_schema import subscription_delivery, subscription_owner
 
 if TYPE_CHECKING:
@@ -87,26 +88,30 @@ def dispatch_once(repo: Repository, *, batch: int = 500) -> int:
 
 
 def _listeners(repo: Repository) -> dict[str, list[Listener]]:
-    """The Subscriptions listening now, by the type of their criteria."""
-    o = subscription_owner.c
-    with repo.engine.connect() as conn:
-        owners = {r.sub_id: r for r in conn.execute(select(o.sub_id, o.principal, o.created))}
-    if not owners:
-        return {}
-    found: dict[str, list[Listener]] = defaultdict(list)
-    with repo.unit(snapshot=False) as tx:
-        for sub_id, owner in owners.items():
-            stored = tx.current("Subscription", sub_id)
-            if stored is None or stored.deleted:
-                continue
-            body = stored.resource
-            if body.get("status") not in LISTENING:
-                continue
-            criteria = parse_criteria(str(body.get("criteria") or ""))
-            principal = Principal.from_dict(orjson.loads(owner.principal))
-            found[criteria.res_type].append(
-                Listener(sub_id, criteria, principal, as_utc(owner.created))
+    """The Subscriptions listening now, by the type of their criteria: one query for all
+    (a round with changes runs it; per Subscription it would grow with their number)."""
+    o, r = subscription_owner.c, resource.c
+    stmt = (
+        select(o.sub_id, o.principal, o.created, r.content)
+        .select_from(
+            subscription_owner.join(
+                resource, and_(r.res_type == "Subscription", r.res_id == o.sub_id)
             )
+        )
+        .where(r.deleted.is_(False))
+    )
+    found: dict[str, list[Listener]] = defaultdict(list)
+    with repo.engine.connect() as conn:
+        rows = conn.execute(stmt).all()
+    for row in rows:
+        body = orjson.loads(row.content or b"{}")
+        if body.get("status") not in LISTENING:
+            continue
+        criteria = parse_criteria(str(body.get("criteria") or ""))
+        principal = Principal.from_dict(orjson.loads(row.principal))
+        found[criteria.res_type].append(
+            Listener(row.sub_id, criteria, principal, as_utc(row.created))
+        )
     return found
 
 
