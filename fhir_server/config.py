@@ -153,7 +153,8 @@ class Settings(BaseSettings):
     )
     change_feed_retention_hours: float = Field(
         168.0,
-        description="Hours the change feed keeps a change once Subscription dispatch has read it",
+        description="Hours the change feed keeps a change once Subscription dispatch has read "
+        "it, and the notification queue a settled notification",
     )
     subscription_allowed_hosts: str = Field(
         "",

@@ -26,7 +26,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from sqlalchemy import and_, insert, select, update
+from sqlalchemy import and_, delete, insert, select, update
 
 from fhir_server.auth.principal import Principal
 from fhir_server.fhir.outcome import FhirError
@@ -150,9 +150,15 @@ def _enqueue(conn: Connection, sub_id: str, change: Any) -> None:
 
 
 def prune_feed(repo: Repository, retention_hours: float) -> int:
-    """Delete the feed's changes the dispatcher has read that are older than
-    ``retention_hours`` (``MSO_CHANGE_FEED_RETENTION_HOURS``); how many went."""
+    """Delete what is older than ``retention_hours`` (``MSO_CHANGE_FEED_RETENTION_HOURS``) and
+    done with: the feed's changes the dispatcher has read, and settled notifications (sent,
+    dropped or given up); how many rows went."""
     before = utc_now() - timedelta(hours=retention_hours)
+    d = subscription_delivery.c
     with write_connection(repo.engine) as conn, conn.begin():
         read = change_feed.position_of(conn, CURSOR, for_update=True)
-        return change_feed.prune(conn, read, before)
+        gone = change_feed.prune(conn, read, before)
+        settled = delete(subscription_delivery).where(
+            d.status.in_(("sent", "dropped", "failed")), d.created < before
+        )
+        return gone + (conn.execute(settled).rowcount or 0)

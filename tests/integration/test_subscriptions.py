@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 
 from fhir_server.app import create_app
-from fhir_server.messaging.dispatch import dispatch_once
+from fhir_server.messaging.dispatch import dispatch_once, prune_feed
 from fhir_server.storage.auth_schema import auth_user
 from fhir_server.storage.subscription_schema import subscription_delivery
 from tests.conftest import BACKENDS, _make_db, authorized, make_settings
@@ -374,3 +374,18 @@ def test_concurrent_dispatchers_turn_each_change_into_one_notification(
     rows = deliveries(app, sub["id"])
     assert sorted(r.res_id for r in rows) == sorted(ids)  # each change once
     assert sorted(r.event_no for r in rows) == list(range(1, 25))
+
+
+def test_pruning_keeps_what_is_recent_or_outstanding(
+    app: Any, client: TestClient, receiver: Receiver
+) -> None:
+    family = f"Prune{uuid.uuid4().hex[:8]}"
+    sub = client.post(
+        "/fhir/Subscription", json=subscription(f"Patient?family={family}", receiver.url)
+    ).json()
+    client.post("/fhir/Patient", json=patient(family))
+    deliver_until(app, lambda: [r.status for r in deliveries(app, sub["id"])] == ["sent"])
+    prune_feed(app.state.repo, retention_hours=1)  # nothing is an hour old yet
+    assert len(deliveries(app, sub["id"])) == 1
+    prune_feed(app.state.repo, retention_hours=-1)  # everything settled is "old"
+    assert deliveries(app, sub["id"]) == []
