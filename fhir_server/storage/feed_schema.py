@@ -24,6 +24,9 @@ change_feed = Table(
     Column("method", String(8), nullable=False),
     Column("at", DateTime(timezone=True), nullable=False),
     Index(None, "xid", "id"),
+    # never reuse an id: after a pruning emptied the table's end, a reused id would fall at
+    # or below a reader's position and the change would never be read
+    sqlite_autoincrement=True,
 )
 
 feed_cursor = Table(

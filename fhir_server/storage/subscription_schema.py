@@ -46,4 +46,5 @@ subscription_delivery = Table(
     Column("created", DateTime(timezone=True), nullable=False),
     Index(None, "status", "due"),
     Index(None, "sub_id", "id"),
+    sqlite_autoincrement=True,  # ids order a Subscription's notifications: never reused
 )

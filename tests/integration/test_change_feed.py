@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -192,3 +193,15 @@ def test_pruning_removes_only_what_was_read_and_is_old_enough(repo: Any) -> None
         change_feed.prune(conn, read_up_to, before=utc_now())
     left = _drain_until(repo, Position(), 2)
     assert [c.res_id for c in left if c.res_id in ids] == ids[2:]
+
+
+def test_a_change_after_everything_was_pruned_is_still_read(repo: Any) -> None:
+    """Pruning the whole read tail must not let ids be reused below a reader's position
+    (SQLite hands out max(rowid) + 1 unless the table is AUTOINCREMENT)."""
+    for i in range(3):
+        repo.write(lambda tx, i=i: tx.create(_patient(f"Tail{i}")))
+    end = _drain_until(repo, Position(), 3)[-1].position
+    with repo.engine.begin() as conn:
+        change_feed.prune(conn, end, before=utc_now() + timedelta(hours=1))
+    rid = _id(repo.write(lambda tx: tx.create(_patient("AfterPrune"))))
+    assert [c.res_id for c in _drain_until(repo, end, 1)] == [rid]

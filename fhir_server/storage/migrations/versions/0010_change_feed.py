@@ -30,6 +30,7 @@ def upgrade() -> None:
         sa.Column("method", sa.String(length=8), nullable=False),
         sa.Column("at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_change_feed")),
+        sqlite_autoincrement=True,
     )  # fmt: skip
     op.create_index(op.f("ix_change_feed_xid_id"), "change_feed", ["xid", "id"], unique=False)
     op.create_table(

@@ -44,6 +44,7 @@ def upgrade() -> None:
         sa.Column("last_error", sa.Text(), nullable=True),
         sa.Column("created", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_subscription_delivery")),
+        sqlite_autoincrement=True,
     )  # fmt: skip
     op.create_index(
         op.f("ix_subscription_delivery_status_due"),
