@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import FastAPI, WebSocket
 
 from fhir_server import __version__
 from fhir_server.audit.log import AuditLog
@@ -20,10 +20,13 @@ from fhir_server.config import Settings
 from fhir_server.hooks import Hooks
 from fhir_server.messaging.service import Messaging
 from fhir_server.messaging.subscription_worker import SubscriptionWorker
+from fhir_server.messaging.websocket import PATH as WEBSOCKET_PATH
+from fhir_server.messaging.websocket import WebsocketHub
 from fhir_server.rest.errors import install as install_error_handlers
 from fhir_server.rest.fhir import FhirASGI, FhirEndpoint
 from fhir_server.storage.blobs import BlobStore
 from fhir_server.storage.cursors import cursor_key
+from fhir_server.storage.wakeups import EVENTS, Wakeups
 from fhir_server.wiring import build_repository
 from fhir_server.workflow.appointments import Appointments
 from fhir_server.workflow.billing import Billing
@@ -68,17 +71,25 @@ def create_app(settings: Settings | None = None) -> FrontDoor:
     messaging = Messaging(engine, settings, events)
     services = build_services(settings, hooks, blobs, events)
     exports = ExportWorker(repo, settings)
-    notifications = SubscriptionWorker(repo, settings)
+    wakeups = Wakeups(engine)
+    wakeups.follow_commits(hooks)
+    notifications = SubscriptionWorker(repo, settings, wakeups)
+    hub = WebsocketHub(repo, tokens)
+    wakeups.on(EVENTS, hub.wake)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         messaging.start()
         if settings.bulk_worker:
             exports.start()
+        await hub.start()
+        wakeups.start()
         if settings.subscription_worker:
             notifications.start()
         yield
         notifications.stop()
+        wakeups.stop()
+        await hub.stop()
         exports.stop()
         messaging.stop()
         endpoint.close()
@@ -104,6 +115,14 @@ def create_app(settings: Settings | None = None) -> FrontDoor:
     app.state.audit = audit
     app.state.messaging = messaging
     app.state.subscriptions = notifications
+    app.state.websockets = hub
+    app.state.wakeups = wakeups
+
+    @app.websocket(WEBSOCKET_PATH)
+    async def subscription_websocket(websocket: WebSocket) -> None:
+        """The Subscription websocket channel (:mod:`fhir_server.messaging.websocket`)."""
+        await hub.handle(websocket)
+
     app.state.services = services
     app.state.bulk = exports
     endpoint = FhirEndpoint(

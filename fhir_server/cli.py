@@ -104,11 +104,14 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
 
     from fhir_server.bulk.worker import run
     from fhir_server.messaging.subscription_worker import SubscriptionWorker
+    from fhir_server.storage.wakeups import Wakeups
     from fhir_server.wiring import build_repository
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     repo = build_repository(settings)
-    notifications = SubscriptionWorker(repo, settings)
+    wakeups = Wakeups(repo.engine)  # woken by other processes' commits (PostgreSQL)
+    notifications = SubscriptionWorker(repo, settings, wakeups)
+    wakeups.start()
     try:
         if args.once:
             while notifications.run_once():
@@ -118,6 +121,7 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
         return run(settings, once=args.once)
     finally:
         notifications.stop()
+        wakeups.stop()
         repo.dispose()
 
 

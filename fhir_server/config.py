@@ -164,6 +164,15 @@ class Settings(BaseSettings):
     subscription_poll_interval: float = Field(
         0.2, description="Seconds an idle Subscription worker waits before looking again"
     )
+    subscription_round_gap: float = Field(
+        0.02,
+        ge=0,
+        description="Seconds a woken Subscription worker lets pass since its last round before "
+        "the next, so that a stream of writes is dispatched in batches rather than one by one",
+    )
+    subscription_ws_token_seconds: float = Field(
+        600.0, gt=0, description="Seconds a websocket binding token ($get-ws-binding-token) lasts"
+    )
     subscription_timeout: float = Field(
         10.0, description="Seconds a rest-hook endpoint has to answer a notification"
     )

@@ -25,6 +25,8 @@ from fhir_server.fhir.definitions import FHIR_VERSION, resource_types
 from fhir_server.interactions import audit_events
 from fhir_server.interactions.base import FhirRequest, FhirResponse, InteractionContext, Router
 from fhir_server.interactions.operations.catalog import all_operations
+from fhir_server.messaging.topics import topics
+from fhir_server.messaging.websocket import websocket_url
 
 
 def capabilities(ctx: InteractionContext, req: FhirRequest) -> FhirResponse:
@@ -82,6 +84,10 @@ def _build_core(registry: Any, router: Router | None) -> dict[str, Any]:
         ]
         if ops:
             entry["operation"] = ops
+        if res_type == "Subscription":
+            entry["extension"] = [
+                {"url": TOPIC_CANONICAL, "valueCanonical": url} for url in sorted(topics())
+            ]
         resources.append(entry)
     rest: dict[str, Any] = {
         "mode": "server",
@@ -100,7 +106,11 @@ def _build_core(registry: Any, router: Router | None) -> dict[str, Any]:
         "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "publisher": "MSO",
         "kind": "instance",
-        "instantiates": ["http://hl7.org/fhir/uv/bulkdata/CapabilityStatement/bulk-data"],
+        "instantiates": [
+            "http://hl7.org/fhir/uv/bulkdata/CapabilityStatement/bulk-data",
+            "http://hl7.org/fhir/uv/subscriptions-backport/CapabilityStatement/"
+            "backport-subscription-server-r4",
+        ],
         "software": {"name": "MSO FHIR Server", "version": __version__},
         "implementation": {"description": "Medical Second Opinion FHIR server"},
         "fhirVersion": FHIR_VERSION,
@@ -152,6 +162,13 @@ def _search_params(registry: Any, res_type: str) -> list[dict[str, Any]]:
     return out
 
 
+WEBSOCKET_EXTENSION = "http://hl7.org/fhir/StructureDefinition/capabilitystatement-websocket"
+TOPIC_CANONICAL = (
+    "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/"
+    "capabilitystatement-subscriptiontopic-canonical"
+)
+
+
 def _for_base(core: dict[str, Any], base_url: str, issuer: str) -> dict[str, Any]:
     """``core`` with the URLs of ``base_url`` and ``issuer``; shallow copies, ``core`` is shared."""
     rest = core["rest"][0]
@@ -160,6 +177,7 @@ def _for_base(core: dict[str, Any], base_url: str, issuer: str) -> dict[str, Any
         "implementation": {**core["implementation"], "url": base_url},
         "rest": [
             {
+                "extension": [{"url": WEBSOCKET_EXTENSION, "valueUrl": websocket_url(base_url)}],
                 "mode": rest["mode"],
                 "documentation": rest["documentation"],
                 "security": capability_security(issuer),

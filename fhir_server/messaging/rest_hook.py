@@ -9,8 +9,10 @@ holds a token the server still honours (not revoked, its user or client not disa
 read the resource (a subscriber whose access was removed stops receiving at once: the
 notification is dropped, not sent), then:
 
-* payload absent: ``POST [endpoint]`` with an empty body;
-* payload FHIR JSON: ``PUT [endpoint]/[type]/[id]`` with the resource as its owner reads it;
+* R4, payload absent: ``POST [endpoint]`` with an empty body;
+* R4, payload FHIR JSON: ``PUT [endpoint]/[type]/[id]`` with the resource as its owner reads it;
+* topic-based (Backport IG): ``POST [endpoint]`` of the event's notification Bundle
+  (:mod:`.notification_bundle`, with the Subscription's payload content);
 
 with the channel's headers. A 2xx answer delivers it; anything else is retried with
 exponential backoff (``MSO_SUBSCRIPTION_RETRY_BASE`` doubled each time, at most
@@ -31,19 +33,15 @@ import httpx
 import orjson
 from sqlalchemy import and_, exists, func, not_, select, update
 
-from fhir_server.auth.principal import Principal
-from fhir_server.auth.tokens import refusal
 from fhir_server.config import Settings
-from fhir_server.fhir.outcome import FhirError
-from fhir_server.messaging.dispatch import LISTENING
-from fhir_server.messaging.subscriptions import FHIR_JSON_TYPES, headers_of
+from fhir_server.messaging.deliveries import Listening, listening, read_as, set_status
+from fhir_server.messaging.notification_bundle import Event, notification_bundle
+from fhir_server.messaging.subscriptions import REST_HOOK, headers_of
 from fhir_server.storage.engine import write_connection
 from fhir_server.storage.records import as_utc, utc_now
-from fhir_server.storage.subscription_schema import subscription_delivery, subscription_owner
+from fhir_server.storage.subscription_schema import subscription_delivery
 
 if TYPE_CHECKING:
-    from sqlalchemy import Connection
-
     from fhir_server.storage.repository import Repository
 
 log = logging.getLogger(__name__)
@@ -66,6 +64,7 @@ class Notification:
     res_id: str
     attempts: int
     first_try: datetime
+    created: datetime
 
 
 class RestHookSender:
@@ -101,7 +100,7 @@ class RestHookSender:
                 )
             )
         )
-        due = and_(_d.status.in_(_OUTSTANDING), _d.due <= now)
+        due = and_(_d.channel == REST_HOOK, _d.status.in_(_OUTSTANDING), _d.due <= now)
         candidates = (
             select(_d.id).where(due, first_of_its_subscription).order_by(_d.id).limit(limit)
         )
@@ -113,14 +112,22 @@ class RestHookSender:
             .where(_d.id.in_(candidates.scalar_subquery()), due)
             .values(status="sending", due=now + lease, first_try=func.coalesce(_d.first_try, now))
             .returning(
-                _d.id, _d.sub_id, _d.event_no, _d.res_type, _d.res_id, _d.attempts, _d.first_try
+                _d.id, _d.sub_id, _d.event_no, _d.res_type, _d.res_id, _d.attempts,
+                _d.first_try, _d.created,
             )
-        )
+        )  # fmt: skip
         with write_connection(self.repo.engine) as conn, conn.begin():
             rows = conn.execute(stmt).all()
         claimed = [
             Notification(
-                r.id, r.sub_id, r.event_no, r.res_type, r.res_id, r.attempts, as_utc(r.first_try)
+                r.id,
+                r.sub_id,
+                r.event_no,
+                r.res_type,
+                r.res_id,
+                r.attempts,
+                as_utc(r.first_try),
+                as_utc(r.created),
             )
             for r in rows
         ]
@@ -141,12 +148,14 @@ class RestHookSender:
         if target is None:
             self._settle(notification, status="dropped")
             return
-        subscription, resource = target
-        channel = subscription.get("channel") or {}
+        sub, resource = target
+        channel = sub.body.get("channel") or {}
         headers = dict(headers_of(channel))
         endpoint = str(channel.get("endpoint") or "")
         try:
-            if channel.get("payload") in FHIR_JSON_TYPES and resource is not None:
+            if sub.spec.topic is not None:
+                response = self._post_bundle(endpoint, headers, sub, notification, resource)
+            elif sub.spec.content == "full-resource":
                 url = f"{endpoint.rstrip('/')}/{notification.res_type}/{notification.res_id}"
                 headers["Content-Type"] = "application/fhir+json"
                 response = self.client.put(url, content=orjson.dumps(resource), headers=headers)
@@ -157,10 +166,30 @@ class RestHookSender:
             failure = f"could not deliver ({type(exc).__name__})"
         if failure is None:
             self._settle(notification, status="sent", last_error=None)
-            if subscription.get("status") == "error":
-                self._set_status(notification.sub_id, "active", None)
+            if sub.body.get("status") == "error":
+                set_status(self.repo, notification.sub_id, "active", None)
             return
-        self._failed(notification, subscription, failure)
+        self._failed(notification, sub.body, failure)
+
+    def _post_bundle(
+        self,
+        endpoint: str,
+        headers: dict[str, str],
+        sub: Listening,
+        notification: Notification,
+        resource: dict[str, Any],
+    ) -> httpx.Response:
+        event = Event(
+            notification.event_no, notification.created, notification.res_type,
+            notification.res_id,
+        )  # fmt: skip
+        key = (notification.res_type, notification.res_id)
+        bundle = notification_bundle(
+            (self.settings.base_url or "").rstrip("/"), sub.sub_id, sub.body, sub.spec,
+            "event-notification", notification.event_no, [event], {key: resource},
+        )  # fmt: skip
+        headers["Content-Type"] = "application/fhir+json"
+        return self.client.post(endpoint, content=orjson.dumps(bundle), headers=headers)
 
     def _failed(
         self, notification: Notification, subscription: dict[str, Any], failure: str
@@ -187,53 +216,16 @@ class RestHookSender:
             notification.sub_id, notification.event_no, failure, attempts,
         )  # fmt: skip
         if attempts >= ERROR_AFTER and subscription.get("status") != "error":
-            self._set_status(
-                notification.sub_id, "error", f"The rest-hook endpoint failed: {failure}"
+            set_status(
+                self.repo, notification.sub_id, "error", f"The rest-hook endpoint failed: {failure}"
             )
 
-    def _target(self, notification: Notification) -> tuple[dict[str, Any], dict[str, Any]] | None:
-        """The Subscription and the resource as the owner reads it now; ``None``
+    def _target(self, notification: Notification) -> tuple[Listening, dict[str, Any]] | None:
+        """The listening Subscription and the resource as its owner reads it now; ``None``
         when the notification is no longer to be sent."""
-        with self.repo.unit(snapshot=False) as tx:
-            stored = tx.current("Subscription", notification.sub_id)
-            if stored is None or stored.deleted:
-                return None
-            subscription = stored.resource
-            if subscription.get("status") not in LISTENING:
-                return None
-            owner = _owner(tx.conn, notification.sub_id)
-        if owner is None or not _still_enabled(self.repo, owner):
+        sub = listening(self.repo, notification.sub_id)
+        if sub is None:
             return None
-        try:
-            with self.repo.unit(caller=owner, snapshot=False) as tx:
-                resource = tx.read(notification.res_type, notification.res_id).resource
-        except FhirError:  # gone, or no longer the owner's to read: nothing is said of it
-            return None
-        return subscription, resource
-
-    def _set_status(self, sub_id: str, status: str, error: str | None) -> None:
-        def work(tx: Any) -> None:
-            stored = tx.current("Subscription", sub_id)
-            if stored is None or stored.deleted or stored.resource.get("status") == "off":
-                return
-            body = {k: v for k, v in stored.resource.items() if k != "error"}
-            body["status"] = status
-            if error:
-                body["error"] = error
-            tx.update("Subscription", sub_id, body)
-
-        self.repo.write(work)
-
-
-def _owner(conn: Connection, sub_id: str) -> Principal | None:
-    row = conn.execute(
-        select(subscription_owner.c.principal).where(subscription_owner.c.sub_id == sub_id)
-    ).first()
-    return Principal.from_dict(orjson.loads(row.principal)) if row else None
-
-
-def _still_enabled(repo: Repository, owner: Principal) -> bool:
-    """The token that created the Subscription is still honoured (not revoked, its user or
-    client not disabled: :func:`fhir_server.auth.tokens.refusal`, as for a request; its mere
-    expiry does not end the Subscription)."""
-    return owner.token_id is None or refusal(repo.engine, owner.token_id) is None
+        key = (notification.res_type, notification.res_id)
+        found = read_as(self.repo, sub.owner, [key]).get(key)
+        return None if found is None else (sub, found)

@@ -4,9 +4,13 @@ Each round dispatches the committed changes (:func:`.dispatch.dispatch_once`, on
 a time across processes: the feed cursor's row lock) and sends the due rest-hook notifications
 (:class:`.rest_hook.RestHookSender`, claimed with ``SKIP LOCKED`` on PostgreSQL, so any number
 of processes share the queue). ``mso serve`` runs one (``MSO_SUBSCRIPTION_WORKER``) and so does
-every ``mso worker``. A worker that has caught up looks again after
-``MSO_SUBSCRIPTION_POLL_INTERVAL`` seconds, or at once when :meth:`SubscriptionWorker.wake` is
-called.
+every ``mso worker``. A worker that has caught up looks again when a change is committed (the
+:data:`~fhir_server.storage.wakeups.FEED` signal: LISTEN/NOTIFY across processes on PostgreSQL),
+but no sooner than ``MSO_SUBSCRIPTION_ROUND_GAP`` after its last round, so that under a stream of
+writes it dispatches batches rather than chasing every change; and at the latest after
+``MSO_SUBSCRIPTION_POLL_INTERVAL`` seconds. After a round that queued notifications it signals
+:data:`~fhir_server.storage.wakeups.EVENTS` in this process (the websocket hub; other processes
+hear the dispatcher's NOTIFY).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from fhir_server.config import Settings
 from fhir_server.messaging.dispatch import dispatch_once, prune_feed
 from fhir_server.messaging.rest_hook import RestHookSender
 from fhir_server.storage.repository import Repository
+from fhir_server.storage.wakeups import EVENTS, FEED, Wakeups
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +38,14 @@ PRUNE_EVERY = 3600.0
 class SubscriptionWorker:
     """Dispatch and delivery of Subscription notifications in a background thread."""
 
-    def __init__(self, repo: Repository, settings: Settings) -> None:
+    def __init__(
+        self, repo: Repository, settings: Settings, wakeups: Wakeups | None = None
+    ) -> None:
         self.repo = repo
         self.settings = settings
+        self.wakeups = wakeups
+        if wakeups is not None:
+            wakeups.on(FEED, self.wake)
         self.sender = RestHookSender(repo, settings)
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -47,13 +57,17 @@ class SubscriptionWorker:
         work is left over (a full batch of changes or of notifications: no pause before the
         next round). A worker that keeps up pauses between rounds rather than chasing every
         new change: chasing them cost the API a third of its writes (measured, README)."""
-        dispatched = dispatch_once(self.repo, batch=BATCH)
+        dispatched = dispatch_once(self.repo, batch=BATCH, queued=self._queued)
         while dispatched >= BATCH:
-            dispatched = dispatch_once(self.repo, batch=BATCH)
+            dispatched = dispatch_once(self.repo, batch=BATCH, queued=self._queued)
         if time.monotonic() >= self._next_prune:
             self._next_prune = time.monotonic() + PRUNE_EVERY
             prune_feed(self.repo, self.settings.change_feed_retention_hours)
         return self.sender.run_once(limit=SEND_BATCH) >= SEND_BATCH
+
+    def _queued(self) -> None:
+        if self.wakeups is not None:
+            self.wakeups.signal(EVENTS)
 
     def start(self) -> None:
         """Start the thread (idempotent)."""
@@ -79,6 +93,7 @@ class SubscriptionWorker:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            last = time.monotonic()
             try:
                 busy = self.run_once()
             except Exception:  # a database hiccup: logged, and the next round tries again
@@ -86,4 +101,7 @@ class SubscriptionWorker:
                 busy = False
             if not busy:
                 self._wake.wait(self.settings.subscription_poll_interval)
+                gap = last + self.settings.subscription_round_gap - time.monotonic()
+                if gap > 0:
+                    self._stop.wait(gap)
                 self._wake.clear()

@@ -12,6 +12,14 @@ matching change), filled from the change feed in the transaction that moves the 
 ``status`` moves ``pending`` -> ``sending`` (claimed under a lease until ``due``) -> ``sent`` |
 ``failed`` (given up after the retry window) | ``dropped`` (no longer readable by the owner);
 ``attempts`` and ``last_error`` record failed tries, ``first_try`` starts the retry window.
+``channel`` is the Subscription's channel type when the row was queued: rest-hook rows are
+claimed and settled by one sender; websocket rows stay ``pending`` and are read (not claimed) by
+every process holding a socket bound to the Subscription. The rows of a Subscription, by
+``event_no``, are also its event log: ``$events`` replays them.
+
+``subscription_binding``: the websocket binding tokens of ``$get-ws-binding-token`` (only a
+SHA-256 digest of each is kept), for whom (``principal``, as in ``subscription_owner``), which
+Subscriptions (``subs``, a JSON list) and until when.
 """
 
 from __future__ import annotations
@@ -44,7 +52,18 @@ subscription_delivery = Table(
     Column("first_try", DateTime(timezone=True), nullable=True),
     Column("last_error", Text, nullable=True),
     Column("created", DateTime(timezone=True), nullable=False),
+    Column("channel", String(16), nullable=False, server_default="rest-hook"),
     Index(None, "status", "due"),
     Index(None, "sub_id", "id"),
     sqlite_autoincrement=True,  # ids order a Subscription's notifications: never reused
+)
+
+subscription_binding = Table(
+    "subscription_binding",
+    metadata,
+    Column("digest", String(64), primary_key=True),
+    Column("principal", Text, nullable=False),
+    Column("subs", Text, nullable=False),
+    Column("expires", DateTime(timezone=True), nullable=False),
+    Index(None, "expires"),
 )

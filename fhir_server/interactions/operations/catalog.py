@@ -21,6 +21,7 @@ from fhir_server.interactions.operations import (
     level_of,
     mso_stats,
     record_payment,
+    subscription_status,
     validate,
 )
 from fhir_server.interactions.operations.parameters import check_parameters
@@ -32,6 +33,7 @@ BUILTIN_MODULES = (
     export,
     mso_stats,
     record_payment,
+    subscription_status,
     validate,
 )
 """The modules whose import registered the built-in operations."""
