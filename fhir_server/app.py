@@ -74,7 +74,7 @@ def create_app(settings: Settings | None = None) -> FrontDoor:
     wakeups = Wakeups(engine)
     wakeups.follow_commits(hooks)
     notifications = SubscriptionWorker(repo, settings, wakeups)
-    hub = WebsocketHub(repo, tokens)
+    hub = WebsocketHub(repo, tokens, on_present=messaging.user_seen)
     wakeups.on(EVENTS, hub.wake)
 
     @asynccontextmanager

@@ -91,13 +91,49 @@ class _Loaded:
     versions: dict[int, dict[str, Any]] = field(default_factory=dict)
 
 
+class ListenerCache:
+    """The listening Subscriptions, kept from one round to the next by one dispatcher.
+
+    Loading and parsing them each round would cost more than the round's matching once there
+    are hundreds. A Subscription is a resource, so any change to one (created, switched off,
+    set to error, deleted) is itself in the feed: the cache is reloaded when a round's changes
+    include a Subscription, or when the round does not start where this cache's last round
+    ended (another process's dispatcher handled the changes in between)."""
+
+    def __init__(self) -> None:
+        self._found: dict[str, list[Listener]] | None = None
+        self._at: change_feed.Position | None = None
+
+    def get(
+        self, repo: Repository, start: change_feed.Position, changes: list[Change]
+    ) -> dict[str, list[Listener]]:
+        """The listeners for a round over ``changes``, which starts after ``start``."""
+        if (
+            self._found is None
+            or self._at != start
+            or any(c.res_type == "Subscription" for c in changes)
+        ):
+            self._found = _listeners(repo)
+        self._at = changes[-1].position if changes else start
+        return self._found
+
+    def forget(self) -> None:
+        """Reload on the next round (its round was not committed)."""
+        self._found = None
+
+
 def dispatch_once(
-    repo: Repository, *, batch: int = 500, queued: Callable[[], None] | None = None
+    repo: Repository,
+    *,
+    batch: int = 500,
+    queued: Callable[[], None] | None = None,
+    cache: ListenerCache | None = None,
 ) -> int:
     """Turn the next committed changes into queued notifications; how many changes were
     handled (0: the feed is drained, or another dispatcher is at it). ``queued`` is called
     after a commit that queued notifications (the local websocket hub's wake-up; other
-    processes are woken by a NOTIFY on PostgreSQL)."""
+    processes are woken by a NOTIFY on PostgreSQL); ``cache`` keeps the listening
+    Subscriptions between the rounds of one dispatcher."""
     with _round_lock(repo) as mine:
         if not mine:
             return 0
@@ -107,9 +143,12 @@ def dispatch_once(
         if not changes:
             return 0
         # the matching searches run outside the write transaction (SQLite has one writer)
-        matched = _match(repo, _listeners(repo), changes)
+        listeners = (cache or ListenerCache()).get(repo, position, changes)
+        matched = _match(repo, listeners, changes)
         with write_connection(repo.engine) as conn, conn.begin():
             if change_feed.position_of(conn, CURSOR, for_update=True) != position:
+                if cache is not None:
+                    cache.forget()
                 return 0  # another dispatcher handled these changes meanwhile
             for listener, change in matched:
                 _enqueue(conn, listener, change)

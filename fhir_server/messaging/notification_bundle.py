@@ -13,6 +13,7 @@ its ``event-number``, ``timestamp`` and, unless the content is ``empty``, its ``
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -41,7 +42,7 @@ def status_parameters(
     spec: Spec,
     kind: str,
     total: int,
-    events: list[Event] = (),  # type: ignore[assignment]
+    events: Sequence[Event] = (),
 ) -> dict[str, Any]:
     """The subscription status (``Parameters``) of a notification of ``kind`` carrying
     ``events``, ``total`` events having been queued since the Subscription began."""
@@ -85,7 +86,7 @@ def notification_bundle(
     spec: Spec,
     kind: str,
     total: int,
-    events: list[Event] = (),  # type: ignore[assignment]
+    events: Sequence[Event] = (),
     resources: dict[tuple[str, str], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """A notification Bundle of ``kind`` with ``events`` (their focus resources, as the owner

@@ -12,6 +12,9 @@ A client connects and binds Subscriptions whose channel is ``websocket`` and tha
   ``event-notification`` Bundles (:mod:`.notification_bundle`) and, where the channel asks for a
   ``backport-heartbeat-period``, ``heartbeat`` Bundles when nothing else was sent for that long.
 
+A client with a socket open counts as online (the ``on_present`` callback, the same presence as
+an API request's), so the chat sends it no e-mail while it is connected.
+
 ``unbind <id>`` stops a binding (``unbound <id>``). Any other frame, a binary frame, or a bind
 that is refused (unknown Subscription, not the caller's, not a websocket channel, not active)
 gets an error frame — an OperationOutcome in JSON — and the connection stays open. A failed
@@ -33,6 +36,7 @@ import contextlib
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -93,10 +97,17 @@ class _Row:
 class WebsocketHub:
     """The websocket endpoint and its pump of notifications to bound sockets."""
 
-    def __init__(self, repo: Repository, tokens: TokenService) -> None:
+    def __init__(
+        self,
+        repo: Repository,
+        tokens: TokenService,
+        on_present: Callable[[Principal], None] | None = None,
+    ) -> None:
         self.repo = repo
         self.tokens = tokens
+        self.on_present = on_present
         self._clients: dict[str, set[_Client]] = defaultdict(set)  # by Subscription id
+        self._connected: set[_Client] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._event: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
@@ -145,6 +156,8 @@ class WebsocketHub:
                 await socket.close(code=1008)
                 return
         client = _Client(socket, base, principal)
+        self._connected.add(client)
+        self._present(client)
         try:
             while True:
                 message = await socket.receive()
@@ -158,6 +171,7 @@ class WebsocketHub:
         except WebSocketDisconnect:
             pass
         finally:
+            self._connected.discard(client)
             for sub_id in client.r4 | client.backport:
                 self._clients[sub_id].discard(client)
                 if not self._clients[sub_id]:
@@ -202,6 +216,9 @@ class WebsocketHub:
         if binding is None:
             await self._error(client, "The binding token is unknown or expired", "login")
             return
+        if client.principal is None:
+            client.principal = binding.principal
+            self._present(client)
         for sub_id in binding.subs:
             sub = await run_in_threadpool(ws_binding.bindable, self.repo, binding.principal, sub_id)
             if isinstance(sub, str):
@@ -243,7 +260,13 @@ class WebsocketHub:
             except Exception:  # a database hiccup: logged, the next round tries again
                 log.exception("Websocket notification round failed")
 
+    def _present(self, client: _Client) -> None:
+        if self.on_present is not None and client.principal is not None:
+            self.on_present(client.principal)
+
     async def _round(self) -> None:
+        for client in self._connected:  # still here: still online (throttled by the callback)
+            self._present(client)
         rows = await run_in_threadpool(self._read_new)
         by_sub: dict[str, list[_Row]] = defaultdict(list)
         for row in rows:

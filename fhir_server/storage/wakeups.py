@@ -104,9 +104,9 @@ class Wakeups:
     def _listen_once(self) -> None:
         raw = self.engine.raw_connection()
         try:
-            raw.detach()  # a connection of its own: never returned to the pool
             driver = raw.driver_connection
             assert driver is not None
+            raw.detach()  # a connection of its own: closed, never returned to the pool
             driver.rollback()
             driver.autocommit = True
             for channel in CHANNELS:

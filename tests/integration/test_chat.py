@@ -803,6 +803,24 @@ def test_an_online_recipient_gets_no_email_and_a_snippet_is_only_quoted_when_ask
     assert CLINICAL_TEXT[10:] not in mail.body
 
 
+def test_a_recipient_with_an_open_websocket_is_online_and_gets_no_email(
+    world: World, monkeypatch: Any
+) -> None:
+    monkeypatch.setattr(world.app.state.settings, "chat_email_quiet_seconds", 0)  # no bursts
+    sr_id, _ = case(world)
+    names = offline_with_email(world, "reqA", "prov1")
+    socket = world.client.websocket_connect("/fhir/websocket", headers=world.as_("reqA"))
+    with socket as ws:
+        ws.send_text("nothing")  # answered (an error frame): the connection is up
+        assert ws.receive_json()["resourceType"] == "OperationOutcome"
+        flush_presence()
+        send(world, "prov1", message(sr_id, text("hello")))
+        assert mails_of(world, sr_id) == []
+    nobody_online(world)  # the socket closed: offline again
+    send(world, "prov1", message(sr_id, text("still there?")))
+    assert [m.username for m in mails_of(world, sr_id)] == [names["reqA"]]
+
+
 def test_admins_are_never_told_of_chat_messages(world: World) -> None:
     sr_id, _ = case(world)
     offline_with_email(world, "reqA", "prov1", "admin")

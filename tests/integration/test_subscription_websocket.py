@@ -279,6 +279,20 @@ def test_topic_notifications_over_a_bound_websocket_and_replay_of_what_was_misse
         assert status_of(frames.next_json())["events-since-subscription-start"] == "3"
 
 
+def test_a_channel_with_a_heartbeat_period_gets_heartbeats(world: World) -> None:
+    sr_id = _case(world)
+    body = topic_subscription(CHAT_TOPIC, [f"Communication?based-on=ServiceRequest/{sr_id}"])
+    body["channel"]["extension"] = [
+        {"url": f"{BACKPORT}backport-heartbeat-period", "valueUnsignedInt": 1}
+    ]
+    sub = world.post("reqA", "Subscription", body).json()
+    with socket(world.client) as frames:
+        frames.ws.send_text(f"bind-with-token {binding_token(world, 'reqA', sub['id'])}")
+        assert status_of(frames.next_json())["type"] == "handshake"
+        heartbeat = status_of(frames.next_json(timeout=5))
+        assert heartbeat["type"] == "heartbeat" and heartbeat["events"] == []
+
+
 def _events_total(world: World, sub_id: str) -> int:
     response = world.get("reqA", f"Subscription/{sub_id}/$status")
     assert response.status_code == 200, response.text

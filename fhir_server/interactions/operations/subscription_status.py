@@ -146,7 +146,9 @@ def _binding_token(ctx: InteractionContext, req: FhirRequest) -> FhirResponse:
     if not ids:
         raise _bad("Name the Subscriptions to bind: 'id' (one or more)", "id")
     if ctx.caller is None:
-        raise FhirError(401, "login", "A binding token is for an authenticated caller")
+        raise FhirError(
+            401, "login", "A binding token is for an authenticated caller", code="MSO-AUTH-001"
+        )
     for sub_id in ids:
         _subscription(ctx, sub_id)  # 404 when the caller may not read it
         refused = ws_binding.bindable(ctx.repo, ctx.caller, sub_id)
