@@ -134,13 +134,13 @@ def dispatch_once(
     after a commit that queued notifications (the local websocket hub's wake-up; other
     processes are woken by a NOTIFY on PostgreSQL); ``cache`` keeps the listening
     Subscriptions between the rounds of one dispatcher."""
+    with repo.engine.connect() as conn:
+        position = change_feed.position_of(conn, CURSOR)
+        changes = change_feed.read(conn, position, limit=batch)
+    if not changes:
+        return 0  # (an idle poll takes no lock)
     with _round_lock(repo) as mine:
         if not mine:
-            return 0
-        with repo.engine.connect() as conn:
-            position = change_feed.position_of(conn, CURSOR)
-            changes = change_feed.read(conn, position, limit=batch)
-        if not changes:
             return 0
         # the matching searches run outside the write transaction (SQLite has one writer)
         listeners = (cache or ListenerCache()).get(repo, position, changes)
