@@ -57,7 +57,7 @@ from fhir_server.messaging.deliveries import (
 )
 from fhir_server.messaging.notification_bundle import Event, notification_bundle
 from fhir_server.messaging.subscriptions import BACKPORT, WEBSOCKET
-from fhir_server.storage.records import as_utc
+from fhir_server.storage.records import ID_PATTERN, as_utc
 from fhir_server.storage.subscription_schema import subscription_delivery
 
 if TYPE_CHECKING:
@@ -108,6 +108,7 @@ class WebsocketHub:
         self.on_present = on_present
         self._clients: dict[str, set[_Client]] = defaultdict(set)  # by Subscription id
         self._connected: set[_Client] = set()
+        self._presence_swept = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._event: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
@@ -173,18 +174,17 @@ class WebsocketHub:
         finally:
             self._connected.discard(client)
             for sub_id in client.r4 | client.backport:
-                self._clients[sub_id].discard(client)
-                if not self._clients[sub_id]:
-                    del self._clients[sub_id]
+                self._unbind(client, sub_id)
 
     async def _command(self, client: _Client, text: str) -> None:
         verb, _, argument = text.partition(" ")
         argument = argument.strip()
-        if verb == "bind" and argument:
+        is_id = bool(ID_PATTERN.fullmatch(argument))
+        if verb == "bind" and is_id:
             await self._bind(client, argument)
         elif verb == "bind-with-token" and argument:
             await self._bind_with_token(client, argument)
-        elif verb == "unbind" and argument:
+        elif verb == "unbind" and is_id:
             self._unbind(client, argument)
             await self._send(client, f"unbound {argument}")
         else:
@@ -239,7 +239,11 @@ class WebsocketHub:
     def _unbind(self, client: _Client, sub_id: str) -> None:
         client.r4.discard(sub_id)
         client.backport.discard(sub_id)
-        self._clients.get(sub_id, set()).discard(client)
+        clients = self._clients.get(sub_id)
+        if clients is not None:
+            clients.discard(client)
+            if not clients:
+                del self._clients[sub_id]
 
     def _events_total(self, sub_id: str) -> int:
         with self.repo.engine.connect() as conn:
@@ -265,8 +269,10 @@ class WebsocketHub:
             self.on_present(client.principal)
 
     async def _round(self) -> None:
-        for client in self._connected:  # still here: still online (throttled by the callback)
-            self._present(client)
+        if time.monotonic() - self._presence_swept >= _TICK:
+            self._presence_swept = time.monotonic()
+            for client in self._connected:  # still here: still online
+                self._present(client)
         rows = await run_in_threadpool(self._read_new)
         by_sub: dict[str, list[_Row]] = defaultdict(list)
         for row in rows:
