@@ -26,12 +26,14 @@ What a resource belongs to is kept in ``access_scope`` / ``case_access``
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 from sqlalchemy import (
     Connection,
+    Select,
     and_,
+    bindparam,
     exists,
     false,
     literal,
@@ -50,6 +52,7 @@ from fhir_server.fhir.outcome import FhirError
 from fhir_server.search.registry import SearchRegistry
 from fhir_server.storage.access import AccessUnit
 from fhir_server.storage.access_schema import ScopeKind, access_scope, case_access
+from fhir_server.storage.engine import driver_params
 from fhir_server.storage.records import StoredResource
 from fhir_server.storage.schema import resource
 
@@ -141,6 +144,7 @@ class AccessPolicy:
         self.registry = registry
         self.index = AccessIndex(registry)
         self._filters: dict[tuple[Any, int], tuple[Any, ColumnElement[bool]]] = {}
+        self._statements: dict[tuple[Any, Permission], Select[Any]] = {}
 
     # -- visibility ------------------------------------------------------------------------
 
@@ -180,6 +184,47 @@ class AccessPolicy:
         r = resource.alias("r")
         stmt = select(literal(1)).where(r.c.pid == pid, self.visible(caller, r, permission))
         return conn.execute(stmt).first() is not None
+
+    def visible_pids(
+        self,
+        conn: Connection,
+        caller: Any,
+        pids: Sequence[int],
+        permission: Permission = Permission.READ,
+    ) -> set[int]:
+        """Those of the resource rows ``pids`` that ``caller`` may see: :meth:`is_visible` for
+        many rows in one query, for paths that check a stream of resources for many callers
+        (Subscription notifications). The statement is built and compiled once per caller's
+        visibility and run on the DB-API cursor: building and compiling the access condition
+        costs several times the query."""
+        if not isinstance(caller, Principal):
+            return set(pids)
+        if not pids:
+            return set()
+        statement = self._visible_statement(caller, permission)
+        sql, params = driver_params(statement, conn.dialect, {"pids": list(pids)})
+        raw = conn.connection.dbapi_connection
+        assert raw is not None
+        cursor = raw.cursor()
+        try:
+            cursor.execute(sql, params)
+            return {int(row[0]) for row in cursor.fetchall()}
+        finally:
+            cursor.close()
+
+    def _visible_statement(self, caller: Principal, permission: Permission) -> Select[Any]:
+        key = (_visibility_key(caller), permission)
+        found = self._statements.get(key)
+        if found is None:
+            r = resource.alias("r")
+            found = select(r.c.pid).where(
+                r.c.pid.in_(bindparam("pids", expanding=True)),
+                self.visible(caller, r, permission),
+            )
+            if len(self._statements) >= _FILTER_CACHE_MAX:
+                self._statements.clear()
+            self._statements[key] = found
+        return found
 
     def can_see(
         self, conn: Connection, caller: Any, stored: StoredResource, permission: Permission

@@ -13,12 +13,12 @@ with the same search and access policy as the owner's own requests
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from sqlalchemy import func, select
+from sqlalchemy import and_, func, select
 
 from fhir_server.auth.principal import Principal
 from fhir_server.auth.tokens import refusal
@@ -27,9 +27,12 @@ from fhir_server.messaging.notification_bundle import Event
 from fhir_server.messaging.subscriptions import Spec, spec_of
 from fhir_server.search.budget import current_limits
 from fhir_server.storage.records import as_utc
+from fhir_server.storage.schema import resource
 from fhir_server.storage.subscription_schema import subscription_delivery, subscription_owner
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
     from sqlalchemy import Connection
 
     from fhir_server.storage.repository import Repository
@@ -44,12 +47,41 @@ _d = subscription_delivery.c
 
 @dataclass(frozen=True, slots=True)
 class Listening:
-    """A Subscription that listens now: its stored body, parsed spec and owner."""
+    """A Subscription that listens now: its stored body, parsed spec and owner (and since
+    when changes count for it)."""
 
     sub_id: str
     body: dict[str, Any]
     spec: Spec
     owner: Principal
+    since: datetime | None = None
+
+
+def load_listening(repo: Repository, sub_ids: Collection[str] | None = None) -> list[Listening]:
+    """The Subscriptions listening now (of ``sub_ids``, or all), in one query: each owner
+    joined to its Subscription's current version. Whether the owners' tokens are still
+    honoured is not checked here (:func:`still_enabled`)."""
+    o, r = subscription_owner.c, resource.c
+    stmt = (
+        select(o.sub_id, o.principal, o.created, r.content)
+        .select_from(
+            subscription_owner.join(
+                resource, and_(r.res_type == "Subscription", r.res_id == o.sub_id)
+            )
+        )
+        .where(r.deleted.is_(False))
+    )
+    if sub_ids is not None:
+        stmt = stmt.where(o.sub_id.in_(sorted(sub_ids)))
+    with repo.engine.connect() as conn:
+        rows = conn.execute(stmt).all()
+    found = []
+    for row in rows:
+        body = orjson.loads(row.content or b"{}")
+        if body.get("status") in LISTENING:
+            owner = Principal.from_dict(orjson.loads(row.principal))
+            found.append(Listening(row.sub_id, body, spec_of(body), owner, as_utc(row.created)))
+    return found
 
 
 def owner_of(conn: Connection, sub_id: str) -> Principal | None:
@@ -77,17 +109,26 @@ def still_enabled(repo: Repository, owner: Principal) -> bool:
 
 def listening(repo: Repository, sub_id: str) -> Listening | None:
     """The Subscription if it is listening and its owner still enabled, else ``None``."""
-    with repo.unit(snapshot=False) as tx:
-        stored = tx.current("Subscription", sub_id)
-        if stored is None or stored.deleted:
-            return None
-        body = stored.resource
-        if body.get("status") not in LISTENING:
-            return None
-        owner = owner_of(tx.conn, sub_id)
-    if owner is None or not still_enabled(repo, owner):
-        return None
-    return Listening(sub_id, body, spec_of(body), owner)
+    found = listening_among(repo, [sub_id])
+    return found.get(sub_id)
+
+
+def listening_among(repo: Repository, sub_ids: Collection[str]) -> dict[str, Listening]:
+    """Those of ``sub_ids`` that listen and whose owners are still enabled, by id."""
+    found = {sub.sub_id: sub for sub in load_listening(repo, sub_ids)}
+    tokens = {sub.owner.token_id for sub in found.values()}
+    enabled = {t for t in tokens if t is None or refusal(repo.engine, t) is None}
+    return {k: sub for k, sub in found.items() if sub.owner.token_id in enabled}
+
+
+def visible_focus(repo: Repository, owner: Principal, pids: Collection[int]) -> set[int]:
+    """Those of the resource rows ``pids`` that ``owner`` may read now (the read access
+    policy, :meth:`~fhir_server.auth.policy.AccessPolicy.visible_pids`)."""
+    policy = repo.policy
+    if policy is None:
+        return set(pids)
+    with repo.engine.connect() as conn:
+        return policy.visible_pids(conn, owner, sorted(pids))
 
 
 def readable_ids(

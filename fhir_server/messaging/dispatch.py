@@ -38,18 +38,19 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from sqlalchemy import and_, delete, func, insert, select, tuple_, update
+from sqlalchemy import delete, func, insert, select, tuple_, update
 
 from fhir_server.auth.principal import Principal
 from fhir_server.fhir.outcome import FhirError
-from fhir_server.messaging.deliveries import LISTENING, readable_ids
-from fhir_server.messaging.subscriptions import Spec, spec_of
+from fhir_server.messaging.deliveries import load_listening, readable_ids, visible_focus
+from fhir_server.messaging.subscriptions import Spec
 from fhir_server.search.matcher import MemoryStore
 from fhir_server.search.query import Clause, parse_query
-from fhir_server.search.types.base import ValueContext
+from fhir_server.search.types.base import ValueContext, unescape
+from fhir_server.search.types.reference import TABLE as REF_TABLE
 from fhir_server.storage import change_feed, wakeups
 from fhir_server.storage.engine import write_connection
-from fhir_server.storage.records import as_utc, utc_now
+from fhir_server.storage.records import utc_now
 from fhir_server.storage.schema import resource, resource_history
 from fhir_server.storage.subscription_schema import subscription_delivery, subscription_owner
 
@@ -71,21 +72,60 @@ _LOAD_CHUNK = 200
 
 @dataclass(frozen=True, slots=True)
 class Listener:
-    """A Subscription that hears changes: what it listens for, its owner, since when, and
-    the clauses of its search the in-memory matcher can pre-filter with."""
+    """A Subscription that hears changes: what it listens for, its owner, since when; the
+    clauses of its search the in-memory matcher evaluates (``exact``: all of them, so the
+    matcher decides the criteria and only the access policy is left to ask), and its anchor:
+    a reference the resource must hold (``based-on=ServiceRequest/1``), if it has one."""
 
     sub_id: str
     spec: Spec
     owner: Principal
     since: datetime
     local: tuple[Clause, ...]
+    exact: bool
+    anchor: tuple[int, str, str] | None  # (hash identity, target type, target id)
+
+
+class Listeners:
+    """The listening Subscriptions of a round, found per change without looking at each: those
+    with an anchor by the reference they need, the others by type."""
+
+    def __init__(self, listeners: list[Listener]) -> None:
+        self.types: set[str] = set()
+        self.topic_types: set[str] = set()
+        self._anchored: dict[tuple[str, int, str, str], list[Listener]] = defaultdict(list)
+        self._others: dict[str, list[Listener]] = defaultdict(list)
+        for listener in listeners:
+            res_type = listener.spec.criteria.res_type
+            self.types.add(res_type)
+            if listener.spec.topic is not None:
+                self.topic_types.add(res_type)
+            if listener.anchor is not None:
+                self._anchored[(res_type, *listener.anchor)].append(listener)
+            else:
+                self._others[res_type].append(listener)
+
+    def for_change(
+        self, res_type: str, store: MemoryStore | None, key: tuple[str, str]
+    ) -> list[Listener]:
+        """The listeners the resource ``key`` (with its index rows in ``store``) may concern."""
+        found = list(self._others.get(res_type, ()))
+        if store is not None and self._anchored:
+            for row in store.rows[key].get(REF_TABLE, ()):
+                found.extend(
+                    self._anchored.get(
+                        (res_type, row["hash_identity"], row["target_type"], row["target_id"]), ()
+                    )
+                )
+        return found
 
 
 @dataclass(slots=True)
 class _Loaded:
-    """A changed resource as the round sees it: current content, and for topics its versions
-    written in the round and the ones before them."""
+    """A changed resource as the round sees it: its row id and current content, and for topics
+    its versions written in the round and the ones before them."""
 
+    pid: int
     current: dict[str, Any] | None = None
     store: MemoryStore | None = None
     versions: dict[int, dict[str, Any]] = field(default_factory=dict)
@@ -101,12 +141,12 @@ class ListenerCache:
     ended (another process's dispatcher handled the changes in between)."""
 
     def __init__(self) -> None:
-        self._found: dict[str, list[Listener]] | None = None
+        self._found: Listeners | None = None
         self._at: change_feed.Position | None = None
 
     def get(
         self, repo: Repository, start: change_feed.Position, changes: list[Change]
-    ) -> dict[str, list[Listener]]:
+    ) -> Listeners:
         """The listeners for a round over ``changes``, which starts after ``start``."""
         if (
             self._found is None
@@ -171,106 +211,126 @@ def _round_lock(repo: Repository) -> Iterator[bool]:
         yield bool(conn.execute(select(func.pg_try_advisory_xact_lock(_ROUND_LOCK))).scalar_one())
 
 
-def _listeners(repo: Repository) -> dict[str, list[Listener]]:
-    """The Subscriptions listening now, by the type their search is on: one query for all (a
-    round with changes runs it; per Subscription it would grow with their number)."""
-    o, r = subscription_owner.c, resource.c
-    stmt = (
-        select(o.sub_id, o.principal, o.created, r.content)
-        .select_from(
-            subscription_owner.join(
-                resource, and_(r.res_type == "Subscription", r.res_id == o.sub_id)
-            )
-        )
-        .where(r.deleted.is_(False))
-    )
-    found: dict[str, list[Listener]] = defaultdict(list)
-    with repo.engine.connect() as conn:
-        rows = conn.execute(stmt).all()
-    for row in rows:
-        body = orjson.loads(row.content or b"{}")
-        if body.get("status") not in LISTENING:
-            continue
-        spec = spec_of(body)
-        principal = Principal.from_dict(orjson.loads(row.principal))
-        local = _local_clauses(repo.registry, spec)
-        found[spec.criteria.res_type].append(
-            Listener(row.sub_id, spec, principal, as_utc(row.created), local)
-        )
-    return found
+def _listeners(repo: Repository) -> Listeners:
+    """The Subscriptions listening now: one query for all (a round with changes runs it; per
+    Subscription it would grow with their number)."""
+    found = []
+    for sub in load_listening(repo):
+        local, exact, anchor = _clauses(repo.registry, sub.spec)
+        assert sub.since is not None
+        found.append(Listener(sub.sub_id, sub.spec, sub.owner, sub.since, local, exact, anchor))
+    return Listeners(found)
 
 
-def _local_clauses(registry: SearchRegistry, spec: Spec) -> tuple[Clause, ...]:
+def _clauses(
+    registry: SearchRegistry, spec: Spec
+) -> tuple[tuple[Clause, ...], bool, tuple[int, str, str] | None]:
     """The clauses of the Subscription's search that the in-memory matcher evaluates on the
-    resource alone (no chain, reverse chain, ``_filter`` or ``_list``)."""
+    resource alone (no chain, reverse chain, ``_filter`` or ``_list``), whether that is all of
+    them, and an anchor among them: a plain reference parameter with one ``Type/id`` value."""
+    res_type = spec.criteria.res_type
     try:
-        query = parse_query(registry, (spec.criteria.res_type,), spec.criteria.params)
+        query = parse_query(registry, (res_type,), spec.criteria.params)
     except FhirError:
-        return ()
-    return tuple(
+        return (), False, None
+    local = tuple(
         c
         for c in query.clauses
         if c.chain is None and c.has is None and c.filter is None and c.code != "_list"
     )
+    anchor = None
+    for clause in local:
+        param = registry.get(res_type, clause.code) if clause.param is not None else None
+        if param is None or param.type != "reference" or clause.modifier or len(clause.values) != 1:
+            continue
+        target_type, slash, target_id = unescape(clause.values[0]).partition("/")
+        if slash and target_type in registry.resource_types and "/" not in target_id:
+            anchor = (param.identity(res_type), target_type, target_id)
+            break
+    return local, len(local) == len(query.clauses), anchor
 
 
 def _match(
-    repo: Repository, listeners: dict[str, list[Listener]], changes: list[Change]
+    repo: Repository, listeners: Listeners, changes: list[Change]
 ) -> list[tuple[Listener, Change]]:
     """The (listener, change) pairs that are events, in feed order."""
-    relevant = [c for c in changes if c.method != "delete" and listeners.get(c.res_type)]
+    relevant = [c for c in changes if c.method != "delete" and c.res_type in listeners.types]
     if not relevant:
         return []
-    loaded = _load(repo, relevant, listeners)
+    loaded = _load(repo, relevant, listeners.topic_types)
     vc = ValueContext()
-    candidates: dict[str, set[str]] = defaultdict(set)
-    pairs: list[tuple[Listener, Change]] = []
-    for change in relevant:
+    fired: dict[tuple[str, int], bool] = {}
+    pairs: list[tuple[Listener, Change, _Loaded, bool]] = []
+    for index, change in enumerate(relevant):
         seen = loaded.get((change.res_type, change.res_id))
         if seen is None or seen.current is None:
             continue  # deleted since
-        for listener in listeners[change.res_type]:
+        key = (change.res_type, change.res_id)
+        for listener in listeners.for_change(change.res_type, seen.store, key):
             if change.at < listener.since:
                 continue
             topic = listener.spec.topic
-            if topic is not None and not topic.fires(
-                change.method, seen.versions.get(change.version),
-                seen.versions.get(change.version - 1),
-            ):  # fmt: skip
-                continue
-            if not _prefilter(seen, listener, vc):
-                continue
-            candidates[listener.sub_id].add(change.res_id)
-            pairs.append((listener, change))
+            if topic is not None:
+                memo = (topic.url, index)
+                if memo not in fired:  # once per topic and change, however many listen
+                    fired[memo] = topic.fires(
+                        change.method, seen.versions.get(change.version),
+                        seen.versions.get(change.version - 1),
+                    )  # fmt: skip
+                if not fired[memo]:
+                    continue
+            judged = _prefilter(seen, listener, vc)
+            if judged is not False:  # True, or None: the search decides
+                pairs.append((listener, change, seen, judged is None or not listener.exact))
     if not pairs:
         return []
-    matched: dict[str, set[str]] = {}
-    for listener in {p[0].sub_id: p[0] for p in pairs}.values():
-        matched[listener.sub_id] = readable_ids(
-            repo,
-            listener.owner,
-            listener.spec.criteria.res_type,
-            candidates[listener.sub_id],
-            listener.spec.criteria.params,
-        )
-    return [(lst, c) for lst, c in pairs if c.res_id in matched[lst.sub_id]]
+    decided = _decide(repo, pairs)
+    return [(lst, c) for lst, c, seen, _ in pairs if (lst.sub_id, seen.pid) in decided]
 
 
-def _prefilter(seen: _Loaded, listener: Listener, vc: ValueContext) -> bool:
+def _decide(
+    repo: Repository, pairs: list[tuple[Listener, Change, _Loaded, bool]]
+) -> set[tuple[str, int]]:
+    """The (Subscription, resource row) pairs that are events. Where the matcher judged the
+    whole criteria, the owner's read access decides (one query per listener); elsewhere the
+    owner's own search, ``_id`` added (:func:`~.deliveries.readable_ids`)."""
+    checks: dict[tuple[str, bool], tuple[Listener, dict[int, str]]] = {}
+    for listener, change, seen, searched in pairs:
+        entry = checks.setdefault((listener.sub_id, searched), (listener, {}))
+        entry[1][seen.pid] = change.res_id
+    decided: set[tuple[str, int]] = set()
+    for (_, searched), (listener, rows) in checks.items():
+        if not searched:
+            allowed = visible_focus(repo, listener.owner, rows.keys())
+        else:
+            ids = readable_ids(
+                repo, listener.owner, listener.spec.criteria.res_type, rows.values(),
+                listener.spec.criteria.params,
+            )  # fmt: skip
+            allowed = {pid for pid, res_id in rows.items() if res_id in ids}
+        decided.update((listener.sub_id, pid) for pid in allowed)
+    return decided
+
+
+def _prefilter(seen: _Loaded, listener: Listener, vc: ValueContext) -> bool | None:
+    """Whether the listener's local clauses hold for the current resource; ``None`` when the
+    matcher could not judge one (the search then decides)."""
     if not listener.local or seen.store is None or seen.current is None:
         return True
     key = (seen.current["resourceType"], seen.current["id"])
     try:
         return all(seen.store.matches(key, clause, vc) for clause in listener.local)
-    except Exception:  # anything the matcher cannot judge goes to the search
-        return True
+    except Exception:  # a value the matcher does not take (the search answers properly)
+        log.info("Subscription %s: the matcher could not judge a clause", listener.sub_id)
+        return None
 
 
 def _load(
-    repo: Repository, changes: list[Change], listeners: dict[str, list[Listener]]
+    repo: Repository, changes: list[Change], topic_types: set[str]
 ) -> dict[tuple[str, str], _Loaded]:
-    """The changed resources' current content (and, where a topic's criterion needs them, the
-    version written and the one before), in a few queries."""
+    """The changed resources' row ids and current content, and for ``topic_types`` the versions
+    written in the round with the ones before them (for the topics' criteria), in a few
+    queries."""
     keys = sorted({(c.res_type, c.res_id) for c in changes})
     out: dict[tuple[str, str], _Loaded] = {}
     r = resource.c
@@ -278,17 +338,17 @@ def _load(
         for start in range(0, len(keys), _LOAD_CHUNK):
             chunk = keys[start : start + _LOAD_CHUNK]
             rows = conn.execute(
-                select(r.res_type, r.res_id, r.deleted, r.content).where(
+                select(r.pid, r.res_type, r.res_id, r.deleted, r.content).where(
                     tuple_(r.res_type, r.res_id).in_(chunk)
                 )
             ).all()
             for row in rows:
                 body = None if row.deleted or row.content is None else orjson.loads(row.content)
-                out[(row.res_type, row.res_id)] = _Loaded(current=body)
+                out[(row.res_type, row.res_id)] = _Loaded(int(row.pid), body)
         versions = {
             (c.res_type, c.res_id, v)
             for c in changes
-            if any(lst.spec.topic for lst in listeners[c.res_type])
+            if c.res_type in topic_types
             for v in (c.version, c.version - 1)
             if v > 0
         }

@@ -24,9 +24,10 @@ The socket may be held by any process of the deployment: the dispatcher queues w
 notifications in the database, and each process's hub reads the new ones (a watermark on the
 queue's ids, which commit in order: one dispatcher at a time) when woken — a NOTIFY on
 PostgreSQL (:mod:`fhir_server.storage.wakeups`), a call on SQLite — or every second. Before
-sending, it checks for each Subscription that it still listens and its owner's token is
-honoured, and that the owner may still read each focus resource
-(:mod:`.deliveries`): a subscriber whose access was removed hears nothing more.
+sending, it checks for all the round's Subscriptions at once that they still listen and their
+owners' tokens are still honoured (a revoked token or a disabled user hears nothing more); the
+owner's access to each focus was checked by the dispatcher when it queued the event, and is
+checked again for an event queued more than :data:`FRESH_SECONDS` ago (:mod:`.deliveries`).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -52,12 +54,13 @@ from fhir_server.messaging.deliveries import (
     Listening,
     events_total,
     listening,
+    listening_among,
     read_as,
     readable_ids,
 )
 from fhir_server.messaging.notification_bundle import Event, notification_bundle
 from fhir_server.messaging.subscriptions import BACKPORT, WEBSOCKET
-from fhir_server.storage.records import ID_PATTERN, as_utc
+from fhir_server.storage.records import ID_PATTERN, as_utc, utc_now
 from fhir_server.storage.subscription_schema import subscription_delivery
 
 if TYPE_CHECKING:
@@ -70,6 +73,8 @@ PATH = "/fhir/websocket"
 HEARTBEAT_PERIOD = f"{BACKPORT}backport-heartbeat-period"
 _TICK = 1.0  # seconds between two looks without a wake-up (and heartbeat resolution)
 _READ_LIMIT = 2000
+FRESH_SECONDS = 5.0
+"""Events queued this recently are sent without checking the owner's access again."""
 _d = subscription_delivery.c
 
 
@@ -84,6 +89,7 @@ class _Client:
     backport: set[str] = field(default_factory=set)
     last_sent: dict[str, float] = field(default_factory=dict)
     heartbeats: dict[str, int] = field(default_factory=dict)
+    after: dict[str, int] = field(default_factory=dict)  # events up to this number not sent
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -109,6 +115,7 @@ class WebsocketHub:
         self._clients: dict[str, set[_Client]] = defaultdict(set)  # by Subscription id
         self._connected: set[_Client] = set()
         self._presence_swept = 0.0
+        self._delivering = asyncio.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._event: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
@@ -206,9 +213,7 @@ class WebsocketHub:
         if isinstance(sub, str):
             await self._error(client, sub)
             return
-        client.r4.add(sub_id)
-        client.last_sent[sub_id] = time.monotonic()
-        self._clients[sub_id].add(client)
+        await self._register(client, sub_id, client.r4)
         await self._send(client, f"bound {sub_id}")
 
     async def _bind_with_token(self, client: _Client, token: str) -> None:
@@ -224,17 +229,26 @@ class WebsocketHub:
             if isinstance(sub, str):
                 await self._error(client, sub)
                 continue
-            client.backport.add(sub_id)
-            client.last_sent[sub_id] = time.monotonic()
+            total = await self._register(client, sub_id, client.backport)
             period = _heartbeat_period(sub.body)
             if period:
                 client.heartbeats[sub_id] = period
-            self._clients[sub_id].add(client)
-            total = await run_in_threadpool(self._events_total, sub_id)
             bundle = notification_bundle(
                 client.base, sub_id, sub.body, sub.spec, "handshake", total
             )
             await self._send(client, orjson.dumps(bundle).decode())
+
+    async def _register(self, client: _Client, sub_id: str, kind: set[str]) -> int:
+        """Bind ``sub_id`` to the client: it hears the events after the Subscription's count
+        now (the earlier ones are ``$events``' to give; the handshake names the count). No
+        round runs meanwhile, so no event falls between the count and the binding."""
+        async with self._delivering:
+            total = await run_in_threadpool(self._events_total, sub_id)
+            kind.add(sub_id)
+            client.after[sub_id] = total
+            client.last_sent[sub_id] = time.monotonic()
+            self._clients[sub_id].add(client)
+        return total
 
     def _unbind(self, client: _Client, sub_id: str) -> None:
         client.r4.discard(sub_id)
@@ -258,7 +272,8 @@ class WebsocketHub:
                 await asyncio.wait_for(self._event.wait(), timeout=_TICK)
             self._event.clear()
             try:
-                await self._round()
+                async with self._delivering:
+                    await self._round()
             except asyncio.CancelledError:
                 raise
             except Exception:  # a database hiccup: logged, the next round tries again
@@ -279,9 +294,8 @@ class WebsocketHub:
             if row.sub_id in self._clients:
                 by_sub[row.sub_id].append(row)
         if by_sub:
-            await asyncio.gather(
-                *(self._deliver(sub_id, batch) for sub_id, batch in by_sub.items())
-            )
+            checked = await run_in_threadpool(self._deliverable, by_sub)
+            await asyncio.gather(*(self._deliver(sub, *found) for sub, *found in checked))
         await self._heartbeats()
 
     def _read_new(self) -> list[_Row]:
@@ -309,46 +323,60 @@ class WebsocketHub:
         with self.repo.engine.connect() as conn:
             return int(conn.execute(select(func.max(_d.id))).scalar() or 0)
 
-    async def _deliver(self, sub_id: str, rows: list[_Row]) -> None:
-        checked = await run_in_threadpool(self._deliverable, sub_id, rows)
-        if checked is None:
-            return
-        sub, events, resources = checked
+    async def _deliver(
+        self,
+        sub: Listening,
+        events: list[Event],
+        resources: dict[tuple[str, str], dict[str, Any]],
+    ) -> None:
+        sub_id = sub.sub_id
         for client in list(self._clients.get(sub_id, ())):
+            news = [e for e in events if e.number > client.after.get(sub_id, 0)]
+            if not news:
+                continue
             if sub_id in client.r4:
-                for _event in events:
+                for _event in news:
                     await self._send(client, f"ping {sub_id}")
             if sub_id in client.backport:
                 bundle = notification_bundle(
                     client.base, sub_id, sub.body, sub.spec, "event-notification",
-                    events[-1].number, events, resources,
+                    news[-1].number, news, resources,
                 )  # fmt: skip
                 await self._send(client, orjson.dumps(bundle).decode())
             client.last_sent[sub_id] = time.monotonic()
 
     def _deliverable(
-        self, sub_id: str, rows: list[_Row]
-    ) -> tuple[Listening, list[Event], dict[tuple[str, str], dict[str, Any]]] | None:
-        """The Subscription (still listening, its owner still enabled), the events whose
-        focus its owner may still read, and (full-resource content) the resources."""
-        sub = listening(self.repo, sub_id)
-        if sub is None:
-            return None
-        by_type: dict[str, set[str]] = defaultdict(set)
-        for row in rows:
-            by_type[row.event.res_type].add(row.event.res_id)
-        readable = {
-            (res_type, res_id)
-            for res_type, ids in by_type.items()
-            for res_id in readable_ids(self.repo, sub.owner, res_type, ids)
-        }
-        events = [r.event for r in rows if (r.event.res_type, r.event.res_id) in readable]
-        if not events:
-            return None
-        resources = {}
-        if sub.spec.content == "full-resource":
-            resources = read_as(self.repo, sub.owner, [(e.res_type, e.res_id) for e in events])
-        return sub, events, resources
+        self, by_sub: dict[str, list[_Row]]
+    ) -> list[tuple[Listening, list[Event], dict[tuple[str, str], dict[str, Any]]]]:
+        """For each Subscription with new rows that still listens (its owner still enabled:
+        one query for all), the events to send and, for full-resource content, the resources
+        as the owner reads them. The dispatcher queued each event after checking the owner's
+        access a moment ago; an event queued more than :data:`FRESH_SECONDS` ago (a backlog)
+        has it checked again."""
+        out = []
+        stale_before = utc_now() - timedelta(seconds=FRESH_SECONDS)
+        for sub_id, sub in listening_among(self.repo, by_sub.keys()).items():
+            rows = by_sub[sub_id]
+            stale: dict[str, set[str]] = defaultdict(set)
+            for row in rows:
+                if row.event.at < stale_before:
+                    stale[row.event.res_type].add(row.event.res_id)
+            gone = {
+                (res_type, res_id)
+                for res_type, ids in stale.items()
+                for res_id in ids - readable_ids(self.repo, sub.owner, res_type, ids)
+            }
+            events = [r.event for r in rows if (r.event.res_type, r.event.res_id) not in gone]
+            if not events:
+                continue
+            resources = {}
+            if sub.spec.content == "full-resource":
+                resources = read_as(self.repo, sub.owner, [(e.res_type, e.res_id) for e in events])
+                events = [e for e in events if (e.res_type, e.res_id) in resources]
+                if not events:
+                    continue
+            out.append((sub, events, resources))
+        return out
 
     async def _heartbeats(self) -> None:
         now = time.monotonic()

@@ -205,7 +205,7 @@ def is_postgres(engine: Engine) -> bool:
     return engine.dialect.name == "postgresql"
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=1024)  # the access statements of Subscription owners among them
 def _driver_sql(statement: Executable, dialect: Dialect) -> tuple[str, Any]:
     compiled = statement.compile(dialect=dialect)  # type: ignore[attr-defined]
     return str(compiled), compiled
