@@ -179,11 +179,7 @@ class AccessPolicy:
         self, conn: Connection, caller: Any, pid: int, permission: Permission = Permission.READ
     ) -> bool:
         """True when ``caller`` may see the resource row ``pid`` (always for internal work)."""
-        if not isinstance(caller, Principal):
-            return True
-        r = resource.alias("r")
-        stmt = select(literal(1)).where(r.c.pid == pid, self.visible(caller, r, permission))
-        return conn.execute(stmt).first() is not None
+        return pid in self.visible_pids(conn, caller, [pid], permission)
 
     def visible_pids(
         self,

@@ -183,7 +183,9 @@ class ChatRules:
         # one sender of a case at a time, each stamped after the one before
         with tx.internal():
             tx.current("ServiceRequest", case.case_id, for_update=True)
-            last = thread.latest(tx, case.case_id)
+            last, previous = thread.latest_and_latest_to(tx, case.case_id, other)
+        # for the after-hook of this same write (nothing changes the case in between)
+        tx.unit_state[_STASH] = (case, previous)
         body["category"] = [_CHAT_CATEGORY]
         body["sender"] = {
             "reference": caller.fhir_user,
@@ -211,9 +213,10 @@ class ChatRules:
         ]
         if attachments:
             event.tx.defer(partial(self._attachments, event.tx, message_id, attachments))
-        case = chat_case(event.tx, case_of(body))
+        stash = event.tx.unit_state.pop(_STASH, None)
+        case, previous = stash if stash else (chat_case(event.tx, case_of(body)), _UNKNOWN)
         if case is not None:
-            news = message_event(event.tx, case, event.caller, message_id, body)
+            news = message_event(event.tx, case, event.caller, message_id, body, previous)
             self.events.emit(event.tx, news)
 
     def _attachments(
@@ -231,15 +234,22 @@ class ChatRules:
 
 
 def message_event(
-    tx: Tx, case: CaseState, caller: Any, message_id: str, body: dict[str, Any]
+    tx: Tx,
+    case: CaseState,
+    caller: Any,
+    message_id: str,
+    body: dict[str, Any],
+    previous: thread.Position | object | None = None,
 ) -> CaseEvent:
     """The case event of a new message: its sender's display, its own ``sent`` and that of
     the case's previous message to the same recipient (epoch ms; where a conversation burst
-    starts, :func:`starts_burst`) and its first text (quoted in emails only as far as
-    ``MSO_CHAT_EMAIL_SNIPPET_CHARS`` says)."""
+    starts, :func:`starts_burst`; ``previous`` when the caller knows it, else looked up) and
+    its first text (quoted in emails only as far as ``MSO_CHAT_EMAIL_SNIPPET_CHARS`` says)."""
     recipient = ((body.get("recipient") or [{}])[0] or {}).get("reference")
-    with tx.internal():
-        previous = thread.latest(tx, case.case_id, recipient=recipient, other_than=message_id)
+    if previous is _UNKNOWN:
+        with tx.internal():
+            previous = thread.latest(tx, case.case_id, recipient=recipient, other_than=message_id)
+    assert previous is None or isinstance(previous, thread.Position)
     texts = [
         item["contentString"]
         for item in body.get("payload") or ()
@@ -258,6 +268,12 @@ def message_event(
             "text": texts[0] if texts else "",
         },
     )
+
+
+_STASH = "chat.send"
+"""unit_state key: the case and the previous message to the recipient, from the before-hook
+of a message's write to its after-hook."""
+_UNKNOWN = object()
 
 
 def starts_burst(event: CaseEvent, quiet_seconds: float) -> bool:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from sqlalchemy import ColumnElement, Select, and_, exists, literal, select
+from sqlalchemy import ColumnElement, Select, and_, exists, literal, select, union_all
 
 from fhir_server.storage.access_schema import ScopeKind, access_scope
 from fhir_server.storage.index_schema import idx_date, idx_reference
@@ -87,22 +87,43 @@ def latest(
     thread = Thread(tx)
     stmt = thread.in_case(case_id)
     if recipient is not None:
-        rtype, _, rid = recipient.partition("/")
-        to = idx_reference.alias("chat_to")
-        stmt = stmt.where(
-            exists(
-                select(literal(1)).where(
-                    to.c.pid == thread.r.c.pid,
-                    to.c.hash_identity == identity(tx.repo.registry, "recipient"),
-                    to.c.target_type == rtype,
-                    to.c.target_id == rid,
-                )
-            )
-        )
+        stmt = stmt.where(_addressed(tx, thread, recipient))
     if other_than is not None:
         stmt = stmt.where(thread.r.c.res_id != other_than)
     row = tx.conn.execute(stmt.limit(1)).first()
     return Position(int(row[0]), int(row[1])) if row else None
+
+
+def latest_and_latest_to(
+    tx: Tx, case_id: str, recipient: str
+) -> tuple[Position | None, Position | None]:
+    """:func:`latest` of the case, and of its messages addressed to ``recipient``, in one
+    query (what a new message's write needs: its stamp and where its burst starts)."""
+    thread = Thread(tx)
+    addressed = _addressed(tx, thread, recipient)
+    newest = thread.in_case(case_id).add_columns(literal(0).label("which")).limit(1)
+    newest_to = (
+        thread.in_case(case_id).where(addressed).add_columns(literal(1).label("which")).limit(1)
+    )
+    rows = tx.conn.execute(
+        union_all(newest.subquery().select(), newest_to.subquery().select())
+    ).all()
+    found: dict[int, Position] = {int(r[2]): Position(int(r[0]), int(r[1])) for r in rows}
+    return found.get(0), found.get(1)
+
+
+def _addressed(tx: Tx, thread: Thread, recipient: str) -> ColumnElement[bool]:
+    """SQL: the thread's message is addressed to ``recipient`` (``Type/id``)."""
+    rtype, _, rid = recipient.partition("/")
+    to = idx_reference.alias("chat_to")
+    return exists(
+        select(literal(1)).where(
+            to.c.pid == thread.r.c.pid,
+            to.c.hash_identity == identity(tx.repo.registry, "recipient"),
+            to.c.target_type == rtype,
+            to.c.target_id == rid,
+        )
+    )
 
 
 def position_of(tx: Tx, case_id: str, pid: int) -> Position | None:
