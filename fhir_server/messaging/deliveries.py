@@ -21,7 +21,7 @@ import orjson
 from sqlalchemy import and_, func, select
 
 from fhir_server.auth.principal import Principal
-from fhir_server.auth.tokens import refusal
+from fhir_server.auth.tokens import refusal, refused_among
 from fhir_server.fhir.outcome import FhirError
 from fhir_server.messaging.notification_bundle import Event
 from fhir_server.messaging.subscriptions import Spec, spec_of
@@ -116,9 +116,9 @@ def listening(repo: Repository, sub_id: str) -> Listening | None:
 def listening_among(repo: Repository, sub_ids: Collection[str]) -> dict[str, Listening]:
     """Those of ``sub_ids`` that listen and whose owners are still enabled, by id."""
     found = {sub.sub_id: sub for sub in load_listening(repo, sub_ids)}
-    tokens = {sub.owner.token_id for sub in found.values()}
-    enabled = {t for t in tokens if t is None or refusal(repo.engine, t) is None}
-    return {k: sub for k, sub in found.items() if sub.owner.token_id in enabled}
+    tokens = {sub.owner.token_id for sub in found.values() if sub.owner.token_id is not None}
+    refused = refused_among(repo.engine, tokens)
+    return {k: sub for k, sub in found.items() if sub.owner.token_id not in refused}
 
 
 def visible_focus(repo: Repository, owner: Principal, pids: Collection[int]) -> set[int]:

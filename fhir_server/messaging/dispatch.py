@@ -29,7 +29,9 @@ Only changes made after a Subscription was created count for it. A deletion matc
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -38,7 +40,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from sqlalchemy import delete, func, insert, select, tuple_, update
+from sqlalchemy import bindparam, delete, func, insert, select, tuple_, update
 
 from fhir_server.auth.principal import Principal
 from fhir_server.fhir.outcome import FhirError
@@ -49,7 +51,7 @@ from fhir_server.search.query import Clause, parse_query
 from fhir_server.search.types.base import ValueContext, unescape
 from fhir_server.search.types.reference import TABLE as REF_TABLE
 from fhir_server.storage import change_feed, wakeups
-from fhir_server.storage.engine import write_connection
+from fhir_server.storage.engine import execute_constant_many, write_connection
 from fhir_server.storage.records import utc_now
 from fhir_server.storage.schema import resource, resource_history
 from fhir_server.storage.subscription_schema import subscription_delivery, subscription_owner
@@ -67,7 +69,10 @@ log = logging.getLogger(__name__)
 
 CURSOR = "subscriptions"
 _ROUND_LOCK = 0x4D534F5355424453  # "MSOSUBDS": one dispatcher's matching at a time (PostgreSQL)
+_LEADER_LOCK = 0x4D534F5355424C44  # "MSOSUBLD": the leading dispatcher (Leadership)
 _LOAD_CHUNK = 200
+LEADER_RETRY = 1.0
+"""Seconds between two attempts of a process that does not dispatch to become the leader."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +136,59 @@ class _Loaded:
     versions: dict[int, dict[str, Any]] = field(default_factory=dict)
 
 
+class Leadership:
+    """Which process dispatches (PostgreSQL): the one holding a session advisory lock on a
+    connection of its own. Any process may dispatch, and correctness never depends on who
+    does (the feed cursor's row lock and position check do that), but rounds that alternate
+    between processes each find their cache of listeners stale and their compiled access
+    statements cold: one leader keeps both warm. The lock goes with the leader's connection
+    (a killed process's too), and another process takes it at its next look, at most
+    :data:`LEADER_RETRY` seconds later. On SQLite every dispatcher may go."""
+
+    def __init__(self) -> None:
+        self._conn: Any = None
+        self._next_try = 0.0
+
+    def holds(self, repo: Repository) -> bool:
+        """Whether this dispatcher leads now (trying to become leader if it is time)."""
+        if not repo.postgres:
+            return True
+        now = time.monotonic()
+        if self._conn is not None:
+            if now < self._next_try:
+                return True
+            self._next_try = now + LEADER_RETRY
+            try:  # still connected, so still holding the lock?
+                self._conn.execute("SELECT 1")
+                return True
+            except Exception:  # the connection is gone, and the lock with it
+                self.release()
+        if now < self._next_try:
+            return False
+        self._next_try = now + LEADER_RETRY
+        raw = repo.engine.raw_connection()
+        driver = raw.driver_connection
+        raw.detach()  # a connection of its own: the lock lives as long as it does
+        try:
+            driver.autocommit = True
+            got = driver.execute("SELECT pg_try_advisory_lock(%s)", (_LEADER_LOCK,)).fetchone()
+        except Exception:
+            raw.close()
+            raise
+        if got and got[0]:
+            self._conn = driver
+            return True
+        raw.close()
+        return False
+
+    def release(self) -> None:
+        """Give up leadership (closing the connection releases the lock)."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
+
+
 class ListenerCache:
     """The listening Subscriptions, kept from one round to the next by one dispatcher.
 
@@ -168,18 +226,22 @@ def dispatch_once(
     batch: int = 500,
     queued: Callable[[], None] | None = None,
     cache: ListenerCache | None = None,
+    leadership: Leadership | None = None,
 ) -> int:
     """Turn the next committed changes into queued notifications; how many changes were
     handled (0: the feed is drained, or another dispatcher is at it). ``queued`` is called
     after a commit that queued notifications (the local websocket hub's wake-up; other
     processes are woken by a NOTIFY on PostgreSQL); ``cache`` keeps the listening
-    Subscriptions between the rounds of one dispatcher."""
+    Subscriptions between the rounds of one dispatcher; with ``leadership`` only the leading
+    process dispatches (:class:`Leadership`)."""
     with repo.engine.connect() as conn:
         position = change_feed.position_of(conn, CURSOR)
         changes = change_feed.read(conn, position, limit=batch)
     if not changes:
         return 0  # (an idle poll takes no lock)
-    with _round_lock(repo) as mine:
+    if leadership is not None and not leadership.holds(repo):
+        return 0  # another process dispatches
+    with _round_lock(repo, leadership is None) as mine:
         if not mine:
             return 0
         # the matching searches run outside the write transaction (SQLite has one writer)
@@ -190,8 +252,8 @@ def dispatch_once(
                 if cache is not None:
                     cache.forget()
                 return 0  # another dispatcher handled these changes meanwhile
-            for listener, change in matched:
-                _enqueue(conn, listener, change)
+            if matched:
+                _enqueue(conn, matched)
             change_feed.save_position(conn, CURSOR, changes[-1].position)
             if matched:
                 wakeups.notify(conn, wakeups.EVENTS)
@@ -201,10 +263,11 @@ def dispatch_once(
 
 
 @contextmanager
-def _round_lock(repo: Repository) -> Iterator[bool]:
-    """Whether this dispatcher may do a round now (on PostgreSQL: an advisory lock held for the
-    round by a transaction that writes nothing, so it holds back no change-feed horizon)."""
-    if not repo.postgres:
+def _round_lock(repo: Repository, needed: bool = True) -> Iterator[bool]:
+    """Whether this dispatcher may do a round now (on PostgreSQL, unless a leader does it
+    anyway: an advisory lock held for the round by a transaction that writes nothing, so it
+    holds back no change-feed horizon)."""
+    if not repo.postgres or not needed:
         yield True
         return
     with repo.engine.connect() as conn, conn.begin():
@@ -382,28 +445,50 @@ def _versions(
     return out
 
 
-def _enqueue(conn: Connection, listener: Listener, change: Change) -> None:
-    number = conn.execute(
-        update(subscription_owner)
-        .where(subscription_owner.c.sub_id == listener.sub_id)
-        .values(events=subscription_owner.c.events + 1)
-        .returning(subscription_owner.c.events)
-    ).scalar_one()
+def _enqueue(conn: Connection, matched: list[tuple[Listener, Change]]) -> None:
+    """Queue the round's events: each Subscription's count moved once for all its events (they
+    take the numbers after it, in feed order), then one INSERT for every row."""
+    per_sub: dict[str, int] = defaultdict(int)
+    for listener, _ in matched:
+        per_sub[listener.sub_id] += 1
+    next_number: dict[str, int] = {}
+    for sub_id, count in per_sub.items():
+        last = conn.execute(
+            update(subscription_owner)
+            .where(subscription_owner.c.sub_id == sub_id)
+            .values(events=subscription_owner.c.events + count)
+            .returning(subscription_owner.c.events)
+        ).scalar_one()
+        next_number[sub_id] = int(last) - count + 1
     now = utc_now()
-    conn.execute(
-        insert(subscription_delivery).values(
-            sub_id=listener.sub_id,
-            event_no=number,
-            res_type=change.res_type,
-            res_id=change.res_id,
-            version=change.version,
-            status="pending",
-            attempts=0,
-            due=now,
-            created=now,
-            channel=listener.spec.channel,
+    rows = []
+    for listener, change in matched:
+        number = next_number[listener.sub_id]
+        next_number[listener.sub_id] = number + 1
+        rows.append(
+            {
+                "sub_id": listener.sub_id,
+                "event_no": number,
+                "res_type": change.res_type,
+                "res_id": change.res_id,
+                "version": change.version,
+                "due": now,
+                "created": now,
+                "channel": listener.spec.channel,
+            }
         )
-    )
+    execute_constant_many(conn, _QUEUE_INSERT, rows)
+
+
+_QUEUE_INSERT = insert(subscription_delivery).values(
+    status="pending",
+    attempts=0,
+    **{
+        name: bindparam(name)
+        for name in ("sub_id", "event_no", "res_type", "res_id", "version", "due", "created",
+                     "channel")
+    },
+)  # fmt: skip
 
 
 def prune_feed(repo: Repository, retention_hours: float) -> int:

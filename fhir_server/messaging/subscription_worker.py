@@ -20,7 +20,12 @@ import threading
 import time
 
 from fhir_server.config import Settings
-from fhir_server.messaging.dispatch import ListenerCache, dispatch_once, prune_feed
+from fhir_server.messaging.dispatch import (
+    Leadership,
+    ListenerCache,
+    dispatch_once,
+    prune_feed,
+)
 from fhir_server.messaging.rest_hook import RestHookSender
 from fhir_server.storage.repository import Repository
 from fhir_server.storage.wakeups import EVENTS, FEED, Wakeups
@@ -52,6 +57,7 @@ class SubscriptionWorker:
         self._thread: threading.Thread | None = None
         self._next_prune = time.monotonic() + PRUNE_EVERY
         self._listeners = ListenerCache()
+        self._leadership = Leadership()
 
     def run_once(self) -> bool:
         """One round: the committed changes dispatched, the due notifications sent; whether
@@ -67,7 +73,13 @@ class SubscriptionWorker:
         return self.sender.run_once(limit=SEND_BATCH) >= SEND_BATCH
 
     def _dispatch(self) -> int:
-        return dispatch_once(self.repo, batch=BATCH, queued=self._queued, cache=self._listeners)
+        return dispatch_once(
+            self.repo,
+            batch=BATCH,
+            queued=self._queued,
+            cache=self._listeners,
+            leadership=self._leadership,
+        )
 
     def _queued(self) -> None:
         if self.wakeups is not None:
@@ -93,7 +105,13 @@ class SubscriptionWorker:
         self._wake.set()
         if thread is not None:
             thread.join(timeout)
+        self.step_down()
         self.sender.close()
+
+    def step_down(self) -> None:
+        """Stop leading the dispatch (PostgreSQL), leaving it to another process at its next
+        look; this worker leads again only if nobody took over."""
+        self._leadership.release()
 
     def _run(self) -> None:
         while not self._stop.is_set():

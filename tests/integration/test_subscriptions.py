@@ -20,7 +20,13 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 
 from fhir_server.app import create_app
-from fhir_server.messaging.dispatch import ListenerCache, dispatch_once, prune_feed
+from fhir_server.messaging.dispatch import (
+    LEADER_RETRY,
+    Leadership,
+    ListenerCache,
+    dispatch_once,
+    prune_feed,
+)
 from fhir_server.storage.auth_schema import auth_user
 from fhir_server.storage.subscription_schema import subscription_delivery
 from tests.conftest import BACKENDS, _make_db, authorized, make_settings
@@ -470,3 +476,40 @@ def _feed_behind(app: Any) -> bool:
             select(feed.c.xid, feed.c.id).order_by(feed.c.xid.desc(), feed.c.id.desc()).limit(1)
         ).first()
     return newest is not None and (int(newest.xid), int(newest.id)) > (at.xid, at.id)
+
+
+def test_one_process_leads_the_dispatch_and_another_takes_over_when_it_goes(
+    app: Any, client: TestClient, receiver: Receiver
+) -> None:
+    """On PostgreSQL one process's dispatcher leads (its cache stays warm); the others
+    dispatch nothing until the leader's connection, and its lock, are gone."""
+    repo = app.state.repo
+    if not repo.postgres:  # SQLite: every dispatcher may go (its writers are serialized)
+        assert Leadership().holds(repo) and Leadership().holds(repo)
+        return
+    family = f"Lead{uuid.uuid4().hex[:8]}"
+    sub = client.post(
+        "/fhir/Subscription", json=subscription(f"Patient?family={family}", receiver.url)
+    ).json()
+    app.state.subscriptions.step_down()  # the app's own worker led, if deliver() ran
+    leader, other = Leadership(), Leadership()
+    try:
+        assert leader.holds(repo)
+        assert not other.holds(repo)
+        first = client.post("/fhir/Patient", json=patient(family)).json()
+        deadline = time.monotonic() + 30
+        while not deliveries(app, sub["id"]):
+            assert dispatch_once(repo, leadership=other) == 0  # not the leader: never
+            dispatch_once(repo, leadership=leader)
+            assert time.monotonic() < deadline
+        leader.release()  # the leading process went away
+        time.sleep(LEADER_RETRY)
+        assert other.holds(repo)
+        second = client.post("/fhir/Patient", json=patient(family)).json()
+        while len(deliveries(app, sub["id"])) < 2:
+            dispatch_once(repo, leadership=other)
+            assert time.monotonic() < deadline
+        assert [r.res_id for r in deliveries(app, sub["id"])] == [first["id"], second["id"]]
+    finally:
+        leader.release()
+        other.release()
