@@ -219,6 +219,11 @@ class ListenerCache:
         """Reload on the next round (its round was not committed)."""
         self._found = None
 
+    @property
+    def none_listen(self) -> bool:
+        """The last round found no listening Subscription at all."""
+        return self._found is not None and not self._found.types
+
 
 def dispatch_once(
     repo: Repository,
@@ -234,13 +239,13 @@ def dispatch_once(
     processes are woken by a NOTIFY on PostgreSQL); ``cache`` keeps the listening
     Subscriptions between the rounds of one dispatcher; with ``leadership`` only the leading
     process dispatches (:class:`Leadership`)."""
+    if leadership is not None and not leadership.holds(repo):
+        return 0  # another process dispatches
     with repo.engine.connect() as conn:
         position = change_feed.position_of(conn, CURSOR)
         changes = change_feed.read(conn, position, limit=batch)
     if not changes:
         return 0  # (an idle poll takes no lock)
-    if leadership is not None and not leadership.holds(repo):
-        return 0  # another process dispatches
     with _round_lock(repo, leadership is None) as mine:
         if not mine:
             return 0

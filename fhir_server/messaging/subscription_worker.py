@@ -7,8 +7,10 @@ of processes share the queue). ``mso serve`` runs one (``MSO_SUBSCRIPTION_WORKER
 every ``mso worker``. A worker that has caught up looks again when a change is committed (the
 :data:`~fhir_server.storage.wakeups.FEED` signal: LISTEN/NOTIFY across processes on PostgreSQL),
 but no sooner than ``MSO_SUBSCRIPTION_ROUND_GAP`` after its last round, so that under a stream of
-writes it dispatches batches rather than chasing every change; and at the latest after
-``MSO_SUBSCRIPTION_POLL_INTERVAL`` seconds. After a round that queued notifications it signals
+writes it dispatches batches rather than chasing every change (and while no Subscription listens
+at all, no sooner than ``MSO_SUBSCRIPTION_POLL_INTERVAL``: the writes are then nobody's
+business, and a round for each would cost the API a share of its writes); and at the latest
+after ``MSO_SUBSCRIPTION_POLL_INTERVAL`` seconds. After a round that queued notifications it signals
 :data:`~fhir_server.storage.wakeups.EVENTS` in this process (the websocket hub; other processes
 hear the dispatcher's NOTIFY).
 """
@@ -123,7 +125,13 @@ class SubscriptionWorker:
                 busy = False
             if not busy:
                 self._wake.wait(self.settings.subscription_poll_interval)
-                gap = last + self.settings.subscription_round_gap - time.monotonic()
+                # with nobody listening, a commit is no reason to hurry
+                pause = (
+                    self.settings.subscription_poll_interval
+                    if self._listeners.none_listen
+                    else self.settings.subscription_round_gap
+                )
+                gap = last + pause - time.monotonic()
                 if gap > 0:
                     self._stop.wait(gap)
                 self._wake.clear()
