@@ -712,3 +712,17 @@ def format_table(
 
     rule = "  ".join("-" * w for w in widths)
     return "\n".join([line(headers), rule, *(line(r) for r in rows)])
+
+
+def machine_state() -> str:
+    """This machine as a benchmark's figures should be read: CPUs, load average, and how busy
+    the CPUs were over one second before the start (with a warning when other work runs)."""
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    watch = CpuWatch({})
+    watch.start()
+    time.sleep(1.0)
+    busy = watch.stop().machine_busy
+    note = "  (other work is running: figures will be low)" if busy > 0.25 else ""
+    return (
+        f"{os.cpu_count()} CPUs; load average {load}; CPU busy before start {busy * 100:.0f}%{note}"
+    )

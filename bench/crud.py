@@ -49,6 +49,7 @@ from bench.common import (
     format_table,
     fresh_database,
     http_json,
+    machine_state,
     process_tree,
     psycopg_dsn,
     run_benchmark,
@@ -400,16 +401,7 @@ def _describe_environment(dsn: str) -> str:
         wrk = first[0].split(" [")[0] if first else "wrk"
     except (OSError, subprocess.SubprocessError):
         wrk = "wrk"
-    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    watch = CpuWatch({})
-    watch.start()
-    time.sleep(1.0)
-    busy = watch.stop().machine_busy
-    note = "  (other work is running: figures will be low)" if busy > 0.25 else ""
-    return (
-        f"{pg} at 127.0.0.1:5432; {wrk}; {os.cpu_count()} CPUs; load average {load}; "
-        f"CPU busy before start {busy * 100:.0f}%{note}"
-    )
+    return f"{pg} at 127.0.0.1:5432; {wrk}; {machine_state()}"
 
 
 def run(args: argparse.Namespace) -> list[Row]:
