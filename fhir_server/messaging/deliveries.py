@@ -84,14 +84,6 @@ def load_listening(repo: Repository, sub_ids: Collection[str] | None = None) -> 
     return found
 
 
-def owner_of(conn: Connection, sub_id: str) -> Principal | None:
-    """Who created the Subscription ``sub_id`` (``None``: not created through the API)."""
-    row = conn.execute(
-        select(subscription_owner.c.principal).where(subscription_owner.c.sub_id == sub_id)
-    ).first()
-    return Principal.from_dict(orjson.loads(row.principal)) if row else None
-
-
 def events_total(conn: Connection, sub_id: str) -> int:
     """How many events the Subscription has had since it began."""
     row = conn.execute(

@@ -60,7 +60,6 @@ REST_HOOK = "rest-hook"
 WEBSOCKET = "websocket"
 CHANNELS = frozenset({REST_HOOK, WEBSOCKET})
 BACKPORT = "http://hl7.org/fhir/uv/subscriptions-backport/StructureDefinition/"
-BACKPORT_PROFILE = f"{BACKPORT}backport-subscription"
 FILTER_CRITERIA = f"{BACKPORT}backport-filter-criteria"
 PAYLOAD_CONTENT = f"{BACKPORT}backport-payload-content"
 CONTENTS = ("empty", "id-only", "full-resource")
@@ -95,7 +94,7 @@ def spec_of(body: dict[str, Any]) -> Spec:
     """The :class:`Spec` of a stored (so accepted) Subscription."""
     channel = body.get("channel") or {}
     kind = str(channel.get("type") or REST_HOOK)
-    text = str(body.get("criteria") or "")
+    text = str(body.get("criteria") or "").strip()
     topic = topic_of(text) if _is_url(text) else None
     if topic is None:
         content = "full-resource" if channel.get("payload") in FHIR_JSON_TYPES else "empty"

@@ -22,6 +22,9 @@ read 404; one it may not bind 403 ``MSO-SUB-403``.
 
 from __future__ import annotations
 
+import uuid
+from dataclasses import replace
+from itertools import islice
 from typing import Any
 
 from fhir_server.fhir.outcome import FhirError
@@ -29,7 +32,7 @@ from fhir_server.interactions.base import FhirRequest, FhirResponse, Interaction
 from fhir_server.interactions.common import run_read
 from fhir_server.interactions.operations import Operation, register
 from fhir_server.messaging import ws_binding
-from fhir_server.messaging.deliveries import events_of, events_total, readable_ids
+from fhir_server.messaging.deliveries import events_of, events_total, read_as, readable_ids
 from fhir_server.messaging.notification_bundle import (
     Event,
     notification_bundle,
@@ -72,15 +75,16 @@ def _status(ctx: InteractionContext, req: FhirRequest) -> FhirResponse:
     else:
         found = run_read(
             ctx,
-            lambda tx: [(s.res_id, s.resource) for s in tx.iter_search("Subscription", [])][
-                :MAX_STATUSES
+            lambda tx: [
+                (s.res_id, s.resource)
+                for s in islice(tx.iter_search("Subscription", []), MAX_STATUSES)
             ],
         )
     entries = []
     for sub_id, body in found:
         total = run_read(ctx, lambda tx, s=sub_id: events_total(tx.conn, s))
         status = status_parameters(ctx.base_url, sub_id, body, spec_of(body), "query-status", total)
-        entries.append({"fullUrl": f"urn:uuid:status-{sub_id}", "resource": status})
+        entries.append({"fullUrl": f"urn:uuid:{uuid.uuid4()}", "resource": status})
     return FhirResponse(
         resource={
             "resourceType": "Bundle",
@@ -102,7 +106,7 @@ def _events(ctx: InteractionContext, req: FhirRequest) -> FhirResponse:
     if content is not None:
         if content not in CONTENTS:
             raise _bad("'content' is empty, id-only or full-resource", "content")
-        spec = type(spec)(spec.criteria, spec.topic, spec.channel, content)
+        spec = replace(spec, content=content)
     events, total = run_read(
         ctx,
         lambda tx: (
@@ -113,12 +117,7 @@ def _events(ctx: InteractionContext, req: FhirRequest) -> FhirResponse:
     events = _readable(ctx, events)
     resources: dict[tuple[str, str], dict[str, Any]] = {}
     if spec.content == "full-resource":
-        for event in events:
-            key = (event.res_type, event.res_id)
-            if key not in resources:
-                resources[key] = run_read(
-                    ctx, lambda tx, k=key: tx.read(*k).resource, snapshot=False
-                )
+        resources = read_as(ctx.repo, ctx.caller, [(e.res_type, e.res_id) for e in events])
     bundle = notification_bundle(
         ctx.base_url, sub_id, body, spec, "query-event", total, events, resources
     )
