@@ -127,7 +127,6 @@ class WebsocketHub:
         """Start the pump on the running loop (from the application's lifespan)."""
         self._loop = asyncio.get_running_loop()
         self._event = asyncio.Event()
-        self._watermark = await run_in_threadpool(self._max_id)
         self._task = asyncio.create_task(self._pump(), name="websocket-hub")
 
     async def stop(self) -> None:
@@ -243,6 +242,8 @@ class WebsocketHub:
         now (the earlier ones are ``$events``' to give; the handshake names the count). No
         round runs meanwhile, so no event falls between the count and the binding."""
         async with self._delivering:
+            if not self._clients:  # the first binding after none: skip what nobody heard
+                self._watermark = await run_in_threadpool(self._max_id)
             total = await run_in_threadpool(self._events_total, sub_id)
             kind.add(sub_id)
             client.after[sub_id] = total
@@ -288,6 +289,8 @@ class WebsocketHub:
             self._presence_swept = time.monotonic()
             for client in self._connected:  # still here: still online
                 self._present(client)
+        if not self._clients:
+            return  # nothing bound here: the queue is not this process's business now
         rows = await run_in_threadpool(self._read_new)
         by_sub: dict[str, list[_Row]] = defaultdict(list)
         for row in rows:
