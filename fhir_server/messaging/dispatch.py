@@ -33,7 +33,7 @@ import contextlib
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -49,9 +49,9 @@ from fhir_server.messaging.subscriptions import Spec
 from fhir_server.search.matcher import MemoryStore
 from fhir_server.search.query import Clause, parse_query
 from fhir_server.search.types.base import ValueContext, unescape
-from fhir_server.search.types.reference import TABLE as REF_TABLE
 from fhir_server.storage import change_feed, wakeups
 from fhir_server.storage.engine import execute_constant_many, write_connection
+from fhir_server.storage.index_schema import idx_reference
 from fhir_server.storage.records import utc_now
 from fhir_server.storage.schema import resource, resource_history
 from fhir_server.storage.subscription_schema import subscription_delivery, subscription_owner
@@ -77,16 +77,17 @@ LEADER_RETRY = 1.0
 
 @dataclass(frozen=True, slots=True)
 class Listener:
-    """A Subscription that hears changes: what it listens for, its owner, since when; the
-    clauses of its search the in-memory matcher evaluates (``exact``: all of them, so the
-    matcher decides the criteria and only the access policy is left to ask), and its anchor:
-    a reference the resource must hold (``based-on=ServiceRequest/1``), if it has one."""
+    """A Subscription that hears changes: what it listens for, its owner, since when; its
+    anchor: a reference the resource must hold (``based-on=ServiceRequest/1``), if it has one,
+    matched on the resource's stored index rows; the other clauses of its search that the
+    in-memory matcher evaluates; and whether anchor and matcher judge all of them (``exact``:
+    only the access policy is then left to ask)."""
 
     sub_id: str
     spec: Spec
     owner: Principal
     since: datetime
-    local: tuple[Clause, ...]
+    local: tuple[Clause, ...]  # the local clauses but the anchor's
     exact: bool
     anchor: tuple[int, str, str] | None  # (hash identity, target type, target id)
 
@@ -110,30 +111,38 @@ class Listeners:
             else:
                 self._others[res_type].append(listener)
 
-    def for_change(
-        self, res_type: str, store: MemoryStore | None, key: tuple[str, str]
-    ) -> list[Listener]:
-        """The listeners the resource ``key`` (with its index rows in ``store``) may concern."""
+    @property
+    def anchor_identities(self) -> set[int]:
+        """The hash identities of the reference parameters some listener is anchored on."""
+        return {key[1] for key in self._anchored}
+
+    def for_change(self, res_type: str, refs: Iterable[tuple[int, str, str]]) -> list[Listener]:
+        """The listeners a resource of ``res_type`` holding the references ``refs`` (hash
+        identity, target type, target id) may concern."""
         found = list(self._others.get(res_type, ()))
-        if store is not None and self._anchored:
-            for row in store.rows[key].get(REF_TABLE, ()):
-                found.extend(
-                    self._anchored.get(
-                        (res_type, row["hash_identity"], row["target_type"], row["target_id"]), ()
-                    )
-                )
+        for ref in refs:
+            found.extend(self._anchored.get((res_type, *ref), ()))
         return found
 
 
 @dataclass(slots=True)
 class _Loaded:
     """A changed resource as the round sees it: its row id and current content, and for topics
-    its versions written in the round and the ones before them."""
+    its versions written in the round and the ones before them, and the stored references the
+    listeners are anchored on."""
 
     pid: int
     current: dict[str, Any] | None = None
-    store: MemoryStore | None = None
     versions: dict[int, dict[str, Any]] = field(default_factory=dict)
+    refs: list[tuple[int, str, str]] = field(default_factory=list)
+    _store: MemoryStore | None = None
+
+    def store(self, registry: SearchRegistry) -> MemoryStore | None:
+        """The current resource in the in-memory matcher (its index rows extracted once, when
+        a listener first needs them)."""
+        if self._store is None and self.current is not None:
+            self._store = MemoryStore(registry, [self.current])
+        return self._store
 
 
 class Leadership:
@@ -306,16 +315,16 @@ def _clauses(
         for c in query.clauses
         if c.chain is None and c.has is None and c.filter is None and c.code != "_list"
     )
-    anchor = None
+    exact = len(local) == len(query.clauses)
     for clause in local:
         param = registry.get(res_type, clause.code) if clause.param is not None else None
         if param is None or param.type != "reference" or clause.modifier or len(clause.values) != 1:
             continue
         target_type, slash, target_id = unescape(clause.values[0]).partition("/")
         if slash and target_type in registry.resource_types and "/" not in target_id:
-            anchor = (param.identity(res_type), target_type, target_id)
-            break
-    return local, len(local) == len(query.clauses), anchor
+            rest = tuple(c for c in local if c is not clause)
+            return rest, exact, (param.identity(res_type), target_type, target_id)
+    return local, exact, None
 
 
 def _match(
@@ -325,7 +334,7 @@ def _match(
     relevant = [c for c in changes if c.method != "delete" and c.res_type in listeners.types]
     if not relevant:
         return []
-    loaded = _load(repo, relevant, listeners.topic_types)
+    loaded = _load(repo, relevant, listeners.topic_types, listeners.anchor_identities)
     vc = ValueContext()
     fired: dict[tuple[str, int], bool] = {}
     pairs: list[tuple[Listener, Change, _Loaded, bool]] = []
@@ -333,8 +342,7 @@ def _match(
         seen = loaded.get((change.res_type, change.res_id))
         if seen is None or seen.current is None:
             continue  # deleted since
-        key = (change.res_type, change.res_id)
-        for listener in listeners.for_change(change.res_type, seen.store, key):
+        for listener in listeners.for_change(change.res_type, seen.refs):
             if change.at < listener.since:
                 continue
             topic = listener.spec.topic
@@ -347,7 +355,7 @@ def _match(
                     )  # fmt: skip
                 if not fired[memo]:
                     continue
-            judged = _prefilter(seen, listener, vc)
+            judged = _prefilter(repo.registry, seen, listener, vc)
             if judged is not False:  # True, or None: the search decides
                 pairs.append((listener, change, seen, judged is None or not listener.exact))
     if not pairs:
@@ -380,21 +388,26 @@ def _decide(
     return decided
 
 
-def _prefilter(seen: _Loaded, listener: Listener, vc: ValueContext) -> bool | None:
-    """Whether the listener's local clauses hold for the current resource; ``None`` when the
-    matcher could not judge one (the search then decides)."""
-    if not listener.local or seen.store is None or seen.current is None:
+def _prefilter(
+    registry: SearchRegistry, seen: _Loaded, listener: Listener, vc: ValueContext
+) -> bool | None:
+    """Whether the listener's local clauses (its anchor matched already) hold for the current
+    resource; ``None`` when the matcher could not judge one (the search then decides)."""
+    if not listener.local:
+        return True
+    store = seen.store(registry)
+    if store is None or seen.current is None:
         return True
     key = (seen.current["resourceType"], seen.current["id"])
     try:
-        return all(seen.store.matches(key, clause, vc) for clause in listener.local)
+        return all(store.matches(key, clause, vc) for clause in listener.local)
     except Exception:  # a value the matcher does not take (the search answers properly)
         log.info("Subscription %s: the matcher could not judge a clause", listener.sub_id)
         return None
 
 
 def _load(
-    repo: Repository, changes: list[Change], topic_types: set[str]
+    repo: Repository, changes: list[Change], topic_types: set[str], anchors: set[int]
 ) -> dict[tuple[str, str], _Loaded]:
     """The changed resources' row ids and current content, and for ``topic_types`` the versions
     written in the round with the ones before them (for the topics' criteria), in a few
@@ -421,12 +434,31 @@ def _load(
             if v > 0
         }
         written = _versions(conn, versions)
+        if anchors:
+            by_pid = {seen.pid: seen for seen in out.values() if seen.current is not None}
+            for pid, ref in _references(conn, list(by_pid), anchors):
+                by_pid[pid].refs.append(ref)
     for (res_type, res_id, version), body in written.items():
         if (res_type, res_id) in out:
             out[(res_type, res_id)].versions[version] = body
-    for seen in out.values():
-        if seen.current is not None:
-            seen.store = MemoryStore(repo.registry, [seen.current])
+    return out
+
+
+def _references(
+    conn: Connection, pids: list[int], identities: set[int]
+) -> list[tuple[int, tuple[int, str, str]]]:
+    """The stored reference index rows of the resources ``pids`` for the parameters
+    ``identities``: what the search engine matches a reference criterion on."""
+    x = idx_reference.c
+    out = []
+    for start in range(0, len(pids), _LOAD_CHUNK):
+        rows = conn.execute(
+            select(x.pid, x.hash_identity, x.target_type, x.target_id).where(
+                x.pid.in_(pids[start : start + _LOAD_CHUNK]),
+                x.hash_identity.in_(sorted(identities)),
+            )
+        ).all()
+        out.extend((int(r.pid), (int(r.hash_identity), r.target_type, r.target_id)) for r in rows)
     return out
 
 

@@ -513,3 +513,37 @@ def test_one_process_leads_the_dispatch_and_another_takes_over_when_it_goes(
     finally:
         leader.release()
         other.release()
+
+
+def test_an_anchored_criteria_with_more_clauses_matches_them_all(
+    app: Any, client: TestClient, receiver: Receiver
+) -> None:
+    """A reference criterion (the anchor, matched on the stored index rows) and the clauses
+    beside it (the in-memory matcher) must all hold; a chained one goes to the search."""
+    gp = f"gp-{uuid.uuid4().hex[:8]}"
+    family = f"Anchor{uuid.uuid4().hex[:8]}"
+    criteria = f"Patient?general-practitioner=Practitioner/{gp}&family={family}"
+    chained = f"Patient?general-practitioner=Practitioner/{gp}&organization.name=Acme{gp}"
+    sub = client.post("/fhir/Subscription", json=subscription(criteria, receiver.url)).json()
+    via_chain = client.post(
+        "/fhir/Subscription", json=subscription(chained, receiver.url + "/chain")
+    ).json()
+    org = client.post("/fhir/Organization", json={"resourceType": "Organization",
+                                                  "name": f"Acme{gp}"}).json()  # fmt: skip
+    deliver(app)
+
+    def with_gp(name: str, **more: Any) -> dict[str, Any]:
+        return {**patient(name), "generalPractitioner": [{"reference": f"Practitioner/{gp}"}],
+                **more}  # fmt: skip
+
+    both = client.post("/fhir/Patient", json=with_gp(family)).json()
+    client.post("/fhir/Patient", json=with_gp("Other"))  # the anchor alone
+    client.post("/fhir/Patient", json=patient(family))  # the family alone
+    managed = client.post(
+        "/fhir/Patient",
+        json=with_gp("Else", managingOrganization={"reference": f"Organization/{org['id']}"}),
+    ).json()
+    deliver_until(app, lambda: deliveries(app, sub["id"]) and deliveries(app, via_chain["id"]))
+    deliver(app, rounds=2)
+    assert [r.res_id for r in deliveries(app, sub["id"])] == [both["id"]]
+    assert [r.res_id for r in deliveries(app, via_chain["id"])] == [managed["id"]]
