@@ -155,8 +155,14 @@ class Leadership:
     :data:`LEADER_RETRY` seconds later. On SQLite every dispatcher may go."""
 
     def __init__(self) -> None:
-        self._conn: Any = None
+        self._conn: Any = None  # the connection holding the lock
+        self._spare: Any = None  # a connection of its own that tried and failed: kept
         self._next_try = 0.0
+
+    @property
+    def leading(self) -> bool:
+        """Whether this dispatcher held the lock at its last look (PostgreSQL)."""
+        return self._conn is not None
 
     def holds(self, repo: Repository) -> bool:
         """Whether this dispatcher leads now (trying to become leader if it is time)."""
@@ -175,27 +181,31 @@ class Leadership:
         if now < self._next_try:
             return False
         self._next_try = now + LEADER_RETRY
-        raw = repo.engine.raw_connection()
-        driver = raw.driver_connection
-        raw.detach()  # a connection of its own: the lock lives as long as it does
-        try:
+        driver, self._spare = self._spare, None
+        if driver is None:
+            raw = repo.engine.raw_connection()
+            driver = raw.driver_connection
+            raw.detach()  # a connection of its own: the lock lives as long as it does
             driver.autocommit = True
+        try:
             got = driver.execute("SELECT pg_try_advisory_lock(%s)", (_LEADER_LOCK,)).fetchone()
         except Exception:
-            raw.close()
+            with contextlib.suppress(Exception):
+                driver.close()
             raise
         if got and got[0]:
             self._conn = driver
             return True
-        raw.close()
+        self._spare = driver  # for the next try: no new connection every second
         return False
 
     def release(self) -> None:
         """Give up leadership (closing the connection releases the lock)."""
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                conn.close()
+        for conn in (self._conn, self._spare):
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    conn.close()
+        self._conn = self._spare = None
 
 
 class ListenerCache:

@@ -52,8 +52,11 @@ class SubscriptionWorker:
         self.settings = settings
         self.wakeups = wakeups
         if wakeups is not None:
-            wakeups.on(FEED, self.wake)
+            wakeups.on(FEED, self._feed_changed)
+            wakeups.on(EVENTS, self._events_queued)
         self.sender = RestHookSender(repo, settings)
+        self._send_due = True
+        self._next_send = 0.0
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -61,18 +64,33 @@ class SubscriptionWorker:
         self._listeners = ListenerCache()
         self._leadership = Leadership()
 
-    def run_once(self) -> bool:
-        """One round: the committed changes dispatched, the due notifications sent; whether
-        work is left over (a full batch of changes or of notifications: no pause before the
-        next round). A worker that keeps up pauses between rounds rather than chasing every
-        new change: chasing them cost the API a third of its writes (measured, README)."""
+    def run_once(self, *, send: bool = True) -> bool:
+        """One round: the committed changes dispatched, the due notifications sent (unless
+        ``send`` is false); whether work is left over (a full batch of changes or of
+        notifications: no pause before the next round). A worker that keeps up pauses between
+        rounds rather than chasing every new change: chasing them cost the API a third of its
+        writes (measured, README)."""
         dispatched = self._dispatch()
         while dispatched >= BATCH:
             dispatched = self._dispatch()
         if time.monotonic() >= self._next_prune:
             self._next_prune = time.monotonic() + PRUNE_EVERY
             prune_feed(self.repo, self.settings.change_feed_retention_hours)
+        if not send:
+            return False
         return self.sender.run_once(limit=SEND_BATCH) >= SEND_BATCH
+
+    def _leads(self) -> bool:
+        return not self.repo.postgres or self._leadership.leading
+
+    def _feed_changed(self) -> None:
+        # only the leading process dispatches: the others need not wake for a commit
+        if self._leads():
+            self._wake.set()
+
+    def _events_queued(self) -> None:
+        self._send_due = True
+        self._wake.set()
 
     def _dispatch(self) -> int:
         return dispatch_once(
@@ -118,17 +136,23 @@ class SubscriptionWorker:
     def _run(self) -> None:
         while not self._stop.is_set():
             last = time.monotonic()
+            # the rest-hook queue is looked at when notifications were queued, else once a
+            # poll interval (for retries coming due): not on every commit
+            send = self._send_due or last >= self._next_send
+            if send:
+                self._send_due = False
+                self._next_send = last + self.settings.subscription_poll_interval
             try:
-                busy = self.run_once()
+                busy = self.run_once(send=send)
             except Exception:  # a database hiccup: logged, and the next round tries again
                 log.exception("Subscription worker round failed")
                 busy = False
             if not busy:
                 self._wake.wait(self.settings.subscription_poll_interval)
-                # with nobody listening, a commit is no reason to hurry
+                # with nobody listening (or not leading), a commit is no reason to hurry
                 pause = (
                     self.settings.subscription_poll_interval
-                    if self._listeners.none_listen
+                    if self._listeners.none_listen or not self._leads()
                     else self.settings.subscription_round_gap
                 )
                 gap = last + pause - time.monotonic()

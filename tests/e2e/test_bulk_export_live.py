@@ -235,7 +235,8 @@ def test_a_worker_killed_mid_export_loses_and_repeats_nothing(live, tmp_path: Pa
             # the job is not lost: others take it over once the lease ran out
             workers.start()
             workers.start()
-            manifest = wait_manifest(http, status_url, headers, timeout=40)
+            # a bound against a hang, not a speed figure (the export took 35-46 s here)
+            manifest = wait_manifest(http, status_url, headers, timeout=90)
         finally:
             workers.stop_all()
         check_manifest(manifest)
