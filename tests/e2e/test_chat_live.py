@@ -26,8 +26,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +39,9 @@ from tests.auth_helpers import token_for
 from tests.conftest import authorized
 from tests.e2e.conftest import start_server, stop_server
 from tests.e2e.live_sockets import Socket, worker_holding, workers_of
+from tests.hook_receiver import Receiver, receiving
+from tests.integration.test_chat import mark_read as post_mark_read
+from tests.integration.test_chat import unread
 from tests.integration.workflow_world import PDF, World, b64, pdf_bytes, png_bytes
 from tests.smtp_server import Collector, SmtpServer, body_of, free_port
 
@@ -511,26 +513,9 @@ def test_two_clients_on_different_workers_exchange_messages_with_attachments(
 # -- 2. unread counts ---------------------------------------------------------------------------
 
 
-def unread(world: World, who: str) -> tuple[int, dict[str, int]]:
-    params = ok(world.get(who, "Communication/$unread"))["parameter"]
-    total = next(p["valueInteger"] for p in params if p["name"] == "total")
-    cases = {}
-    for p in params:
-        if p["name"] == "case":
-            parts = {part["name"]: part for part in p["part"]}
-            ref = parts["case"]["valueReference"]["reference"]
-            cases[ref.split("/")[1]] = parts["count"]["valueInteger"]
-    assert total == sum(cases.values())
-    return total, cases
-
-
 def mark_read(world: World, who: str, sr_id: str, **extra: dict[str, Any]) -> int:
-    parameters = [{"name": "case", "valueReference": {"reference": f"ServiceRequest/{sr_id}"}}]
-    parameters += [{"name": name, **value} for name, value in extra.items()]
-    body = {"resourceType": "Parameters", "parameter": parameters}
-    params = {
-        p["name"]: p for p in ok(world.post(who, "Communication/$mark-read", body))["parameter"]
-    }
+    """``$mark-read`` (the chat tests' request); the count of the case's unread messages."""
+    params = {p["name"]: p for p in ok(post_mark_read(world, who, sr_id, **extra))["parameter"]}
     assert params["case"]["valueReference"]["reference"] == f"ServiceRequest/{sr_id}"
     return params["count"]["valueInteger"]
 
@@ -663,53 +648,11 @@ def test_the_admin_reaches_no_chat_content_and_hears_of_no_message(
 # -- 5. rest-hook -------------------------------------------------------------------------------
 
 
-@dataclass
-class Receiver:
-    """A rest-hook endpoint on loopback: records every request, answers 500 to the first
-    ``failures`` of them, then 200."""
-
-    failures: int
-    requests: list[tuple[str, str, int, bytes]] = field(default_factory=list)
-    server: Any = None
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    @property
-    def url(self) -> str:
-        host, port = self.server.server_address[:2]
-        return f"http://{host}:{port}/hook"
-
-    def delivered(self) -> list[str]:
-        """The paths answered 200, in arrival order."""
-        with self.lock:
-            return [path for _, path, status, _ in self.requests if status == 200]
-
-
 @pytest.fixture
 def receiver() -> Iterator[Receiver]:
-    got = Receiver(failures=3)
-
-    class Handler(BaseHTTPRequestHandler):
-        def _answer(self) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
-            body = self.rfile.read(length) if length else b""
-            with got.lock:
-                status = 500 if len(got.requests) < got.failures else 200
-                got.requests.append((self.command, self.path, status, body))
-            self.send_response(status)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        do_POST = do_PUT = _answer
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    got.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    serving = threading.Thread(target=got.server.serve_forever, daemon=True)
-    serving.start()
-    yield got
-    got.server.shutdown()
-    got.server.server_close()
+    """A rest-hook endpoint answering 500 to the first three requests, then 200."""
+    with receiving([500] * 3) as got:
+        yield got
 
 
 def test_a_failing_rest_hook_gets_every_message_in_order_and_recovers(
@@ -738,14 +681,14 @@ def test_a_failing_rest_hook_gets_every_message_in_order_and_recovers(
     assert receiver.delivered() == expected
     with receiver.lock:
         requests = list(receiver.requests)
-    assert all(method == "PUT" for method, _, _, _ in requests)
-    failed = [path for _, path, status, _ in requests if status == 500]
+    assert all(r["method"] == "PUT" for r in requests)
+    failed = [r["path"] for r in requests if r["status"] == 500]
     assert failed == [expected[0]] * 3  # one Subscription's notifications wait for the oldest
-    for _, path, status, payload in requests:
-        if status == 200:
-            resource = json.loads(payload)
+    for r in requests:
+        if r["status"] == 200:
+            resource = json.loads(r["body"])
             assert resource["resourceType"] == "Communication"
-            assert path.endswith(resource["id"])
+            assert r["path"].endswith(resource["id"])
 
     def statuses() -> list[str]:
         history = ok(world.get("reqA", f"Subscription/{sub_id}/_history", params={"_count": "50"}))

@@ -10,8 +10,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import orjson
@@ -30,60 +28,16 @@ from fhir_server.messaging.dispatch import (
 from fhir_server.storage.auth_schema import auth_user
 from fhir_server.storage.subscription_schema import subscription_delivery
 from tests.conftest import BACKENDS, _make_db, authorized, make_settings
+from tests.hook_receiver import Receiver, receiving
 from tests.integration.workflow_world import World, build_world
 
 FHIR_JSON = "application/fhir+json"
 
 
-@dataclass
-class Receiver:
-    """A rest-hook endpoint on loopback: records every request, answers ``statuses`` in turn
-    (then 200)."""
-
-    requests: list[dict[str, Any]] = field(default_factory=list)
-    statuses: list[int] = field(default_factory=list)
-    server: Any = None
-
-    @property
-    def url(self) -> str:
-        host, port = self.server.server_address[:2]
-        return f"http://{host}:{port}/hook"
-
-    def paths(self) -> list[tuple[str, str]]:
-        return [(r["method"], r["path"]) for r in self.requests]
-
-
 @pytest.fixture
 def receiver() -> Iterator[Receiver]:
-    got = Receiver()
-
-    class Handler(BaseHTTPRequestHandler):
-        def _answer(self) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
-            body = self.rfile.read(length) if length else b""
-            got.requests.append(
-                {
-                    "method": self.command,
-                    "path": self.path,
-                    "headers": dict(self.headers),
-                    "body": body,
-                }
-            )
-            self.send_response(got.statuses.pop(0) if got.statuses else 200)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        do_POST = do_PUT = _answer
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    got.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=got.server.serve_forever, daemon=True)
-    thread.start()
-    yield got
-    got.server.shutdown()
-    got.server.server_close()
+    with receiving() as got:
+        yield got
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
