@@ -1,6 +1,7 @@
 """The ``mso`` command: ``serve``, ``worker``, ``migrate``, ``load-conformance``, ``reindex``,
 ``seed-demo``, ``outbox status``, and the authorization commands ``user``, ``client``,
-``launch``, ``key``, ``token`` (:mod:`fhir_server.auth.cli`).
+``launch``, ``key``, ``token`` (:mod:`fhir_server.auth.cli`), and ``dicom-gateway``, which hands
+its arguments to :func:`dicom_gateway.__main__.main` and never touches the database.
 
 Every command says on stderr which database it uses (password hidden; a SQLite file with its
 absolute path), because a relative SQLite URL means a different file in every folder. Only the
@@ -188,6 +189,12 @@ def _outbox_status(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _dicom_gateway(args: argparse.Namespace, settings: Settings | None = None) -> int:
+    from dicom_gateway.__main__ import main as gateway_main
+
+    return gateway_main(args.gateway_args)
+
+
 def format_outbox_status(report: OutboxStatus, *, smtp_host: str | None) -> str:
     """The text of ``mso outbox status``: counts, oldest undelivered email, last errors."""
     c = report.counts
@@ -297,6 +304,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status.set_defaults(func=_outbox_status)
 
+    gateway = sub.add_parser(
+        "dicom-gateway",
+        help="run the DICOM gateway: C-STORE SCP, durable spool, forwarding to Orthanc "
+        "(`mso dicom-gateway --help` lists its options)",
+        add_help=False,
+    )
+    gateway.add_argument(
+        "gateway_args", nargs=argparse.REMAINDER, help="the options of python -m dicom_gateway"
+    )
+    gateway.set_defaults(func=_dicom_gateway, creates_database=True)
+
     from fhir_server.auth.cli import add_auth_commands
 
     add_auth_commands(sub)
@@ -322,6 +340,9 @@ def _accept_database_url_everywhere(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``mso`` console script."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["dicom-gateway"]:  # its own settings, no FHIR database
+        return _dicom_gateway(argparse.Namespace(gateway_args=argv[1:]))
     args = build_parser().parse_args(argv)
     overrides = {"database_url": args.database_url} if args.database_url else {}
     settings = Settings(**overrides)

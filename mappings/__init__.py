@@ -1,0 +1,1 @@
+"""Mappings between external formats and FHIR, as data plus the pure code that applies them."""
