@@ -102,12 +102,37 @@ TASK_STATUS_OF_ISSUE_STATUS: MappingProxyType[CaseIssueStatus, str] = MappingPro
 )
 """The ``Task.status`` of a case-issue Task in each issue status."""
 
+# -- meta.security -------------------------------------------------------------------------------
+
+SECURITY_LABEL_SYSTEM = _cs("security-label")
+WITHHELD_FROM_PROVIDER = "withheld-from-provider"
+"""The label keeping a resource from providers (the original of a de-identified imaging study
+shared with the case's external specialist); see :mod:`fhir_server.auth.policy`."""
+
+
+def is_withheld_from_provider(resource: dict | None) -> bool:
+    """``resource`` carries the :data:`WITHHELD_FROM_PROVIDER` security label."""
+    labels = ((resource or {}).get("meta") or {}).get("security") or ()
+    return any(
+        (label or {}).get("system") == SECURITY_LABEL_SYSTEM
+        and (label or {}).get("code") == WITHHELD_FROM_PROVIDER
+        for label in labels
+    )
+
+
 # -- Task.code ----------------------------------------------------------------------------------
 
 TASK_CODE_SYSTEM = _cs("task-code")
 TASK_CODE_VALUESET = _vs("task-code")
 TASK_CODE_CASE = "case"
 TASK_CODE_CASE_ISSUE = "case-issue"
+TASK_CODE_IMPORT_PRIORS = "import-priors"
+"""A request to the DICOM gateway to fetch a case patient's prior studies from the hospital
+PACS (``ServiceRequest/[id]/$import-priors``); the gateway works and closes the Task."""
+TASK_CODE_DEIDENTIFY_IMAGING = "deidentify-imaging"
+"""A request to the DICOM gateway for a de-identified copy of a study
+(``ImagingStudy/[id]/$deidentify``, DICOM PS3.15 Annex E basic profile); the gateway works and
+closes the Task."""
 
 # -- ServiceRequest.category / DiagnosticReport.code ------------------------------------------
 
@@ -234,6 +259,10 @@ CHARGE_DEFINITION_DEFAULT = f"{CANONICAL_BASE}/ChargeItemDefinition/second-opini
 """The ChargeItemDefinition pricing cases whose specialty has no definition of its own."""
 OPERATION_RECORD_PAYMENT = f"{CANONICAL_BASE}/OperationDefinition/Invoice-record-payment"
 """``Invoice/[id]/$record-payment``: an admin records that an invoice was paid."""
+OPERATION_IMPORT_PRIORS = f"{CANONICAL_BASE}/OperationDefinition/ServiceRequest-import-priors"
+"""``ServiceRequest/[id]/$import-priors``: ask the DICOM gateway for a case's prior studies."""
+OPERATION_DEIDENTIFY_IMAGING = f"{CANONICAL_BASE}/OperationDefinition/ImagingStudy-deidentify"
+"""``ImagingStudy/[id]/$deidentify``: an admin asks the gateway for a de-identified copy."""
 USAGE_CONTEXT_TYPE_SYSTEM = "http://terminology.hl7.org/CodeSystem/usage-context-type"
 USAGE_CONTEXT_FOCUS = "focus"
 """``useContext.code`` under which a ChargeItemDefinition lists the specialties it prices."""

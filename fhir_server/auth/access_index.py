@@ -33,7 +33,7 @@ from sqlalchemy import (
 from fhir_server.auth.case_projection import project_case
 from fhir_server.auth.principal import Principal, Role
 from fhir_server.auth.resource_kinds import is_chat, is_notification
-from fhir_server.codes import USERNAME_SYSTEM
+from fhir_server.codes import USERNAME_SYSTEM, is_withheld_from_provider
 from fhir_server.fhir.definitions import load_json
 from fhir_server.search.registry import SearchRegistry
 from fhir_server.storage.access import AccessUnit
@@ -119,6 +119,8 @@ class AccessIndex:
                     rows.append(_row(pid, ScopeKind.RECIPIENT, ttype, tid))
                 elif ident.get("system") == USERNAME_SYSTEM and ident.get("value"):
                     rows.append(_row(pid, ScopeKind.RECIPIENT, USER_REF_TYPE, ident["value"]))
+        if is_withheld_from_provider(body):
+            rows.append(_row(pid, ScopeKind.WITHHELD, None, ""))
         if rtype == "Binary":
             target = (body.get("securityContext") or {}).get("reference") or ""
             if "/" in target:

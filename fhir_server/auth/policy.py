@@ -5,7 +5,8 @@ the MSO rules —
 
 * requesters see their organization's cases and the patients in them;
 * a provider sees the cases assigned to it (losing them when it rejects or is reassigned) and
-  those patients' compartments;
+  those patients' compartments, except what carries the ``withheld-from-provider`` security
+  label (the identified original of a study shared de-identified);
 * admins see everything except chat content;
 * patients see their own compartment;
 * directory and conformance resources (organizations, practitioners, profiles, terminology …)
@@ -295,7 +296,8 @@ class AccessPolicy:
         cases = select(ca.case_id).where(mine)
         patients = select(ca.patient_id).where(mine, ca.patient_id.is_not(None))
 
-        hidden = PROVIDER_HIDDEN_TYPES if caller.role is Role.PROVIDER else frozenset()
+        provider = caller.role is Role.PROVIDER
+        hidden = PROVIDER_HIDDEN_TYPES if provider else frozenset()
 
         def rule(r: Any) -> ColumnElement[bool]:
             mine = addressed_or(
@@ -310,6 +312,11 @@ class AccessPolicy:
                     ),
                 ),
             )
+            if provider:
+                # the original of a study shared de-identified stays with the requester side
+                return and_(
+                    r.c.res_type.not_in(hidden), not_(_has_scope(r, ScopeKind.WITHHELD)), mine
+                )
             return and_(r.c.res_type.not_in(hidden), mine) if hidden else mine
 
         return rule
@@ -369,6 +376,14 @@ class AccessPolicy:
             not s.restriction and s.context != "patient"
             for s in caller.scopes.grants(res_type, permission)
         )
+
+    def sees_every(self, caller: Any, res_type: str, permission: Permission) -> bool:
+        """True when nothing of ``res_type`` outside chat is hidden from ``caller`` (internal
+        work, admins, organization-less system clients with a plain scope): adapters that
+        front another store (the DICOMweb bridge) then need not filter its answers."""
+        if not isinstance(caller, Principal):
+            return True
+        return self._sees_all_but_chat(caller, res_type, permission)
 
     # -- permission checks -----------------------------------------------------------------
 

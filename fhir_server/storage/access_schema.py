@@ -39,6 +39,7 @@ class ScopeKind(IntEnum):
     CHAT = 4
     VIA = 5
     RECIPIENT = 6
+    WITHHELD = 7  # kept from providers (the security label codes.WITHHELD_FROM_PROVIDER)
 
 
 access_scope = Table(

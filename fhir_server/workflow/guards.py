@@ -31,7 +31,7 @@ from fhir_server.auth.resource_kinds import is_chat
 from fhir_server.hooks import HookEvent, HookPoint
 from fhir_server.messaging import chat
 from fhir_server.messaging.subscriptions import SubscriptionRules
-from fhir_server.workflow import amendments, documents
+from fhir_server.workflow import amendments, documents, security_labels
 from fhir_server.workflow.cases import is_case_request
 from fhir_server.workflow.feedback import is_feedback
 from fhir_server.workflow.status import is_case_task, is_issue_task
@@ -164,6 +164,8 @@ def guard_table(workflow: Workflow, appointments: Appointments, feedbacks: Feedb
         Row(of_type("Subscription"),     CREATE, s.accept),
         Row(of_type("Subscription"),     UPDATE, s.accept),
         Row(of_type("Subscription"),     CREATED, s.own),
+        Row(security_labels.labelled,    CREATE, security_labels.guard_label),
+        Row(security_labels.labelled,    UPDATE, security_labels.guard_label),
     ]
     # fmt: on
 

@@ -409,6 +409,8 @@ def test_code_constants_exist_in_their_codesystems() -> None:
     pairs = [
         (codes.TASK_CODE_SYSTEM, codes.TASK_CODE_CASE),
         (codes.TASK_CODE_SYSTEM, codes.TASK_CODE_CASE_ISSUE),
+        (codes.TASK_CODE_SYSTEM, codes.TASK_CODE_IMPORT_PRIORS),
+        (codes.TASK_CODE_SYSTEM, codes.TASK_CODE_DEIDENTIFY_IMAGING),
         (codes.CASE_CATEGORY_SYSTEM, codes.CASE_CATEGORY_SECOND_OPINION),
         (codes.REPORT_TYPE_SYSTEM, codes.REPORT_TYPE_RECOMMENDATION),
         (codes.COMMUNICATION_CATEGORY_SYSTEM, codes.COMMUNICATION_CHAT),
@@ -416,7 +418,12 @@ def test_code_constants_exist_in_their_codesystems() -> None:
     ]
     for system, code in pairs:
         assert code in codesystem_codes(system), (system, code)
-    assert set(codesystem_codes(codes.TASK_CODE_SYSTEM)) == {"case", "case-issue"}
+    assert set(codesystem_codes(codes.TASK_CODE_SYSTEM)) == {
+        "case",
+        "case-issue",
+        "import-priors",
+        "deidentify-imaging",
+    }
     assert set(codesystem_codes(codes.COMMUNICATION_CATEGORY_SYSTEM)) == {"chat", "notification"}
 
 

@@ -1,0 +1,73 @@
+"""The FHIR Tasks the gateway works (``import-priors``, ``deidentify-imaging``): claiming one and
+closing it, shared by :mod:`dicom_gateway.priors` and :mod:`dicom_gateway.deidentify_task`.
+
+A Task is claimed by moving it from ``requested`` to ``in-progress`` with ``If-Match`` (of two
+gateways polling the same server one wins, the other gets a 412 and leaves it), and closed as
+``completed`` or ``failed`` (FHIR R4 Task state machine, http://hl7.org/fhir/R4/task.html#statemachine),
+re-reading its version when someone else touched it meanwhile.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Protocol
+
+from dicom_gateway.fhir_client import FhirClientError
+
+log = logging.getLogger(__name__)
+
+TASK_CODE_SYSTEM = "https://mso.example.org/fhir/CodeSystem/task-code"
+"""The server's ``fhir_server.codes.TASK_CODE_SYSTEM`` (kept equal by a unit test)."""
+CLOSE_TRIES = 3
+
+
+class TaskClient(Protocol):
+    """What claiming and closing needs of :class:`~dicom_gateway.fhir_client.FhirClient`."""
+
+    def read(self, res_type: str, res_id: str) -> dict[str, Any]: ...
+
+    def update(self, resource: dict[str, Any], *, if_match: str | None = None) -> Any: ...
+
+
+def text(value: str) -> dict[str, str]:
+    """A text-only CodeableConcept (``businessStatus``, ``statusReason``, ``output.type``)."""
+    return {"text": value}
+
+
+def claim(fhir: TaskClient, task: dict[str, Any], doing: str) -> dict[str, Any] | None:
+    """``task`` moved to ``in-progress`` (business status ``doing``), or ``None`` when another
+    gateway claimed it first."""
+    task = {**task, "status": "in-progress", "businessStatus": text(doing)}
+    try:
+        return fhir.update(task, if_match=(task.get("meta") or {}).get("versionId"))
+    except FhirClientError as exc:
+        if exc.status == 412:
+            return None
+        raise
+
+
+def close(
+    fhir: TaskClient,
+    task: dict[str, Any],
+    status: str,
+    business_status: str,
+    *,
+    output: list[dict[str, Any]] | None = None,
+    reason: str | None = None,
+) -> None:
+    """Record ``status`` (completed / failed) with its outputs and reason."""
+    done = {**task, "status": status, "businessStatus": text(business_status)}
+    if output:
+        done["output"] = output
+    if reason:
+        done["statusReason"] = text(reason)
+    for _ in range(CLOSE_TRIES):
+        try:
+            fhir.update(done, if_match=(done.get("meta") or {}).get("versionId"))
+            return
+        except FhirClientError as exc:
+            if exc.status != 412:
+                raise
+            current = fhir.read("Task", task["id"])
+            done = {**done, "meta": current.get("meta")}
+    log.error("Task/%s could not be closed", task["id"])

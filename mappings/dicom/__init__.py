@@ -1,0 +1,1 @@
+"""DICOM -> FHIR: the ImagingStudy mapping table and the functions applying it."""
