@@ -17,6 +17,8 @@ from fhir_server.auth.server import build_auth_server
 from fhir_server.auth.tokens import TokenService
 from fhir_server.bulk.worker import ExportWorker
 from fhir_server.config import Settings
+from fhir_server.dicomweb.bridge import build_bridge
+from fhir_server.dicomweb.routes import build_router as dicomweb_router
 from fhir_server.hooks import Hooks
 from fhir_server.messaging.service import Messaging
 from fhir_server.messaging.subscription_worker import SubscriptionWorker
@@ -76,6 +78,7 @@ def create_app(settings: Settings | None = None) -> FrontDoor:
     notifications = SubscriptionWorker(repo, settings, wakeups)
     hub = WebsocketHub(repo, tokens, on_present=messaging.user_seen)
     wakeups.on(EVENTS, hub.wake)
+    dicomweb = build_bridge(settings, repo, tokens=tokens, audit=audit)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -92,6 +95,7 @@ def create_app(settings: Settings | None = None) -> FrontDoor:
         await hub.stop()
         exports.stop()
         messaging.stop()
+        await dicomweb.close()
         endpoint.close()
         audit.close()
         repo.dispose()
@@ -110,6 +114,7 @@ def create_app(settings: Settings | None = None) -> FrontDoor:
     app.state.blobs = blobs
     app.state.auth = build_auth_server(engine, settings, tokens=tokens)
     app.include_router(auth_router)
+    app.include_router(dicomweb_router(dicomweb))
     install_error_handlers(app)  # errors outside /fhir as OperationOutcomes
     app.state.tokens = tokens
     app.state.audit = audit

@@ -251,6 +251,18 @@ class Settings(BaseSettings):
         3, description="Queued or running exports a client may have (429 above)"
     )
 
+    # -- DICOMweb bridge (fhir_server.dicomweb) -------------------------------------------------
+    orthanc_url: str | None = Field(
+        None,
+        description="Orthanc's HTTP base URL (e.g. http://127.0.0.1:8042) behind the /dicomweb "
+        "bridge; unset: the bridge answers 503 (imaging not configured)",
+    )
+    orthanc_dicomweb_path: str = Field(
+        "/dicom-web", description="Root of Orthanc's DICOMweb plugin under orthanc_url"
+    )
+    orthanc_user: str | None = Field(None, description="Orthanc HTTP login (unset: none)")
+    orthanc_password: SecretStr | None = Field(None, description="Orthanc HTTP password")
+
     # -- case workflow (fhir_server.workflow) ---------------------------------------------------
     sla_hours_routine: int = Field(72, description="Hours a routine case may take (SLA due)")
     sla_hours_urgent: int = Field(24, description="Hours an urgent case may take (SLA due)")

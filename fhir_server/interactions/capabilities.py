@@ -17,10 +17,12 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 from fhir_server import __version__
 from fhir_server.audit import store as audit_store
 from fhir_server.auth.discovery import capability_security, issuer_for
+from fhir_server.codes import CANONICAL_BASE
 from fhir_server.fhir.definitions import FHIR_VERSION, resource_types
 from fhir_server.interactions import audit_events
 from fhir_server.interactions.base import FhirRequest, FhirResponse, InteractionContext, Router
@@ -169,19 +171,38 @@ TOPIC_CANONICAL = (
 )
 
 
+DICOMWEB_EXTENSION = f"{CANONICAL_BASE}/StructureDefinition/capabilitystatement-dicomweb"
+DICOMWEB_PATH = "/dicomweb"
+
+
+def dicomweb_url(base_url: str) -> str:
+    """The DICOMweb bridge's URL (``fhir_server.dicomweb``) of the FHIR server at ``base_url``:
+    ``/dicomweb`` at the server root, beside ``/fhir``."""
+    base = base_url.rstrip("/")
+    if base.endswith("/fhir"):
+        return base[: -len("/fhir")] + DICOMWEB_PATH
+    parts = urlsplit(base)
+    return f"{parts.scheme}://{parts.netloc}{DICOMWEB_PATH}"
+
+
 def _for_base(core: dict[str, Any], base_url: str, issuer: str) -> dict[str, Any]:
     """``core`` with the URLs of ``base_url`` and ``issuer``; shallow copies, ``core`` is shared."""
     rest = core["rest"][0]
+    dicomweb = dicomweb_url(base_url)
     return {
         **core,
         "implementation": {**core["implementation"], "url": base_url},
         "rest": [
             {
-                "extension": [{"url": WEBSOCKET_EXTENSION, "valueUrl": websocket_url(base_url)}],
+                "extension": [
+                    {"url": WEBSOCKET_EXTENSION, "valueUrl": websocket_url(base_url)},
+                    {"url": DICOMWEB_EXTENSION, "valueUrl": dicomweb},
+                ],
                 "mode": rest["mode"],
-                "documentation": rest["documentation"],
                 "security": capability_security(issuer),
                 **rest,
+                "documentation": f"{rest['documentation']}; DICOMweb (QIDO-RS, WADO-RS, "
+                f"STOW-RS) for the ImagingStudy resources' images at {dicomweb}",
             }
         ],
     }

@@ -15,6 +15,7 @@ from fhir_server.storage import audit_schema as _audit_schema  # noqa: F401
 from fhir_server.storage import auth_schema as _auth_schema  # noqa: F401
 from fhir_server.storage import bulk_schema as _bulk_schema  # noqa: F401
 from fhir_server.storage import chat_schema as _chat_schema  # noqa: F401
+from fhir_server.storage import dicomweb_schema as _dicomweb_schema  # noqa: F401
 from fhir_server.storage import feed_schema as _feed_schema  # noqa: F401
 from fhir_server.storage import index_schema as _index_schema  # noqa: F401
 from fhir_server.storage import messaging_schema as _messaging_schema  # noqa: F401
