@@ -10,6 +10,12 @@
   (``PUT [type]?criteria``) with ``If-Match`` versioning, and raw GETs (Binary content, the
   DICOMweb bridge) with the same token.
 
+Every request goes to the origin (scheme, host, port) of the configured base, whatever origin
+an absolute URL from the server names: a server behind a proxy writes its public name into
+``next`` links, attachment URLs and its token endpoint, which the gateway may not reach from
+inside the platform's network (``http://server:8080/fhir`` in ``docker-compose.yml``). The
+assertion's ``aud`` stays the token endpoint the server names.
+
 Errors are :class:`FhirClientError` carrying the HTTP status, the MSO error code and the
 OperationOutcome's text; nothing a resource holds is logged.
 """
@@ -160,12 +166,19 @@ class FhirClient:
 
     def _send(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
         try:
-            response = self._http.request(method, url, **kwargs)
+            response = self._http.request(method, self._reachable(url), **kwargs)
         except httpx.HTTPError as exc:
             raise FhirClientError(0, f"{type(exc).__name__} reaching the FHIR server") from exc
         if response.status_code >= 400:
             raise outcome_error(response)
         return response
+
+    def _reachable(self, url: str) -> str:
+        """``url`` on the configured base's origin (see the module docstring)."""
+        target, base = httpx.URL(url), httpx.URL(self.base)
+        if (target.scheme, target.host, target.port) == (base.scheme, base.host, base.port):
+            return url
+        return str(target.copy_with(scheme=base.scheme, host=base.host, port=base.port))
 
     def url(self, path: str) -> str:
         """An absolute URL for ``path`` (relative to the FHIR base, or absolute already)."""

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.required_tools import missing_tool
+
 # Every search statement reused for a new query of the same shape is checked against one
 # compiled from scratch (fhir_server.search.shapes); servers started by tests inherit it.
 os.environ.setdefault("MSO_VERIFY_SEARCH_SHAPES", "1")
@@ -60,7 +62,7 @@ def _make_db(backend: str, tmp: Path) -> Iterator[str]:
         return
     reason = _pg_available()
     if reason:
-        pytest.skip(reason)
+        missing_tool(reason)
     name, url = _create_pg_database()
     try:
         upgrade(url)

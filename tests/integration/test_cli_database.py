@@ -15,6 +15,7 @@ from sqlalchemy.pool import NullPool
 
 from fhir_server.cli import database_label, main
 from tests.conftest import _create_pg_database, _drop_pg_database, _pg_available
+from tests.required_tools import missing_tool
 
 # Commands that only read or change what exists: none of them may create a database.
 READ_ONLY = [
@@ -43,7 +44,7 @@ def test_read_only_commands_refuse_a_missing_sqlite_file(tmp_path: Path, argv, c
 
 def test_read_only_command_refuses_a_postgres_database_without_schema(capsys) -> None:
     if reason := _pg_available():
-        pytest.skip(reason)
+        missing_tool(reason)
     name, url = _create_pg_database()
     try:
         assert main(["user", "list", "--database-url", url]) == 2

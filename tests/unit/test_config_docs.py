@@ -54,3 +54,18 @@ def test_the_table_states_the_code_defaults_of_plain_values() -> None:
             else:
                 expected = str(value)
             assert shown.lstrip("./") == expected.lstrip("./"), (name, shown, expected)
+
+
+def test_the_gateway_table_names_every_gateway_setting() -> None:
+    """The flag table under ``### The DICOM gateway`` and :class:`GatewaySettings` agree: each
+    field has its ``MSO_DICOM_*`` variable and its ``--flag``, each variable is a field."""
+    from dicom_gateway.config import GatewaySettings
+
+    text = README.read_text(encoding="utf-8")
+    section = text.split("\n### The DICOM gateway\n", 1)[1].split("\n### ", 1)[0]
+    rows = [line.split("|") for line in section.splitlines() if line.startswith("| `--")]
+    variables = {v for row in rows for v in re.findall(r"`(MSO_DICOM_[A-Z0-9_]+)`", row[2])}
+    flags = {f for row in rows for f in re.findall(r"`(--[a-z-]+)`", row[1])}
+    fields = set(GatewaySettings.model_fields)
+    assert variables == {f"MSO_DICOM_{name.upper()}" for name in fields}
+    assert {f"--{name.replace('_', '-')}" for name in fields} <= flags
