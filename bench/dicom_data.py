@@ -68,6 +68,13 @@ def _template(
     ds.StudyID = str(study_number)
     ds.AccessionNumber = f"BENCH{study_number:04d}"
     ds.Modality = "CT"
+    set_grayscale16(ds, rows, columns)
+    return ds
+
+
+def set_grayscale16(ds: Dataset, rows: int, columns: int) -> None:
+    """The Image Pixel module (PS3.3 C.7.6.3) of unsigned 16-bit monochrome frames of
+    ``rows`` x ``columns`` (the pixel data itself is the caller's)."""
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.Rows = rows
@@ -76,7 +83,6 @@ def _template(
     ds.BitsStored = 16
     ds.HighBit = 15
     ds.PixelRepresentation = 0
-    return ds
 
 
 def write_studies(

@@ -55,8 +55,8 @@ from dicom_gateway.deidentify import (
 )
 from dicom_gateway.fhir_client import FhirClientError
 from dicom_gateway.orthanc import OrthancClient, OrthancRejected, OrthancUnavailable
-from dicom_gateway.study_sync import DICOM_UID_SYSTEM, is_transient, reference_id
-from dicom_gateway.tasks import CLOSE_TRIES, TASK_CODE_SYSTEM, claim, close, text
+from dicom_gateway.study_sync import DICOM_UID_SYSTEM, reference_id
+from dicom_gateway.tasks import CLOSE_TRIES, claim, close, text, work_requested
 from dicom_gateway.uploads import SpoolLike
 
 log = logging.getLogger(__name__)
@@ -196,23 +196,13 @@ class DeidentifyWorker:
 
     def run_once(self) -> int:
         """Work every requested deidentify-imaging Task; how many were worked."""
-        params = [
-            ("code", f"{TASK_CODE_SYSTEM}|{TASK_CODE_DEIDENTIFY}"),
-            ("status", "requested"),
-            ("_sort", "_lastUpdated"),
-        ]
-        worked = 0
-        try:
-            for task in self.fhir.search("Task", params):
-                claimed = self._claim(task)
-                if claimed is not None:
-                    self._work(claimed)
-                    worked += 1
-        except FhirClientError as exc:
-            if not is_transient(exc):
-                raise
-            log.warning("de-identification polling paused, will retry: %s", exc.code or exc.status)
-        return worked
+        return work_requested(
+            self.fhir,
+            TASK_CODE_DEIDENTIFY,
+            claim_task=self._claim,
+            work=self._work,
+            what="de-identification",
+        )
 
     # -- one Task ---------------------------------------------------------------------------
 

@@ -23,16 +23,15 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from dicom_gateway.fhir_client import FhirClient, FhirClientError
+from dicom_gateway.fhir_client import FhirClient
 from dicom_gateway.links import StudyLinks
 from dicom_gateway.qr_scu import QueryError, RemoteAE, find_studies, move_study
 from dicom_gateway.study_sync import (
     DICOM_UID_SYSTEM,
     PatientSystems,
-    is_transient,
     reference_id,
 )
-from dicom_gateway.tasks import TASK_CODE_SYSTEM, claim, close, text
+from dicom_gateway.tasks import claim, close, text, work_requested
 
 log = logging.getLogger(__name__)
 
@@ -79,23 +78,13 @@ class PriorsWorker:
 
     def poll_once(self) -> int:
         """Work every requested import-priors Task; how many were worked."""
-        params = [
-            ("code", f"{TASK_CODE_SYSTEM}|{TASK_CODE_IMPORT_PRIORS}"),
-            ("status", "requested"),
-            ("_sort", "_lastUpdated"),
-        ]
-        worked = 0
-        try:
-            for task in self.fhir.search("Task", params):
-                claimed = self._claim(task)
-                if claimed is not None:
-                    self._work(claimed)
-                    worked += 1
-        except FhirClientError as exc:
-            if not is_transient(exc):
-                raise
-            log.warning("priors polling paused, will retry: %s", exc)
-        return worked
+        return work_requested(
+            self.fhir,
+            TASK_CODE_IMPORT_PRIORS,
+            claim_task=self._claim,
+            work=self._work,
+            what="priors",
+        )
 
     def _claim(self, task: dict[str, Any]) -> dict[str, Any] | None:
         return claim(self.fhir, task, "querying the PACS")

@@ -10,9 +10,11 @@ re-reading its version when someone else touched it meanwhile.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from dicom_gateway.fhir_client import FhirClientError
+from dicom_gateway.study_sync import is_transient
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +25,8 @@ CLOSE_TRIES = 3
 
 class TaskClient(Protocol):
     """What claiming and closing needs of :class:`~dicom_gateway.fhir_client.FhirClient`."""
+
+    def search(self, res_type: str, params: Any) -> list[dict[str, Any]]: ...
 
     def read(self, res_type: str, res_id: str) -> dict[str, Any]: ...
 
@@ -71,3 +75,32 @@ def close(
             current = fhir.read("Task", task["id"])
             done = {**done, "meta": current.get("meta")}
     log.error("Task/%s could not be closed", task["id"])
+
+
+def work_requested(
+    fhir: TaskClient,
+    code: str,
+    *,
+    claim_task: Callable[[dict[str, Any]], dict[str, Any] | None],
+    work: Callable[[dict[str, Any]], None],
+    what: str,
+) -> int:
+    """Claim and work every ``requested`` Task of ``code``, oldest first; how many were worked.
+    A server that cannot be reached pauses the pass (logged with ``what``), the next retries."""
+    params = [
+        ("code", f"{TASK_CODE_SYSTEM}|{code}"),
+        ("status", "requested"),
+        ("_sort", "_lastUpdated"),
+    ]
+    worked = 0
+    try:
+        for task in fhir.search("Task", params):
+            claimed = claim_task(task)
+            if claimed is not None:
+                work(claimed)
+                worked += 1
+    except FhirClientError as exc:
+        if not is_transient(exc):
+            raise
+        log.warning("%s polling paused, will retry: %s", what, exc.code or exc.status)
+    return worked

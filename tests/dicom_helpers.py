@@ -35,6 +35,8 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from bench.dicom_data import set_grayscale16
+
 SINGLE_FRAME_CLASSES = {"CT": CTImageStorage, "MR": MRImageStorage}
 SUCCESS_LINE = "Received Store Response (Success)"
 # storescu's option proposing a compressed transfer syntax (with the uncompressed ones)
@@ -126,14 +128,7 @@ def _instance(sop_class: str, sop_uid: str, *, rows: int, columns: int, frames: 
     ds.file_meta = meta
     ds.SOPClassUID = sop_class
     ds.SOPInstanceUID = sop_uid
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows = rows
-    ds.Columns = columns
-    ds.BitsAllocated = 16
-    ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 0
+    set_grayscale16(ds, rows, columns)
     if frames > 1:
         ds.NumberOfFrames = frames
     return ds
@@ -206,3 +201,21 @@ def until(check: Callable[[], Any], *, timeout: float = 30, step: Callable[[], A
         if time.monotonic() > deadline:
             raise AssertionError("timed out waiting")
         time.sleep(0.3)
+
+
+def register_gateway_client(database_url: str, folder: Path, client_id: str, scope: str) -> Path:
+    """A signing key for the gateway under ``folder`` (``python -m dicom_gateway.keygen``'s
+    :func:`~dicom_gateway.keygen.ensure_key`) and its backend-services client ``client_id``
+    registered in the server's database: the private key file, for ``private_key``."""
+    import json
+
+    from dicom_gateway.keygen import ensure_key
+    from fhir_server.config import Settings
+    from tests.auth_helpers import auth_server
+
+    private, public = folder / "gateway-key.json", folder / "gateway-public.json"
+    ensure_key(private, public)
+    auth_server(Settings(database_url=database_url)).clients.create(
+        client_id=client_id, kind="backend", jwks=json.loads(public.read_text()), scope=scope
+    )
+    return private

@@ -17,7 +17,6 @@ from typing import Any
 import httpx
 import pydicom
 import pytest
-from joserfc.jwk import RSAKey
 
 from dicom_gateway import deidentify_task
 from dicom_gateway.config import GatewaySettings
@@ -36,8 +35,14 @@ from fhir_server.codes import (
     concept,
 )
 from fhir_server.config import Settings
-from tests.auth_helpers import auth_server, token_for
-from tests.dicom_helpers import make_series, store_succeeded, storescu, until
+from tests.auth_helpers import token_for
+from tests.dicom_helpers import (
+    make_series,
+    register_gateway_client,
+    store_succeeded,
+    storescu,
+    until,
+)
 from tests.e2e.conftest import start_server, stop_server
 from tests.integration.workflow_world import World, build_world
 from tests.orthanc_process import Orthanc, require_orthanc, start_orthanc
@@ -301,16 +306,8 @@ def live(db_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live
     (tmp / "server").mkdir()
     proc, base = start_server(db_url, tmp / "server")
     orthanc = start_orthanc(tmp / "orthanc")
-    key = RSAKey.generate_key(2048, parameters={"kid": f"gw-{u}", "alg": "RS384"}, private=True)
-    key_file = tmp / "gateway-key.json"
-    key_file.write_text(json.dumps(key.as_dict(private=True)))
     client_id = f"deid-gateway-{u}"
-    auth_server(Settings(database_url=db_url)).clients.create(
-        client_id=client_id,
-        kind="backend",
-        jwks={"keys": [key.as_dict(private=False)]},
-        scope=GATEWAY_SCOPE,
-    )
+    key_file = register_gateway_client(db_url, tmp, client_id, GATEWAY_SCOPE)
     settings = GatewaySettings(
         aet="MSOGW",
         port=0,

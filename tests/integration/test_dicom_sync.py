@@ -9,7 +9,6 @@ hospital PACS for ``$import-priors``.
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,7 +17,6 @@ from typing import Any
 
 import httpx
 import pytest
-from joserfc.jwk import RSAKey
 
 from dicom_gateway.config import GatewaySettings
 from dicom_gateway.gateway import Gateway
@@ -33,8 +31,14 @@ from fhir_server.codes import (
     TASK_CODE_SYSTEM,
 )
 from fhir_server.config import Settings
-from tests.auth_helpers import auth_server, token_for
-from tests.dicom_helpers import make_series, store_succeeded, storescu, until
+from tests.auth_helpers import token_for
+from tests.dicom_helpers import (
+    make_series,
+    register_gateway_client,
+    store_succeeded,
+    storescu,
+    until,
+)
 from tests.e2e.conftest import start_server, stop_server
 from tests.orthanc_process import Orthanc, require_orthanc, start_orthanc
 
@@ -136,17 +140,9 @@ def env(db_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     (tmp / "server").mkdir()
     proc, base = start_server(db_url, tmp / "server")
     orthanc = start_orthanc(tmp / "orthanc")
-    key = RSAKey.generate_key(2048, parameters={"kid": f"gw-{u}", "alg": "RS384"}, private=True)
-    key_file = tmp / "gateway-key.json"
-    key_file.write_text(json.dumps(key.as_dict(private=True)))
     client_id = f"dicom-gateway-{u}"
     scope = GatewaySettings().scope
-    auth_server(Settings(database_url=db_url)).clients.create(
-        client_id=client_id,
-        kind="backend",
-        jwks={"keys": [key.as_dict(private=False)]},
-        scope=scope,
-    )
+    key_file = register_gateway_client(db_url, tmp, client_id, scope)
     common = {
         "aet": GATEWAY_AET,
         "port": 0,
