@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import hmac
 import json
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
@@ -119,18 +120,28 @@ def new_uid() -> str:
     return f"{NEW_UID_ROOT}{uuid.uuid4().int}"
 
 
+def keyed_uid(secret: bytes, context: str, original: str) -> str:
+    """The replacement of ``original`` in ``context`` (a de-identification request) under
+    ``2.25``: a UUID made of HMAC-SHA256(``secret``, context and original), so doing the same
+    request again gives the same UIDs, and nobody without ``secret`` can link them back."""
+    digest = hmac.new(secret, f"{context}|{original}".encode(), hashlib.sha256).digest()
+    return f"{NEW_UID_ROOT}{uuid.UUID(bytes=digest[:16], version=4).int}"
+
+
 @dataclass
 class UidMap:
     """Original UID -> its replacement, shared by every instance of a study (and of the
     studies de-identified together) so references between them stay consistent."""
 
     mapping: dict[str, str] = field(default_factory=dict)
+    derive: Callable[[str], str] | None = None  # original -> replacement; else a fresh UID
 
     def replace(self, original: str) -> str:
         """The replacement of ``original`` (made on first use)."""
         found = self.mapping.get(original)
         if found is None:
-            found = self.mapping[original] = new_uid()
+            made = self.derive(original) if self.derive else new_uid()
+            found = self.mapping[original] = made
         return found
 
     def reverse(self) -> dict[str, str]:

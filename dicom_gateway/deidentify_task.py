@@ -2,8 +2,9 @@
 
 The server's ``ImagingStudy/[id]/$deidentify`` creates a Task (code task-code
 ``deidentify-imaging``, status requested; http://hl7.org/fhir/R4/task.html).
-:class:`DeidentifyWorker` polls ``Task?code=…|deidentify-imaging&status=requested``, claims each
-by moving it to ``in-progress`` (``If-Match``: of two gateways one wins), then
+:class:`DeidentifyWorker` polls ``Task?code=…|deidentify-imaging&status=requested`` (and those a
+killed gateway left ``in-progress``: :mod:`dicom_gateway.tasks`), claims each by moving it to
+``in-progress`` (``If-Match``: of two gateways one wins), then
 
 1. reads the focus ImagingStudy and takes its StudyInstanceUID (identifier
    ``urn:dicom:uid|urn:oid:<uid>``);
@@ -12,9 +13,12 @@ by moving it to ``in-progress`` (``If-Match``: of two gateways one wins), then
 3. de-identifies each with DICOM PS3.15 Annex E, Basic Application Level Confidentiality
    Profile (:mod:`dicom_gateway.deidentify`), one :class:`~dicom_gateway.deidentify.UidMap` and
    one pseudonym for the whole study, into a temporary folder — an instance with Burned In
-   Annotation fails the Task before anything is sent;
+   Annotation fails the Task before anything is sent. The new UIDs and the pseudonym are keyed
+   derivations of the Task's id (HMAC with the gateway's own secret), so a Task worked again
+   makes the same copy: Orthanc takes its instances as already stored;
 4. stores the reversal mapping (original <-> new UIDs, SHA-256 of the original PatientID and
-   name <-> the pseudonym, the Patient) as a FHIR Binary **without** ``securityContext``: the
+   name <-> the pseudonym, the Patient) as a FHIR Binary ``deid-map-<Task id>`` (PUT: one per
+   Task, whatever the retries) **without** ``securityContext``: the
    access policy then shows it only to administrators and organization-less system clients
    (the gateway itself), never to a case's requester or provider;
 5. records the link new StudyInstanceUID -> the case (:class:`~dicom_gateway.links.StudyLinks`)
@@ -30,12 +34,14 @@ Logs name resource ids and counts only: no UID, name or identifier of a patient.
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import io
 import json
 import logging
 import secrets
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -51,12 +57,20 @@ from dicom_gateway.deidentify import (
     Profile,
     UidMap,
     deidentify,
+    keyed_uid,
     load_profile,
 )
 from dicom_gateway.fhir_client import FhirClientError
 from dicom_gateway.orthanc import OrthancClient, OrthancRejected, OrthancUnavailable
 from dicom_gateway.study_sync import DICOM_UID_SYSTEM, reference_id
-from dicom_gateway.tasks import CLOSE_TRIES, claim, close, text, work_requested
+from dicom_gateway.tasks import (
+    CLOSE_TRIES,
+    TASK_LEASE_SECONDS,
+    claim,
+    close,
+    text,
+    work_requested,
+)
 from dicom_gateway.uploads import SpoolLike
 
 log = logging.getLogger(__name__)
@@ -107,9 +121,16 @@ class Copy:
     patient: PatientEntry
 
 
-def new_pseudonym() -> str:
-    """A random pseudonym for the patient's name and ID in the copy."""
-    return f"{PSEUDONYM_PREFIX}{secrets.token_hex(6).upper()}"
+def keyed_pseudonym(secret: bytes, task_id: str) -> str:
+    """The pseudonym of the patient's name and ID in the copy a Task makes (the same when the
+    Task is worked again; nothing links it to the patient without ``secret``)."""
+    digest = hmac.new(secret, f"{task_id}|pseudonym".encode(), hashlib.sha256).hexdigest()
+    return f"{PSEUDONYM_PREFIX}{digest[:12].upper()}"
+
+
+def mapping_id(task_id: str) -> str:
+    """The id of a Task's mapping Binary (written with PUT: once, whatever the retries)."""
+    return f"deid-map-{task_id}"[:64]
 
 
 def mapping_document(
@@ -183,16 +204,20 @@ class DeidentifyWorker:
         spool: SpoolLike,
         links: LinksLike,
         profile: Profile | None = None,
-        pseudonyms: Callable[[], str] = new_pseudonym,
+        secret: bytes | None = None,
         work_dir: Path | None = None,
+        lease: float = TASK_LEASE_SECONDS,
     ) -> None:
         self.fhir = fhir
         self.orthanc = orthanc
         self.spool = spool
         self.links = links
         self.profile = profile or load_profile()
-        self.pseudonyms = pseudonyms
+        # the key of the copy's UIDs and pseudonym; the gateway keeps one in its spool's state
+        # (sync.build_sync), so a Task worked again after a crash makes the same copy
+        self.secret = secret or secrets.token_bytes(32)
         self.work_dir = work_dir
+        self.lease = lease
 
     def run_once(self) -> int:
         """Work every requested deidentify-imaging Task; how many were worked."""
@@ -202,6 +227,7 @@ class DeidentifyWorker:
             claim_task=self._claim,
             work=self._work,
             what="de-identification",
+            lease=self.lease,
         )
 
     # -- one Task ---------------------------------------------------------------------------
@@ -223,7 +249,7 @@ class DeidentifyWorker:
             if not study_uid:
                 raise TaskFailed("the ImagingStudy has no urn:dicom:uid identifier")
             with tempfile.TemporaryDirectory(dir=self.work_dir, prefix="deid-") as folder:
-                copy = self._copy(study_uid, Path(folder))
+                copy = self._copy(task["id"], study_uid, Path(folder))
                 subject = (study.get("subject") or {}).get("reference")
                 mapping = self._store_mapping(task, f"ImagingStudy/{study_id}", copy, subject)
                 self._send(copy, case_id)
@@ -245,7 +271,7 @@ class DeidentifyWorker:
         self._finish(task, "completed", output=outputs(copy.study_uid, mapping["id"]))
         log.info("Task/%s: %d instances de-identified", task["id"], len(copy.files))
 
-    def _copy(self, study_uid: str, folder: Path) -> Copy:
+    def _copy(self, task_id: str, study_uid: str, folder: Path) -> Copy:
         """Every instance of the study, de-identified into ``folder`` (nothing sent yet)."""
         orthanc_id = self.orthanc.find_study(study_uid)
         if orthanc_id is None:
@@ -253,7 +279,8 @@ class DeidentifyWorker:
         instances = self.orthanc.study_instances(orthanc_id)
         if not instances:
             raise TaskFailed("Orthanc holds no instance of the study")
-        uid_map, pseudonym = UidMap(), self.pseudonyms()
+        uid_map = UidMap(derive=lambda original: keyed_uid(self.secret, task_id, original))
+        pseudonym = keyed_pseudonym(self.secret, task_id)
         files: list[tuple[Path, str]] = []
         result: Deidentified | None = None
         for index, instance in enumerate(instances, start=1):
@@ -281,15 +308,24 @@ class DeidentifyWorker:
     def _store_mapping(
         self, task: Mapping[str, Any], study_ref: str, copy: Copy, subject: str | None
     ) -> dict[str, Any]:
-        """The reversal mapping as a Binary with no securityContext (administrators only)."""
+        """The reversal mapping as a Binary with no securityContext (administrators only);
+        the one a first run of the Task stored, when it is worked again (the same content: the
+        copy is the same)."""
+        binary_id = mapping_id(str(task["id"]))
+        try:
+            return self.fhir.read("Binary", binary_id)
+        except FhirClientError as exc:
+            if exc.status not in (404, 410):
+                raise
         document = mapping_document(task=task, study_ref=study_ref, copy=copy, subject=subject)
         content = json.dumps(document, sort_keys=True).encode("utf-8")
         binary = {
             "resourceType": "Binary",
+            "id": binary_id,
             "contentType": MAPPING_CONTENT_TYPE,
             "data": base64.b64encode(content).decode("ascii"),
         }
-        return self.fhir.create(binary)
+        return self.fhir.update(binary)
 
     def _withhold(self, study: dict[str, Any]) -> None:
         """Label the original ``withheld-from-provider``: the case's provider then sees only

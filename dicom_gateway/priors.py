@@ -31,7 +31,7 @@ from dicom_gateway.study_sync import (
     PatientSystems,
     reference_id,
 )
-from dicom_gateway.tasks import claim, close, text, work_requested
+from dicom_gateway.tasks import claim, close, progress, text, work_requested
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class PriorsWorker:
 
     def _work(self, task: dict[str, Any]) -> None:
         try:
-            found, moved = self._retrieve(task)
+            found, moved, task = self._retrieve(task)
         except (QueryError, LookupError, ValueError, OSError) as exc:
             self._finish(task, "failed", reason=str(exc))
             return
@@ -103,7 +103,9 @@ class PriorsWorker:
             "Task/%s: %d prior studies found, %d retrieved", task["id"], len(found), len(moved)
         )
 
-    def _retrieve(self, task: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+    def _retrieve(self, task: dict[str, Any]) -> tuple[list[str], list[str], dict[str, Any]]:
+        """C-FIND, then C-MOVE each study found, the Task showing how far it got; the studies
+        found, those retrieved, and the Task as last stored."""
         if not self.remote:
             raise LookupError("no hospital PACS is configured for the DICOM gateway")
         remote = RemoteAE.parse(self.remote)
@@ -125,12 +127,14 @@ class PriorsWorker:
                     found.append(uid)
         for uid in found:
             self.links.add(uid, case_id)
-        moved = [
-            uid
-            for uid in found
-            if self.mover(remote, calling_aet=self.aet, destination=self.aet, study_uid=uid)
-        ]
-        return found, moved
+        task = progress(self.fhir, task, f"prior studies found: {len(found)}; retrieving")
+        moved: list[str] = []
+        for number, uid in enumerate(found, start=1):
+            if self.mover(remote, calling_aet=self.aet, destination=self.aet, study_uid=uid):
+                moved.append(uid)
+            status = f"retrieving: {number} of {len(found)} asked for, {len(moved)} retrieved"
+            task = progress(self.fhir, task, status)
+        return found, moved, task
 
     def _patient_keys(self, patient: Mapping[str, Any]) -> list[tuple[str, str | None]]:
         """(PatientID, IssuerOfPatientID or None) for each identifier in a known system."""

@@ -65,3 +65,23 @@ class Cursor:
         """Save a new position."""
         if value != self.value:
             self._file.save({"value": value})
+
+
+def secret_key(spool_dir: Path, name: str) -> bytes:
+    """A random 32-byte key kept in ``state/<name>.key`` (mode 0600), made on first use: what
+    makes the gateway's keyed derivations repeatable across restarts, and only here."""
+    path = state_dir(spool_dir) / f"{name}.key"
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        pass
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # made meanwhile by another thread
+        return path.read_bytes()
+    key = os.urandom(32)
+    with os.fdopen(descriptor, "wb") as handle:
+        handle.write(key)
+        handle.flush()
+        os.fsync(handle.fileno())
+    return key

@@ -31,6 +31,7 @@ from dicom_gateway.fhir_client import FhirClient, load_key
 from dicom_gateway.links import StudyLinks
 from dicom_gateway.orthanc import OrthancClient
 from dicom_gateway.priors import PriorsWorker
+from dicom_gateway.state import secret_key
 from dicom_gateway.study_sync import PatientSystems, StudySync
 from dicom_gateway.uploads import SpoolLike, UploadPoller
 
@@ -145,7 +146,13 @@ def build_sync(settings: GatewaySettings, spool: SpoolLike) -> SyncService:
         remote=settings.remote_pacs,
         aet=settings.aet,
     )
-    deidentify = DeidentifyWorker(fhir=fhir, orthanc=orthanc, spool=spool, links=links)
+    deidentify = DeidentifyWorker(
+        fhir=fhir,
+        orthanc=orthanc,
+        spool=spool,
+        links=links,
+        secret=secret_key(settings.spool_dir, "deidentify"),
+    )
     interval = settings.poll_interval
     loops = [
         Loop("orthanc-changes", feed.poll_once, interval),

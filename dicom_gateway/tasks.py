@@ -2,15 +2,19 @@
 closing it, shared by :mod:`dicom_gateway.priors` and :mod:`dicom_gateway.deidentify_task`.
 
 A Task is claimed by moving it from ``requested`` to ``in-progress`` with ``If-Match`` (of two
-gateways polling the same server one wins, the other gets a 412 and leaves it), and closed as
-``completed`` or ``failed`` (FHIR R4 Task state machine, http://hl7.org/fhir/R4/task.html#statemachine),
-re-reading its version when someone else touched it meanwhile.
+gateways polling the same server one wins, the other gets a 412 and leaves it), shows its
+progress in ``businessStatus`` while it is worked, and is closed as ``completed`` or ``failed``
+(FHIR R4 Task state machine, http://hl7.org/fhir/R4/task.html#statemachine), re-reading its
+version when someone else touched it meanwhile. A Task left ``in-progress`` without a change
+for :data:`TASK_LEASE_SECONDS` (its gateway was killed) is claimed again and worked from the
+start: the work is repeatable (C-MOVE again, the same de-identified copy).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from dicom_gateway.fhir_client import FhirClientError
@@ -21,6 +25,8 @@ log = logging.getLogger(__name__)
 TASK_CODE_SYSTEM = "https://mso.example.org/fhir/CodeSystem/task-code"
 """The server's ``fhir_server.codes.TASK_CODE_SYSTEM`` (kept equal by a unit test)."""
 CLOSE_TRIES = 3
+TASK_LEASE_SECONDS = 900.0
+"""An ``in-progress`` Task unchanged this long is taken to have lost its gateway."""
 
 
 class TaskClient(Protocol):
@@ -48,6 +54,17 @@ def claim(fhir: TaskClient, task: dict[str, Any], doing: str) -> dict[str, Any] 
         if exc.status == 412:
             return None
         raise
+
+
+def progress(fhir: TaskClient, task: dict[str, Any], business_status: str) -> dict[str, Any]:
+    """Show ``business_status`` on the Task being worked (also what keeps its lease); the Task
+    as stored, or as it was when the server could not take it (the work goes on)."""
+    try:
+        updated = {**task, "businessStatus": text(business_status)}
+        return fhir.update(updated, if_match=(task.get("meta") or {}).get("versionId"))
+    except FhirClientError as exc:
+        log.warning("Task/%s: progress not recorded (HTTP %s)", task.get("id"), exc.status)
+        return task
 
 
 def close(
@@ -84,17 +101,18 @@ def work_requested(
     claim_task: Callable[[dict[str, Any]], dict[str, Any] | None],
     work: Callable[[dict[str, Any]], None],
     what: str,
+    lease: float = TASK_LEASE_SECONDS,
 ) -> int:
-    """Claim and work every ``requested`` Task of ``code``, oldest first; how many were worked.
-    A server that cannot be reached pauses the pass (logged with ``what``), the next retries."""
-    params = [
-        ("code", f"{TASK_CODE_SYSTEM}|{code}"),
-        ("status", "requested"),
-        ("_sort", "_lastUpdated"),
-    ]
+    """Claim and work every ``requested`` Task of ``code``, and every ``in-progress`` one
+    unchanged for ``lease`` seconds, oldest first; how many were worked. A server that cannot
+    be reached pauses the pass (logged with ``what``), the next retries."""
+    stale = datetime.now(UTC) - timedelta(seconds=lease)
+    of_code = [("code", f"{TASK_CODE_SYSTEM}|{code}"), ("_sort", "_lastUpdated")]
+    requested = [*of_code, ("status", "requested")]
+    abandoned = [*of_code, ("status", "in-progress"), ("_lastUpdated", f"lt{stale.isoformat()}")]
     worked = 0
     try:
-        for task in fhir.search("Task", params):
+        for task in [*fhir.search("Task", requested), *fhir.search("Task", abandoned)]:
             claimed = claim_task(task)
             if claimed is not None:
                 work(claimed)

@@ -504,6 +504,38 @@ def test_gateway_constants_match_the_server() -> None:
     assert deidentify_task.WITHHELD_FROM_PROVIDER == WITHHELD_FROM_PROVIDER
 
 
+def test_end_to_end_a_task_left_in_progress_is_worked_again_into_the_same_copy(
+    live: Live,
+) -> None:
+    """A gateway killed while working a Task leaves it in-progress: after the lease another
+    pass takes it and makes the same copy (same UIDs, same mapping Binary), not a second."""
+    _, _, study_id, _ = _case_with_study(live, "AGAIN")
+    task = _requested(live, study_id)
+    assert live.worker.run_once() >= 1
+    live.gateway.forwarders.wait_idle(30)
+    first = live.call("GET", "admin", f"Task/{task['id']}").json()
+    assert first["status"] == "completed", first.get("statusReason")
+    instances = live.orthanc.instance_count()
+    left = {k: v for k, v in first.items() if k not in ("output", "businessStatus")}
+    left["status"] = "in-progress"  # as a gateway that died after claiming it leaves it
+    assert live.call("PUT", "admin", f"Task/{task['id']}", json=left).status_code == 200
+    assert live.worker.run_once() == 0  # within the lease: still someone else's
+    again_worker = DeidentifyWorker(
+        fhir=live.sync.fhir,
+        orthanc=live.sync.orthanc,
+        spool=live.gateway.spool,
+        links=live.sync.feed.studies.links,
+        secret=live.worker.secret,
+        lease=0,
+    )
+    assert again_worker.run_once() >= 1
+    live.gateway.forwarders.wait_idle(30)
+    second = live.call("GET", "admin", f"Task/{task['id']}").json()
+    assert second["status"] == "completed", second.get("statusReason")
+    assert second["output"] == first["output"]
+    assert live.orthanc.instance_count() == instances
+
+
 def test_end_to_end_burned_in_annotation_fails_the_task(live: Live) -> None:
     _, _, study_id, _ = _case_with_study(live, "BURNED", burned_in=True)
     before = live.orthanc.instance_count()

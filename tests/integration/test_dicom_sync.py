@@ -416,6 +416,15 @@ def test_import_priors_from_the_hospital_pacs(env: Env) -> None:
     assert {"system": "urn:dicom:uid", "value": f"urn:oid:{prior.study_uid}"} in [
         o.get("valueIdentifier") for o in done["output"]
     ]
+    # its progress was on the Task while it was worked (each step a version)
+    history = env.get("admin", f"Task/{task['id']}/_history").json()
+    steps = [e["resource"].get("businessStatus", {}).get("text") for e in history["entry"]]
+    assert steps[::-1][1:] == [
+        "querying the PACS",
+        "prior studies found: 1; retrieving",
+        "retrieving: 1 of 1 asked for, 1 retrieved",
+        "retrieved",
+    ]
     # the requester reads its Task
     assert env.get("req", f"Task/{task['id']}").status_code == 200
     study = env.synced(prior.study_uid, timeout=60)

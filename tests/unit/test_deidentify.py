@@ -331,3 +331,21 @@ def test_gateway_task_code_is_the_servers() -> None:
         codes.TASK_CODE_SYSTEM,
         codes.TASK_CODE_DEIDENTIFY_IMAGING,
     )
+
+
+def test_keyed_uids_and_pseudonyms_repeat_per_request_and_key_only() -> None:
+    """A Task worked again (after its gateway died) makes the same copy; another Task, or
+    another gateway key, a different one."""
+    from dicom_gateway.deidentify import keyed_uid
+    from dicom_gateway.deidentify_task import keyed_pseudonym
+
+    key, other_key = b"k" * 32, b"o" * 32
+    uid = keyed_uid(key, "task-1", "1.2.3.4")
+    assert uid == keyed_uid(key, "task-1", "1.2.3.4")
+    assert uid.startswith("2.25.") and len(uid) <= 64 and uid[5:].isdigit()
+    assert uid != keyed_uid(key, "task-2", "1.2.3.4")
+    assert uid != keyed_uid(other_key, "task-1", "1.2.3.4")
+    assert uid != keyed_uid(key, "task-1", "1.2.3.5")
+    assert keyed_pseudonym(key, "task-1") == keyed_pseudonym(key, "task-1")
+    assert keyed_pseudonym(key, "task-1") != keyed_pseudonym(key, "task-2")
+    assert keyed_pseudonym(key, "task-1").startswith("MSO-ANON-")
