@@ -62,9 +62,10 @@ class Gateway:
     ) -> None:
         self.settings = settings
         self.spool = Spool(settings.spool_dir)
+        self._uploader_factory = uploader_factory or orthanc_uploader_factory(settings)
         self.forwarders = ForwarderPool(
             self.spool,
-            uploader_factory or orthanc_uploader_factory(settings),
+            self._uploader_factory,
             threads=settings.forwarders,
             retry_max=settings.retry_max,
         )
@@ -87,7 +88,7 @@ class Gateway:
 
             self.sync = build_sync(self.settings, self.spool)
             self.sync.start()
-        self._server = start_scp(self.ae, self.settings, self.spool)
+        self._server = start_scp(self.ae, self.settings, self.spool, fallback=self._store_direct)
         allowed = ",".join(sorted(self.settings.allowed)) or "any"
         orthanc = urlsplit(self.settings.orthanc_url)
         log.info(
@@ -103,6 +104,21 @@ class Gateway:
             self.settings.forwarders,
             ", ImagingStudy sync on" if self.sync else "",
         )
+
+    def _store_direct(self, data: bytes) -> bool:
+        """The SCP's fallback when the spool cannot take an instance: Orthanc, at once (a
+        client of its own: associations run on their own threads)."""
+        uploader = self._uploader_factory()
+        try:
+            uploader.store(data)
+            return True
+        except Exception as exc:  # down, refusing, anything: the modality is told to retry
+            log.error(
+                "Orthanc did not take an instance the spool could not: %s", type(exc).__name__
+            )
+            return False
+        finally:
+            uploader.close()
 
     def stop(self, grace: float = ASSOCIATION_GRACE) -> None:
         """Stop accepting associations, let those in progress finish (up to ``grace`` s),

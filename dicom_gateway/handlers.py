@@ -3,8 +3,11 @@
 
 C-STORE keeps the dataset exactly as received (no decoding of pixels, no transcoding): the
 encoded bytes plus a File Meta Information header become a Part-10 file in the spool. Success
-(0x0000) is answered only once that file is durable; 0xA700 (Refused: Out of Resources) when it
-could not be written, so the modality keeps the instance and sends it again later.
+(0x0000) is answered only once that file is durable. When the spool cannot take it (a full or
+failing disk) the instance goes straight to Orthanc within the association, and Success means
+Orthanc stored it (out of the spool's order for its study: the ImagingStudy sync follows
+Orthanc, not the arrival order); only when neither could keep it is the answer 0xA700 (Refused:
+Out of Resources), so the modality keeps the instance and sends it again later.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import io
 import logging
 import socket
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 from pydicom.filereader import read_dataset
@@ -80,8 +84,13 @@ def handle_echo(event: Event) -> int:
     return SUCCESS
 
 
-def handle_store(event: Event, spool: Spool) -> int:
-    """C-STORE: spool the instance durably, then answer Success."""
+Fallback = Callable[[bytes], bool]
+"""Stores a Part-10 file where the spool could not: True once it is kept (Orthanc has it)."""
+
+
+def handle_store(event: Event, spool: Spool, fallback: Fallback | None = None) -> int:
+    """C-STORE: spool the instance durably (else store it through ``fallback``), then answer
+    Success."""
     transfer_syntax = UID(event.context.transfer_syntax)
     stream = event.encoded_dataset(include_meta=False)
     try:
@@ -92,23 +101,29 @@ def handle_store(event: Event, spool: Spool) -> int:
     if study_uid is None:
         log.warning("C-STORE refused: no StudyInstanceUID (0xA900)")
         return DOES_NOT_MATCH_SOP_CLASS
+    data = event.encoded_dataset(include_meta=True)
     try:
         spool.put_bytes(
-            event.encoded_dataset(include_meta=True),
-            study_uid=study_uid,
-            sop_uid=str(event.request.AffectedSOPInstanceUID),
+            data, study_uid=study_uid, sop_uid=str(event.request.AffectedSOPInstanceUID)
         )
     except OSError as exc:
-        log.error("C-STORE refused: the spool could not persist it (%s) (0xA700)", exc.strerror)
+        if fallback is not None and fallback(data):
+            log.warning(
+                "the spool could not persist an instance (%s): stored in Orthanc", exc.strerror
+            )
+            return SUCCESS
+        log.error(
+            "C-STORE refused: neither the spool (%s) nor Orthanc kept it (0xA700)", exc.strerror
+        )
         return OUT_OF_RESOURCES
     return SUCCESS
 
 
-def event_handlers(spool: Spool) -> list[tuple[Any, ...]]:
+def event_handlers(spool: Spool, fallback: Fallback | None = None) -> list[tuple[Any, ...]]:
     """The ``evt_handlers`` of the SCP, each bound to its dependencies."""
     return [
         (evt.EVT_CONN_OPEN, handle_open),
         (evt.EVT_DATA_SENT, handle_sent),
         (evt.EVT_C_ECHO, handle_echo),
-        (evt.EVT_C_STORE, handle_store, [spool]),
+        (evt.EVT_C_STORE, handle_store, [spool, fallback]),
     ]

@@ -30,7 +30,7 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_gateway.config import GatewaySettings
-from dicom_gateway.handlers import event_handlers
+from dicom_gateway.handlers import Fallback, event_handlers
 from dicom_gateway.spool import Spool
 
 # The acceptor's order decides which of a context's proposed syntaxes wins (PS3.8 9.3.3.2):
@@ -65,11 +65,13 @@ def build_ae(settings: GatewaySettings) -> AE:
     return ae
 
 
-def start_scp(ae: AE, settings: GatewaySettings, spool: Spool) -> ThreadedAssociationServer:
-    """Start listening on ``settings.host:settings.port`` in background threads."""
-    server = ae.start_server(
-        (settings.host, settings.port), block=False, evt_handlers=event_handlers(spool)
-    )
+def start_scp(
+    ae: AE, settings: GatewaySettings, spool: Spool, fallback: Fallback | None = None
+) -> ThreadedAssociationServer:
+    """Start listening on ``settings.host:settings.port`` in background threads; instances the
+    spool cannot take go to ``fallback``."""
+    handlers = event_handlers(spool, fallback)
+    server = ae.start_server((settings.host, settings.port), block=False, evt_handlers=handlers)
     if server is None:  # only a blocking start returns None
         raise RuntimeError("the DICOM server did not start")
     return server

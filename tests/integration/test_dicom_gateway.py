@@ -5,6 +5,7 @@ spool, duplicates, and arrival order per study (Orthanc's change feed)."""
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import signal
@@ -156,6 +157,31 @@ def test_orthanc_down_the_modality_is_answered_and_everything_lands_in_order(
     assert queued_files(gateway.settings.spool_dir) == []
     assert arrival_order(orthanc, first.sop_uids) == first.sop_uids
     assert arrival_order(orthanc, second.sop_uids) == second.sop_uids
+
+
+def test_a_spool_that_cannot_write_sends_straight_to_orthanc_else_refuses(
+    gateway: Gateway, orthanc: Orthanc, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Success only when the instance was persisted somewhere: the spool, else Orthanc at once;
+    with both unable, the modality is told Out of Resources (0xA700) and keeps it."""
+
+    def disk_full(*_args: object, **_kw: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(gateway.spool, "put_bytes", disk_full)
+    series = make_series(tmp_path / "full", 2)
+    assert store_succeeded(storescu(gateway.port, series.files), 2)
+    assert all_stored(orthanc, series.sop_uids)  # already there: stored within the association
+    assert queued_files(gateway.settings.spool_dir) == []
+    refused = make_series(tmp_path / "refused", 1)
+    orthanc.stop()
+    try:
+        result = storescu(gateway.port, refused.files)
+        assert not store_succeeded(result, 1)
+        assert "Refused: OutOfResources" in result.stderr
+    finally:
+        orthanc.restart()
+    assert not all_stored(orthanc, refused.sop_uids)
 
 
 def test_a_duplicate_instance_is_a_success_and_stored_once(
