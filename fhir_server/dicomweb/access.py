@@ -14,14 +14,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy import select
+
 from fhir_server.auth.policy import AccessPolicy
 from fhir_server.auth.scopes import Permission
+from fhir_server.storage.index_schema import idx_token
 from fhir_server.storage.records import StoredResource
 from fhir_server.storage.repository import Repository, Tx
+from fhir_server.storage.search_exec import find_pids
 
 IMAGING_STUDY = "ImagingStudy"
 DICOM_UID_SYSTEM = "urn:dicom:uid"
 _OID = "urn:oid:"
+_PIDS_AT_ONCE = 1000  # bound parameters of one IN list
 
 
 @dataclass(frozen=True)
@@ -42,15 +47,6 @@ class StudyRecord:
 def study_identifier(uid: str) -> str:
     """The token search value of a study's ImagingStudy identifier."""
     return f"{DICOM_UID_SYSTEM}|{_OID}{uid}"
-
-
-def study_uids(body: dict[str, Any]) -> list[str]:
-    """The StudyInstanceUIDs an ImagingStudy names in its identifiers."""
-    return [
-        str(i["value"])[len(_OID) :]
-        for i in body.get("identifier") or ()
-        if i.get("system") == DICOM_UID_SYSTEM and str(i.get("value", "")).startswith(_OID)
-    ]
 
 
 class StudyAccess:
@@ -85,12 +81,31 @@ class StudyAccess:
         return StudyRecord(found.res_id, found.version, patient)
 
     def visible_uids(self, caller: Any) -> list[str]:
-        """Every StudyInstanceUID of the ImagingStudies ``caller`` may see, sorted."""
+        """Every StudyInstanceUID of the ImagingStudies ``caller`` may see, sorted: the pids
+        the policy lets it search, then their ``identifier`` index rows (never the resources:
+        an organization's ImagingStudies, each listing its instances, would be megabytes)."""
+        identity = self.repo.registry.get(IMAGING_STUDY, "identifier").identity(IMAGING_STUDY)
+        token = idx_token.c
 
         def work(tx: Tx) -> set[str]:
+            pids = find_pids(
+                tx.conn,
+                self.repo.registry,
+                IMAGING_STUDY,
+                [],
+                limit=None,
+                access_filter=self.repo.search_access_filter(caller),
+            )
             uids: set[str] = set()
-            for stored in tx.iter_search(IMAGING_STUDY, [], batch=500):
-                uids.update(study_uids(stored.resource))
+            for start in range(0, len(pids), _PIDS_AT_ONCE):
+                rows = tx.conn.execute(
+                    select(token.code).where(
+                        token.pid.in_(pids[start : start + _PIDS_AT_ONCE]),
+                        token.hash_identity == identity,
+                        token.system == DICOM_UID_SYSTEM,
+                    )
+                )
+                uids.update(c[len(_OID) :] for (c,) in rows if c and c.startswith(_OID))
             return uids
 
         return sorted(self.repo.read_only(work, caller=caller))

@@ -25,6 +25,7 @@ from dicomweb_client.api import DICOMwebClient
 from fastapi.testclient import TestClient
 from pydicom.data import get_testdata_file
 
+from fhir_server.codes import SECURITY_LABEL_SYSTEM, WITHHELD_FROM_PROVIDER
 from tests.auth_helpers import token_for
 from tests.conftest import make_settings
 from tests.dicom_helpers import make_series
@@ -407,3 +408,28 @@ def test_a_retrieve_leaves_an_audit_event(bridge: Bridge, client) -> None:
             return
         time.sleep(0.2)
     pytest.fail("no AuditEvent for the DICOMweb retrieve")
+
+
+def test_a_study_withheld_from_providers_is_gone_for_the_provider_only(
+    bridge: Bridge, client
+) -> None:
+    """The withheld-from-provider label (the original of a study shared de-identified) holds on
+    the DICOMweb path too: the case's provider neither finds nor retrieves it."""
+    body = client.get(f"/fhir/ImagingStudy/{bridge.imaging_study}").json()
+    label = {"system": SECURITY_LABEL_SYSTEM, "code": WITHHELD_FROM_PROVIDER}
+    labelled = {**body, "meta": {"security": [label]}}
+    assert (
+        client.put(f"/fhir/ImagingStudy/{bridge.imaging_study}", json=labelled).status_code == 200
+    )
+    try:
+        assert uids(bridge.client("prov1").search_for_studies()) == {bridge.ct}
+        assert bridge.get("prov1", f"/studies/{bridge.gen}/metadata").status_code == 404
+        path = f"/studies/{bridge.gen}/series/{bridge.gen_series}/metadata"
+        assert bridge.get("prov1", path).status_code == 404
+        assert uids(bridge.client("reqA").search_for_studies()) == {bridge.ct, bridge.gen}
+        assert bridge.get("reqA", path).status_code == 200
+    finally:
+        current = client.get(f"/fhir/ImagingStudy/{bridge.imaging_study}").json()
+        unlabelled = {k: v for k, v in current.items() if k != "meta"}
+        client.put(f"/fhir/ImagingStudy/{bridge.imaging_study}", json=unlabelled)
+    assert uids(bridge.client("prov1").search_for_studies()) == {bridge.ct, bridge.gen}
