@@ -44,6 +44,15 @@ class StudyRecord:
         return f"{self.id}/{self.version}"
 
 
+def study_uids(body: dict[str, Any]) -> list[str]:
+    """The StudyInstanceUIDs an ImagingStudy names in its identifiers."""
+    return [
+        str(i["value"])[len(_OID) :]
+        for i in body.get("identifier") or ()
+        if i.get("system") == DICOM_UID_SYSTEM and str(i.get("value", "")).startswith(_OID)
+    ]
+
+
 def study_identifier(uid: str) -> str:
     """The token search value of a study's ImagingStudy identifier."""
     return f"{DICOM_UID_SYSTEM}|{_OID}{uid}"

@@ -31,8 +31,13 @@ from fhir_server.auth.policy import AccessPolicy
 from fhir_server.auth.principal import Principal
 from fhir_server.auth.scopes import Permission
 from fhir_server.config import Settings
-from fhir_server.dicomweb.access import StudyAccess, StudyRecord
-from fhir_server.dicomweb.metadata_cache import CachedMetadata, CacheKey, MetadataCache
+from fhir_server.dicomweb.access import StudyAccess, StudyRecord, study_uids
+from fhir_server.dicomweb.metadata_cache import (
+    CachedMetadata,
+    CacheKey,
+    MetadataCache,
+    forget_on_write,
+)
 from fhir_server.dicomweb.paths import Kind, Target, not_found, parse
 from fhir_server.dicomweb.proxy import (
     FORWARDED_REQUEST_HEADERS,
@@ -292,6 +297,7 @@ def build_bridge(
     """The bridge of an application: Orthanc's client when ``orthanc_url`` is set."""
     policy = repo.policy
     assert isinstance(policy, AccessPolicy), "the DICOMweb bridge needs the MSO access policy"
+    forget_on_write(repo.hooks, study_uids)
     return DicomwebBridge(
         settings,
         access=StudyAccess(repo, policy),

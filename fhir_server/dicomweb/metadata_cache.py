@@ -7,19 +7,24 @@ series, the slowest call a viewer makes. The bridge answers it from here, filled
 request (and warmed by the DICOM gateway, which asks for it after each sync). An entry is keyed
 by study, series and bridge base URL (its URLs point at that base) and is valid for one version
 of the study's ImagingStudy: when the ImagingStudy changes (the gateway updates it as instances
-arrive) the next request refills it. Blocking (database): callers run it on a worker thread.
+arrive) the next request refills it; when the ImagingStudy is deleted, or stops naming a study,
+the study's entries go in the same transaction (:func:`forget_on_write`: they hold the
+patient's data). Blocking (database): callers run it on a worker thread.
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
-from sqlalchemy import Engine, delete, insert, select
+from sqlalchemy import Connection, Engine, delete, insert, select
 from sqlalchemy.exc import IntegrityError
 
+from fhir_server.hooks import HookEvent, HookPoint, Hooks
 from fhir_server.storage.dicomweb_schema import dicomweb_metadata_cache as table
 
 
@@ -98,3 +103,25 @@ class MetadataCache:
         except IntegrityError:
             pass  # another process filled it at the same moment: the same answer
         return entry
+
+
+def forget_studies(conn: Connection, study_uids: set[str]) -> None:
+    """Remove every entry of these studies (all series, all base URLs)."""
+    if study_uids:
+        conn.execute(delete(table).where(table.c.study_uid.in_(sorted(study_uids))))
+
+
+def forget_on_write(hooks: Hooks, study_uids_of: Callable[[dict[str, Any]], list[str]]) -> None:
+    """Register the hooks removing a study's entries when its ImagingStudy is deleted or no
+    longer names it (``study_uids_of``: an ImagingStudy body -> its StudyInstanceUIDs)."""
+
+    def forget(event: HookEvent) -> None:
+        if event.resource_type != "ImagingStudy" or event.tx is None:
+            return
+        gone = set(study_uids_of(event.previous or {}))
+        if event.point is HookPoint.AFTER_UPDATE:
+            gone -= set(study_uids_of(event.resource or {}))
+        forget_studies(event.tx.conn, gone)
+
+    hooks.register(HookPoint.AFTER_UPDATE, forget)
+    hooks.register(HookPoint.AFTER_DELETE, forget)

@@ -433,3 +433,30 @@ def test_a_study_withheld_from_providers_is_gone_for_the_provider_only(
         unlabelled = {k: v for k, v in current.items() if k != "meta"}
         client.put(f"/fhir/ImagingStudy/{bridge.imaging_study}", json=unlabelled)
     assert uids(bridge.client("prov1").search_for_studies()) == {bridge.ct, bridge.gen}
+
+
+def test_a_deleted_imaging_study_takes_its_cached_metadata_with_it(
+    bridge: Bridge, client, app
+) -> None:
+    """The cache holds the patient's data: it goes with the ImagingStudy, in its transaction."""
+    from sqlalchemy import func, select
+
+    from fhir_server.storage.dicomweb_schema import dicomweb_metadata_cache as cache
+
+    patient = client.post("/fhir/Patient", json={"resourceType": "Patient"}).json()["id"]
+    body = {k: v for k, v in imaging_study(bridge.mr, patient, "-").items() if k != "basedOn"}
+    made = client.post("/fhir/ImagingStudy", json=body)  # nobody's case: system and admins only
+    assert made.status_code == 201, made.text
+    series = bridge.client("system").search_for_series(study_instance_uid=bridge.mr)
+    series_uid = series[0]["0020000E"]["Value"][0]
+    path = f"/studies/{bridge.mr}/series/{series_uid}/metadata"
+    assert bridge.get("system", path).headers["x-mso-metadata-cache"] == "miss"
+
+    def rows() -> int:
+        with app.state.repo.engine.connect() as conn:
+            count = select(func.count()).select_from(cache).where(cache.c.study_uid == bridge.mr)
+            return int(conn.execute(count).scalar_one())
+
+    assert rows() == 1
+    assert client.delete(f"/fhir/ImagingStudy/{made.json()['id']}").status_code in (200, 204)
+    assert rows() == 0
