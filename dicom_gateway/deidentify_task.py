@@ -66,7 +66,6 @@ from dicom_gateway.study_sync import DICOM_UID_SYSTEM, reference_id
 from dicom_gateway.tasks import (
     CLOSE_TRIES,
     TASK_LEASE_SECONDS,
-    claim,
     close,
     text,
     work_requested,
@@ -224,16 +223,13 @@ class DeidentifyWorker:
         return work_requested(
             self.fhir,
             TASK_CODE_DEIDENTIFY,
-            claim_task=self._claim,
+            doing="de-identifying",
             work=self._work,
             what="de-identification",
             lease=self.lease,
         )
 
     # -- one Task ---------------------------------------------------------------------------
-
-    def _claim(self, task: dict[str, Any]) -> dict[str, Any] | None:
-        return claim(self.fhir, task, "de-identifying")
 
     def _work(self, task: dict[str, Any]) -> None:
         try:

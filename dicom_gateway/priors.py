@@ -31,7 +31,7 @@ from dicom_gateway.study_sync import (
     PatientSystems,
     reference_id,
 )
-from dicom_gateway.tasks import claim, close, progress, text, work_requested
+from dicom_gateway.tasks import close, progress, text, work_requested
 
 log = logging.getLogger(__name__)
 
@@ -81,13 +81,10 @@ class PriorsWorker:
         return work_requested(
             self.fhir,
             TASK_CODE_IMPORT_PRIORS,
-            claim_task=self._claim,
+            doing="querying the PACS",
             work=self._work,
             what="priors",
         )
-
-    def _claim(self, task: dict[str, Any]) -> dict[str, Any] | None:
-        return claim(self.fhir, task, "querying the PACS")
 
     def _work(self, task: dict[str, Any]) -> None:
         try:

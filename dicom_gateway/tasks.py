@@ -98,14 +98,15 @@ def work_requested(
     fhir: TaskClient,
     code: str,
     *,
-    claim_task: Callable[[dict[str, Any]], dict[str, Any] | None],
+    doing: str,
     work: Callable[[dict[str, Any]], None],
     what: str,
     lease: float = TASK_LEASE_SECONDS,
 ) -> int:
-    """Claim and work every ``requested`` Task of ``code``, and every ``in-progress`` one
-    unchanged for ``lease`` seconds, oldest first; how many were worked. A server that cannot
-    be reached pauses the pass (logged with ``what``), the next retries."""
+    """Claim (:func:`claim`, business status ``doing``) and work every ``requested`` Task of
+    ``code``, and every ``in-progress`` one unchanged for ``lease`` seconds, oldest first; how
+    many were worked. A server that cannot be reached pauses the pass (logged with ``what``),
+    the next retries."""
     stale = datetime.now(UTC) - timedelta(seconds=lease)
     of_code = [("code", f"{TASK_CODE_SYSTEM}|{code}"), ("_sort", "_lastUpdated")]
     requested = [*of_code, ("status", "requested")]
@@ -113,7 +114,7 @@ def work_requested(
     worked = 0
     try:
         for task in [*fhir.search("Task", requested), *fhir.search("Task", abandoned)]:
-            claimed = claim_task(task)
+            claimed = claim(fhir, task, doing)
             if claimed is not None:
                 work(claimed)
                 worked += 1

@@ -8,6 +8,7 @@ can find what it sent. :func:`storescu` and :func:`echoscu` run dcmtk's tools as
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from collections.abc import Callable, Sequence
@@ -36,6 +37,9 @@ from pydicom.uid import (
 )
 
 from bench.dicom_data import set_grayscale16
+from dicom_gateway.keygen import ensure_key
+from fhir_server.config import Settings
+from tests.auth_helpers import auth_server
 
 SINGLE_FRAME_CLASSES = {"CT": CTImageStorage, "MR": MRImageStorage}
 SUCCESS_LINE = "Received Store Response (Success)"
@@ -207,12 +211,6 @@ def register_gateway_client(database_url: str, folder: Path, client_id: str, sco
     """A signing key for the gateway under ``folder`` (``python -m dicom_gateway.keygen``'s
     :func:`~dicom_gateway.keygen.ensure_key`) and its backend-services client ``client_id``
     registered in the server's database: the private key file, for ``private_key``."""
-    import json
-
-    from dicom_gateway.keygen import ensure_key
-    from fhir_server.config import Settings
-    from tests.auth_helpers import auth_server
-
     private, public = folder / "gateway-key.json", folder / "gateway-public.json"
     ensure_key(private, public)
     auth_server(Settings(database_url=database_url)).clients.create(
